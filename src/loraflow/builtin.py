@@ -1,0 +1,167 @@
+"""The built-in offline base model `builtin:tiny`: a small Llama with its own BPE tokenizer.
+
+Weights cannot be downloaded on the machines this project targets, so loraflow builds its
+default base model from code the first time it is asked for, then caches it:
+
+1. train a byte-level BPE tokenizer on the bundled corpus and sample data (`tokenizers`);
+2. initialise a 2-layer `LlamaForCausalLM` from a fixed seed;
+3. pre-train it briefly on the bundled corpus, so that it knows the facts that the sample
+   dataset asks about but not the question/answer format (fine-tuning visibly changes it).
+
+The build runs single-threaded with a fixed seed, so two builds give identical bytes and the
+base-model fingerprint stays stable. It takes a few seconds on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_NAMES = ("tiny",)
+BUILD_VERSION = 1  # bump when the recipe below changes: the cache key includes it
+
+RESOURCES = Path(__file__).parent / "resources"
+VOCAB_SIZE = 1024
+CONTEXT = 256
+PRETRAIN_STEPS = 300
+PRETRAIN_BATCH = 16
+PRETRAIN_LR = 3e-3
+SEED = 1234
+
+
+def is_builtin(name: str) -> bool:
+    """True for names such as `builtin:tiny`."""
+    return name.startswith(BUILTIN_PREFIX)
+
+
+def cache_root() -> Path:
+    """Where built models are cached: `$LORAFLOW_HOME` or `~/.cache/loraflow`."""
+    return Path(os.environ.get("LORAFLOW_HOME", Path.home() / ".cache" / "loraflow"))
+
+
+def builtin_path(name: str = "builtin:tiny") -> Path:
+    """Return the local directory of a built-in model, building it on first use.
+
+    Raises:
+        ValueError: for an unknown built-in name.
+    """
+    short = name.removeprefix(BUILTIN_PREFIX)
+    if short not in BUILTIN_NAMES:
+        known = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_NAMES)
+        raise ValueError(f"`base_model` {name!r} is not a built-in model; known: {known}")
+    target = cache_root() / f"{short}-v{BUILD_VERSION}"
+    if not (target / "config.json").exists():
+        _build_atomically(target)
+    return target
+
+
+def _build_atomically(target: Path) -> None:
+    # Build in a temporary sibling and rename, so a crash never leaves half a model in the cache,
+    # and two processes building at once both end with a complete copy.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build_tiny(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _training_texts() -> list[str]:
+    corpus = (RESOURCES / "corpus.txt").read_text(encoding="utf-8").splitlines()
+    with open(RESOURCES / "sample.jsonl", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    return corpus, [r["prompt"] + r["completion"] for r in rows]
+
+
+def build_tokenizer():
+    """Train the byte-level BPE tokenizer and wrap it as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus, samples = _training_texts()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=["<|pad|>", "<|bos|>", "<|eos|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus + samples, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|bos|> $A", pair="<|bos|> $A <|bos|> $B", special_tokens=[("<|bos|>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        pad_token="<|pad|>",
+        model_max_length=CONTEXT,
+        padding_side="left",
+    )
+
+
+def build_tiny(out_dir: Path) -> None:
+    """Build `builtin:tiny` into `out_dir` (tokenizer, config and safetensors weights)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=CONTEXT,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a fixed reduction order: identical weights on every build
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(SEED)
+            model = LlamaForCausalLM(config)
+            _pretrain(model, tokenizer)
+    finally:
+        torch.set_num_threads(threads)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _pretrain(model, tokenizer) -> None:
+    import torch
+
+    corpus, _ = _training_texts()
+    encoded = tokenizer([s + tokenizer.eos_token for s in corpus], add_special_tokens=False)
+    stream = torch.tensor([i for ids in encoded["input_ids"] for i in ids])
+    block = 64
+    n_blocks = (len(stream) - 1) // block
+    generator = torch.Generator().manual_seed(SEED)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=PRETRAIN_LR, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, PRETRAIN_LR, total_steps=PRETRAIN_STEPS)
+    model.train()
+    for _ in range(PRETRAIN_STEPS):
+        starts = torch.randint(0, n_blocks, (PRETRAIN_BATCH,), generator=generator) * block
+        batch = torch.stack([stream[s : s + block] for s in starts])
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()

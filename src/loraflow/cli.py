@@ -1,0 +1,147 @@
+"""The `loraflow` command line: a thin layer that parses options and calls the library.
+
+Options are generated from the settings dataclasses, so `--help` and the library's field docs
+never disagree. Every option is read as a string and validated by `loraflow.config`, so all bad
+values are reported together (exit code 2), never as a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import click
+
+from loraflow import config
+from loraflow.errors import LoraflowError
+
+
+def option_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _metavar(cls: type, field: str) -> str:
+    hint = str(cls.__annotations__[field])
+    for word, metavar in (("bool", "BOOL"), ("int", "INTEGER"), ("float", "FLOAT"), ("tuple", "LIST")):
+        if word in hint:
+            return metavar
+    return "TEXT"
+
+
+def _default_text(cls: type, field: str) -> str:
+    value = getattr(cls(), field)
+    if value is None or value == ():
+        return ""
+    return ",".join(value) if isinstance(value, tuple) else str(value)
+
+
+def settings_options(*classes: type, exclude: tuple[str, ...] = ()) -> Callable:
+    """Decorator adding one `--option` per settings field, with the field's help text."""
+
+    def decorate(command: Callable) -> Callable:
+        for cls in reversed(classes):
+            for field, text in reversed(list(config.field_help(cls).items())):
+                if field in exclude:
+                    continue
+                default = _default_text(cls, field)
+                command = click.option(
+                    option_name(field),
+                    field,
+                    default=None,
+                    metavar=_metavar(cls, field),
+                    help=text + (f"  [default: {default}]" if default else ""),
+                )(command)
+        return command
+
+    return decorate
+
+
+config_file_option = click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="YAML file of settings (same names as the options, with underscores); options override it.",
+)
+
+
+def collect_settings(config_file: str | None, options: dict[str, Any]) -> dict[str, Any]:
+    """Merge a YAML file and the options that were actually given (options win)."""
+    raw = config.load_yaml(config_file) if config_file else {}
+    raw.update({k: v for k, v in options.items() if v is not None})
+    return raw
+
+
+def _with_option_names(message: str) -> str:
+    known = set(config.field_names(config.LoraSettings) + config.field_names(config.TrainSettings))
+
+    def name_option(match: re.Match) -> str:
+        field = match.group(1)
+        return f"`{field}` ({option_name(field)})" if field in known else match.group(0)
+
+    return re.sub(r"`(\w+)`", name_option, message)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn loraflow's input errors into a click usage error: exit code 2 and no traceback."""
+    try:
+        yield
+    except LoraflowError as err:
+        raise click.UsageError(_with_option_names(str(err))) from err
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="loraflow")
+def main() -> None:
+    """Fine-tune causal language models with LoRA, tracked and packaged with MLflow."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="[loraflow] %(levelname)s %(message)s")
+    for noisy in ("httpx", "urllib3", "alembic", "mlflow.store"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@main.command()
+@config_file_option
+@settings_options(config.LoraSettings, config.TrainSettings)
+def validate(config_file: str | None, **options: Any) -> None:
+    """Check settings against the base model's architecture, without loading its weights.
+
+    Prints the resolved settings and the parameter report of the LoRA-wrapped model skeleton.
+    """
+    from loraflow.lora import apply_lora, format_report, parameter_report, validate_settings
+    from loraflow.models import load_skeleton
+
+    with user_errors():
+        lora, train = validate_settings(collect_settings(config_file, options))
+    click.echo("LoRA settings:")
+    for key, value in config.to_dict(lora).items():
+        click.echo(f"  {key:<24}{value}")
+    click.echo(f"Base model: {train.base_model}")
+    skeleton = load_skeleton(train.base_model, revision=train.revision, trust_remote_code=train.trust_remote_code)
+    report = parameter_report(apply_lora(skeleton, lora, log=False))
+    click.echo("Parameter report:")
+    click.echo(format_report(report))
+
+
+@main.command()
+@config_file_option
+@settings_options(config.LoraSettings, config.TrainSettings)
+def train(config_file: str | None, **options: Any) -> None:
+    """Fine-tune the base model with LoRA, evaluate it, and log everything to MLflow."""
+    from loraflow.lora import validate_settings
+    from loraflow.train import run_training
+
+    with user_errors():
+        raw = collect_settings(config_file, options)
+        lora, settings = validate_settings(raw)
+        result = run_training(lora, settings)
+    if not result.ok:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

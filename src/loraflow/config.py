@@ -1,0 +1,361 @@
+"""Typed, validated settings: LoRA settings and training settings, from dicts, CLI strings or YAML.
+
+Every setting is a field of a frozen dataclass whose `help` metadata is the one place it is
+documented (the CLI and MLproject help are generated from it). Parsing collects *every* problem
+(unknown keys with a did-you-mean, unparsable strings, out-of-range values) and raises one
+`ConfigError` listing them all, before any model or data is loaded.
+
+Strings are accepted everywhere, because `mlflow run -P r=16` passes every parameter as a string:
+`"16"`, `"0.05"`, `"true"`, `"q_proj,v_proj"` and `""` (unset) all parse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import math
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from loraflow.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+ALL_LINEAR = "all-linear"
+BIASES = ("none", "all", "lora_only")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+BASE_MODES = ("auto", "embedded", "reference")
+OVERFLOWS = ("truncate", "drop")
+TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+LARGE_RANK = 256
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": text}, **kw)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """How LoRA adapters are attached to the base model (maps one-to-one onto `peft.LoraConfig`)."""
+
+    r: int = _help("LoRA rank: the inner dimension of the low-rank update BA. Typical: 8-64.", 16)
+    lora_alpha: float = _help("Scaling numerator: the update is scaled by lora_alpha / r. Typical: 1-2 x r.", 32.0)
+    lora_dropout: float = _help("Dropout on the LoRA input, 0 <= p < 1.", 0.05)
+    target_modules: tuple[str, ...] | str = _help(
+        "Module names to adapt, comma-separated (e.g. q_proj,v_proj), or 'all-linear'.",
+        ("q_proj", "k_proj", "v_proj", "o_proj"),
+    )
+    bias: str = _help("Which biases to train: none, all or lora_only.", "none")
+    task_type: str = _help("peft TaskType name.", "CAUSAL_LM")
+    inference_mode: bool = _help("Freeze the adapter (for inference only).", False)
+    use_rslora: bool = _help("Rank-stabilised LoRA: scale by lora_alpha / sqrt(r).", False)
+    use_dora: bool = _help("Weight-decomposed LoRA (DoRA).", False)
+    modules_to_save: tuple[str, ...] = _help(
+        "Modules trained in full beside LoRA, comma-separated (e.g. a multimodal projector or lm_head).", ()
+    )
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """What to train on and how: model, data, optimisation, tracking."""
+
+    base_model: str = _help("Base model: 'builtin:tiny' (offline default), a local directory or a Hub id.", "builtin:tiny")
+    revision: str | None = _help("Hub revision (branch, tag or commit) of base_model.", None)
+    trust_remote_code: bool = _help("Allow code shipped with the base model to run. Off unless you ask.", False)
+    train_data: str | None = _help("Training data (.csv, .jsonl or .parquet). Empty: the bundled sample.", None)
+    eval_data: str | None = _help("Evaluation data. Empty: a seeded split of train_data (eval_fraction).", None)
+    eval_fraction: float = _help("Share of train_data held out for evaluation when eval_data is empty.", 0.1)
+    text_column: str | None = _help("Column of plain text to train on (instead of prompt + completion).", None)
+    prompt_column: str | None = _help("Prompt column; its tokens are masked from the loss. Default: 'prompt'.", None)
+    completion_column: str | None = _help("Completion column; the loss is computed on it. Default: 'completion'.", None)
+    max_seq_length: int = _help("Longest example in tokens; longer ones are handled by `overflow`.", 256)
+    overflow: str = _help("What to do with examples longer than max_seq_length: truncate or drop.", "truncate")
+    packing: bool = _help("Pack several examples per row (no cross-example attention) instead of padding.", False)
+    max_steps: int = _help("Optimizer steps to run; 0 means use `epochs`.", 60)
+    epochs: float = _help("Passes over the training data, used when max_steps is 0.", 1.0)
+    batch_size: int = _help("Examples per micro-batch (per process).", 8)
+    grad_accum_steps: int = _help("Micro-batches accumulated per optimizer step.", 1)
+    learning_rate: float = _help("Peak AdamW learning rate.", 2e-3)
+    weight_decay: float = _help("AdamW weight decay.", 0.0)
+    warmup_ratio: float = _help("Share of steps spent in linear warmup, 0 <= x < 1; then cosine decay.", 0.1)
+    max_grad_norm: float = _help("Clip the gradient norm to this; 0 disables clipping.", 1.0)
+    eval_steps: int = _help("Evaluate every N optimizer steps (also at step 0 and at the end).", 20)
+    seed: int = _help("Random seed for init, data order and dropout.", 42)
+    precision: str = _help("auto (bf16 where the GPU supports it, else fp32), fp32, bf16 or fp16.", "auto")
+    registered_model_name: str | None = _help("Register the logged model under this name. Empty: do not register.", None)
+    init_model: str | None = _help("A logged loraflow model URI to continue training from (models:/NAME@champion).", None)
+    base_mode: str = _help("How the logged model holds its base: auto, embedded or reference.", "auto")
+    output_dir: str = _help("Local folder for checkpoints and the fallback copy of the model.", "outputs")
+    checkpoint_steps: int = _help("Write a resumable checkpoint every N optimizer steps; 0 disables.", 0)
+
+
+S = TypeVar("S", LoraSettings, TrainSettings)
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Field name -> one-line help, for the CLI and docs."""
+    return {f.name: f.metadata["help"] for f in dataclasses.fields(cls)}
+
+
+def field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing: one converter per annotation, each returning (value, problem-or-None).
+
+
+def _is_unset(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip() == "")
+
+
+def _parse_bool(name: str, value: Any) -> tuple[Any, str | None]:
+    if isinstance(value, bool):
+        return value, None
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "y", "on"):
+        return True, None
+    if text in ("false", "0", "no", "n", "off"):
+        return False, None
+    return value, f"`{name}` must be a boolean (true/false), got {value!r}"
+
+
+def _parse_int(name: str, value: Any) -> tuple[Any, str | None]:
+    if isinstance(value, bool):
+        return value, f"`{name}` must be an integer, got {value!r}"
+    if isinstance(value, int):
+        return value, None
+    if isinstance(value, float) and value.is_integer():
+        return int(value), None
+    try:
+        return int(str(value).strip()), None
+    except ValueError:
+        try:
+            as_float = float(str(value).strip())
+        except ValueError:
+            as_float = math.nan
+        if math.isfinite(as_float) and as_float.is_integer():
+            return int(as_float), None
+    return value, f"`{name}` must be an integer, got {value!r}"
+
+
+def _parse_float(name: str, value: Any) -> tuple[Any, str | None]:
+    if isinstance(value, bool):
+        return value, f"`{name}` must be a number, got {value!r}"
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        return value, f"`{name}` must be a number, got {value!r}"
+    if not math.isfinite(number):
+        return value, f"`{name}` must be a finite number, got {value!r}"
+    return number, None
+
+
+def _parse_str_list(name: str, value: Any) -> tuple[Any, str | None]:
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip()), None
+    if isinstance(value, (list, tuple)):
+        if all(isinstance(v, str) for v in value):
+            return tuple(v.strip() for v in value), None
+        bad = [v for v in value if not isinstance(v, str)]
+        return value, f"`{name}` must be a list of strings, got non-string items {bad!r}"
+    return value, f"`{name}` must be a comma-separated string or a list of strings, got {value!r}"
+
+
+def _parse_target_modules(name: str, value: Any) -> tuple[Any, str | None]:
+    if isinstance(value, str) and value.strip().lower() == ALL_LINEAR:
+        return ALL_LINEAR, None
+    return _parse_str_list(name, value)
+
+
+def _parse_str(name: str, value: Any) -> tuple[Any, str | None]:
+    if isinstance(value, str):
+        return value.strip(), None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value), None
+    return value, f"`{name}` must be a string, got {value!r}"
+
+
+def _converter(cls: type, name: str):
+    if cls is LoraSettings and name == "target_modules":
+        return _parse_target_modules
+    hint = typing.get_type_hints(cls)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if isinstance(hint, types.UnionType) and len(args) == 1 else hint
+    if base is bool:
+        return _parse_bool
+    if base is int:
+        return _parse_int
+    if base is float:
+        return _parse_float
+    if typing.get_origin(base) is tuple:
+        return _parse_str_list
+    return _parse_str
+
+
+def _optional(cls: type, name: str) -> bool:
+    return type(None) in typing.get_args(typing.get_type_hints(cls)[name])
+
+
+def _unknown_key_problem(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f" Did you mean `{close[0]}`?" if close else f" Known settings: {', '.join(known)}."
+    return f"unknown setting `{key}`.{hint}"
+
+
+def _parse_fields(cls: type[S], raw: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for name, value in raw.items():
+        if _is_unset(value):
+            if _optional(cls, name):
+                values[name] = None
+            elif typing.get_origin(typing.get_type_hints(cls)[name]) is tuple:
+                values[name] = ()
+            continue  # an empty MLproject string means "use the default"
+        parsed, problem = _converter(cls, name)(name, value)
+        if problem:
+            problems.append(problem)
+        else:
+            values[name] = parsed
+    return values, problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules: each returns the problems it finds in already-parsed values.
+
+
+def _lora_rules(s: dict[str, Any]) -> list[str]:
+    problems = []
+    if "r" in s and s["r"] <= 0:
+        problems.append(f"`r` must be a positive integer, got {s['r']} (typical: 8-64)")
+    if "lora_alpha" in s and s["lora_alpha"] <= 0:
+        problems.append(f"`lora_alpha` must be a positive number, got {s['lora_alpha']} (typical: 1-2 x r)")
+    if "lora_dropout" in s and not 0 <= s["lora_dropout"] < 1:
+        problems.append(f"`lora_dropout` must be >= 0 and < 1, got {s['lora_dropout']}")
+    if "target_modules" in s and s["target_modules"] != ALL_LINEAR and not s["target_modules"]:
+        problems.append("`target_modules` must name at least one module (e.g. q_proj,v_proj) or be 'all-linear', got an empty list")
+    if "bias" in s and s["bias"] not in BIASES:
+        problems.append(_choice_problem("bias", s["bias"], BIASES))
+    if "task_type" in s and s["task_type"] not in TASK_TYPES:
+        problems.append(_choice_problem("task_type", s["task_type"], TASK_TYPES))
+    for name in ("target_modules", "modules_to_save"):
+        value = s.get(name)
+        if isinstance(value, tuple) and any(not v for v in value):
+            problems.append(f"`{name}` has an empty module name in {list(value)!r}")
+    return problems
+
+
+def _train_rules(s: dict[str, Any]) -> list[str]:
+    problems = []
+    for name in ("max_seq_length", "batch_size", "grad_accum_steps", "eval_steps"):
+        if name in s and s[name] <= 0:
+            problems.append(f"`{name}` must be a positive integer, got {s[name]}")
+    for name in ("max_steps", "checkpoint_steps", "max_grad_norm", "weight_decay"):
+        if name in s and s[name] < 0:
+            problems.append(f"`{name}` must be >= 0, got {s[name]}")
+    if "learning_rate" in s and not 0 < s["learning_rate"] < 1:
+        problems.append(f"`learning_rate` must be > 0 and < 1, got {s['learning_rate']} (typical for LoRA: 1e-4 to 3e-3)")
+    if "warmup_ratio" in s and not 0 <= s["warmup_ratio"] < 1:
+        problems.append(f"`warmup_ratio` must be >= 0 and < 1, got {s['warmup_ratio']}")
+    if "eval_fraction" in s and not 0 < s["eval_fraction"] < 1:
+        problems.append(f"`eval_fraction` must be > 0 and < 1, got {s['eval_fraction']}")
+    if "epochs" in s and s["epochs"] <= 0:
+        problems.append(f"`epochs` must be a positive number, got {s['epochs']}")
+    for name, choices in (("precision", PRECISIONS), ("base_mode", BASE_MODES), ("overflow", OVERFLOWS)):
+        if name in s and s[name] not in choices:
+            problems.append(_choice_problem(name, s[name], choices))
+    if "base_model" in s and not s["base_model"]:
+        problems.append("`base_model` must not be empty: use 'builtin:tiny', a local directory or a Hub id")
+    return problems
+
+
+def _column_rules(s: dict[str, Any]) -> list[str]:
+    prompt, completion = s.get("prompt_column"), s.get("completion_column")
+    if s.get("text_column") and (prompt or completion):
+        return ["give either `text_column`, or `prompt_column` + `completion_column`, not both"]
+    if bool(prompt) != bool(completion):
+        return ["`prompt_column` and `completion_column` go together: give both, or neither (default: prompt, completion)"]
+    return []
+
+
+def _choice_problem(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return f"`{name}` must be one of {', '.join(choices)}; got {value!r}.{hint}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points.
+
+
+def parse_settings(raw: Mapping[str, Any]) -> tuple[LoraSettings, TrainSettings]:
+    """Build both settings objects from one flat mapping (CLI options, MLproject params, YAML).
+
+    Raises:
+        ConfigError: listing every unknown key, unparsable value and broken rule at once.
+    """
+    lora_names, train_names = field_names(LoraSettings), field_names(TrainSettings)
+    problems = [_unknown_key_problem(k, lora_names + train_names) for k in raw if k not in lora_names + train_names]
+    lora_values, lora_problems = _parse_fields(LoraSettings, {k: v for k, v in raw.items() if k in lora_names})
+    train_values, train_problems = _parse_fields(TrainSettings, {k: v for k, v in raw.items() if k in train_names})
+    problems += lora_problems + train_problems
+    problems += _lora_rules(lora_values) + _train_rules(train_values) + _column_rules(train_values)
+    if problems:
+        raise ConfigError(problems)
+    lora, train = LoraSettings(**lora_values), TrainSettings(**train_values)
+    _warn_unusual(lora)
+    return lora, train
+
+
+def lora_settings(raw: Mapping[str, Any] | None = None, **overrides: Any) -> LoraSettings:
+    """Validated `LoraSettings` from a mapping of LoRA keys only (unknown keys are errors)."""
+    merged = {**(raw or {}), **overrides}
+    lora_names = field_names(LoraSettings)
+    problems = [_unknown_key_problem(k, lora_names) for k in merged if k not in lora_names]
+    values, parse_problems = _parse_fields(LoraSettings, {k: v for k, v in merged.items() if k in lora_names})
+    problems += parse_problems + _lora_rules(values)
+    if problems:
+        raise ConfigError(problems)
+    settings = LoraSettings(**values)
+    _warn_unusual(settings)
+    return settings
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a flat YAML mapping of settings (the same keys as the CLI options, with underscores)."""
+    import yaml
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        data = yaml.safe_load(text) or {}
+    except OSError as err:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {err.strerror or err}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def to_dict(settings: LoraSettings | TrainSettings) -> dict[str, Any]:
+    """Plain, YAML/JSON-friendly dict (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(settings).items()}
+
+
+def to_peft_kwargs(settings: LoraSettings) -> dict[str, Any]:
+    """Keyword arguments for `peft.LoraConfig`: the one place our settings meet peft's."""
+    kwargs = to_dict(settings)
+    kwargs["modules_to_save"] = kwargs["modules_to_save"] or None
+    return kwargs
+
+
+def _warn_unusual(settings: LoraSettings) -> None:
+    if settings.r > LARGE_RANK:
+        logger.warning("`r`=%d is unusually large (> %d): LoRA rarely gains above 64-128, and memory grows with r",
+                       settings.r, LARGE_RANK)

@@ -1,0 +1,257 @@
+"""Apply LoRA through peft, check target names against the real model, and report parameters.
+
+LoRA (Hu et al., 2021, https://arxiv.org/abs/2106.09685) freezes a pretrained weight W and learns a
+low-rank update, so a adapted linear layer computes
+
+    h = W x + (lora_alpha / r) * B A x        with A: r x d_in, B: d_out x r, B initialised to 0
+
+Only A and B (plus any `modules_to_save`, trained in full) are trainable. peft does the wrapping;
+this module adds what peft leaves out: a check that every requested name exists (peft raises only
+when *none* match, so one typo silently adapts fewer layers) and an isolation report that proves
+nothing else is trainable.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from loraflow.config import ALL_LINEAR, LoraSettings, TrainSettings, lora_settings, parse_settings, to_peft_kwargs
+from loraflow.errors import ConfigError
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from torch import nn
+
+logger = logging.getLogger(__name__)
+
+LORA_MARKERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+SAVED_MODULE_MARKER = ".modules_to_save."
+DEFAULT_PROJECTOR_PATTERNS = ("projector",)
+OUTPUT_LAYER_NAMES = ("lm_head",)  # peft's "all-linear" leaves the output layer out
+
+
+class TrainabilityError(RuntimeError):
+    """Parameters other than LoRA and declared extras are trainable."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking names against the model.
+
+
+def linear_module_names(model: "nn.Module") -> list[str]:
+    """Short names of the linear layers LoRA could target (e.g. q_proj ... down_proj), sorted."""
+    from torch import nn
+
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    try:  # GPT-2 style models use transformers' Conv1D for their projections
+        from transformers.pytorch_utils import Conv1D
+
+        names |= {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, Conv1D)}
+    except ImportError:
+        pass
+    return sorted(names - set(OUTPUT_LAYER_NAMES))
+
+
+def _matches(module_name: str, key: str) -> bool:
+    # peft's rule for a list entry: the full name, or a suffix after a dot
+    return module_name == key or module_name.endswith("." + key)
+
+
+def unmatched_module_problems(
+    model: "nn.Module", target_modules: tuple[str, ...] | str, modules_to_save: tuple[str, ...] = ()
+) -> list[str]:
+    """One problem per `target_modules` / `modules_to_save` entry that matches no module.
+
+    Works on a real model and on a meta-device skeleton alike: only module names are read.
+    """
+    module_names = [name for name, _ in model.named_modules() if name]
+    short_names = sorted({name.rsplit(".", 1)[-1] for name in module_names})
+    linear = linear_module_names(model)
+    problems = []
+    targets = () if target_modules == ALL_LINEAR else target_modules
+    for field, keys in (("target_modules", targets), ("modules_to_save", modules_to_save)):
+        for key in keys:
+            if any(_matches(name, key) for name in module_names):
+                continue
+            close = difflib.get_close_matches(key, short_names, n=3, cutoff=0.6)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            problems.append(
+                f"`{field}` entry {key!r} matches no module of {type(model).__name__}.{hint} "
+                f"Linear modules LoRA can target: {', '.join(linear)}"
+            )
+    return problems
+
+
+def check_modules(model: "nn.Module", settings: LoraSettings) -> None:
+    """Raise `ConfigError` listing every requested module name that the model lacks."""
+    problems = unmatched_module_problems(model, settings.target_modules, settings.modules_to_save)
+    if problems:
+        raise ConfigError(problems)
+
+
+def validate_settings(raw: Mapping[str, Any]) -> tuple[LoraSettings, TrainSettings]:
+    """Parse every setting and check module names against the base model's skeleton, together.
+
+    The skeleton is built from `config.json` on the meta device (no weights), so this takes well
+    under a second even for a large model. Value problems and unmatched names are reported in one
+    `ConfigError`, so a user fixes everything in one go.
+
+    Raises:
+        ConfigError: every problem found.
+    """
+    problems: list[str] = []
+    try:
+        return_value = parse_settings(raw)
+    except ConfigError as err:
+        problems, return_value = err.problems, None
+    names = {k: raw[k] for k in ("target_modules", "modules_to_save") if k in raw}
+    try:
+        partial = lora_settings(names)
+    except ConfigError:
+        partial = None  # already reported above
+    base = str(raw.get("base_model") or TrainSettings().base_model)
+    if partial is not None:
+        problems += _skeleton_problems(base, raw, partial)
+    if problems:
+        raise ConfigError(problems)
+    return return_value
+
+
+def _skeleton_problems(base: str, raw: Mapping[str, Any], names: LoraSettings) -> list[str]:
+    from loraflow.models import load_skeleton
+
+    trust = str(raw.get("trust_remote_code", "")).strip().lower() in ("1", "true", "yes", "on")
+    try:
+        skeleton = load_skeleton(base, revision=raw.get("revision") or None, trust_remote_code=trust)
+    except Exception as err:  # a missing path, an unknown Hub id offline, a config that needs code
+        return [f"`base_model` {base!r} could not be read: {err}".strip()]
+    return unmatched_module_problems(skeleton, names.target_modules, names.modules_to_save)
+
+
+# ---------------------------------------------------------------------------------------------
+# Applying LoRA.
+
+
+def build_lora_config(settings: LoraSettings):
+    """Our settings as a `peft.LoraConfig`: the single bridge between the two."""
+    from peft import LoraConfig
+
+    return LoraConfig(**to_peft_kwargs(settings))
+
+
+def apply_lora(model: "nn.Module", settings: LoraSettings | Mapping[str, Any], *, log: bool = True) -> "PeftModel":
+    """Wrap `model` with LoRA adapters through `peft.get_peft_model`.
+
+    Args:
+        model: a transformers causal LM (or any module peft supports).
+        settings: `LoraSettings`, or a mapping validated into one.
+        log: log the settings and parameter report to the active MLflow run, if there is one.
+
+    Returns:
+        The `PeftModel`; only LoRA and `modules_to_save` parameters are trainable.
+
+    Raises:
+        ConfigError: invalid settings, or names that match no module of `model`.
+        RuntimeError: peft failed to apply the adapters.
+    """
+    from peft import get_peft_model
+
+    if not isinstance(settings, LoraSettings):
+        settings = lora_settings(settings)
+    check_modules(model, settings)
+    try:
+        peft_model = get_peft_model(model, build_lora_config(settings))
+    except Exception as err:  # peft raises ValueError/TypeError/KeyError for unsupported layers
+        raise RuntimeError(f"peft could not apply LoRA to {type(model).__name__}: {err}") from err
+    if log:
+        from loraflow import tracking
+
+        tracking.log_lora(settings, parameter_report(peft_model))
+    return peft_model
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter report.
+
+
+def _is_lora(name: str) -> bool:
+    return any(marker in name for marker in LORA_MARKERS)
+
+
+def _bias_allowed(model: "nn.Module") -> bool:
+    configs = getattr(model, "peft_config", None) or {}
+    return any(getattr(cfg, "bias", "none") != "none" for cfg in configs.values())
+
+
+def parameter_report(
+    model: "nn.Module",
+    *,
+    projector_patterns: Iterable[str] = DEFAULT_PROJECTOR_PATTERNS,
+    allow_other_trainable: bool = False,
+) -> dict[str, float | int]:
+    """Count parameters, and check that only LoRA and declared extras are trainable.
+
+    Shared (tied) tensors are counted once, so totals agree with peft's
+    `get_nb_trainable_parameters`. Call it on the PeftModel or on an outer module that holds one
+    (a multimodal model with a projector beside the LoRA-wrapped LLM).
+
+    Args:
+        model: the model to inspect.
+        projector_patterns: substrings naming modules meant to be trained in full beside LoRA.
+            `modules_to_save` copies always count as projector parameters.
+        allow_other_trainable: report other trainable parameters instead of raising.
+
+    Returns:
+        total_params, trainable_params, frozen_params, lora_params, projector_params,
+        other_trainable_params and trainable_percentage.
+
+    Raises:
+        TrainabilityError: other parameters are trainable, naming them.
+    """
+    patterns = tuple(projector_patterns)
+    bias_ok = _bias_allowed(model)
+    counts = dict.fromkeys(("total", "trainable", "lora", "projector", "other"), 0)
+    others: list[str] = []
+    for name, param in model.named_parameters():  # deduplicates tied weights
+        n = param.numel()
+        counts["total"] += n
+        if _is_lora(name):
+            counts["lora"] += n
+        if not param.requires_grad:
+            continue
+        counts["trainable"] += n
+        if _is_lora(name) or (bias_ok and name.endswith(".bias")):
+            continue
+        if SAVED_MODULE_MARKER in name or any(p in name for p in patterns):
+            counts["projector"] += n
+        else:
+            counts["other"] += n
+            others.append(name)
+    if others and not allow_other_trainable:
+        shown = ", ".join(others[:10]) + (f" and {len(others) - 10} more" if len(others) > 10 else "")
+        raise TrainabilityError(
+            f"{len(others)} parameter tensors are trainable but are neither LoRA nor declared extras: {shown}. "
+            "Freeze them, list their modules in `modules_to_save`, or pass allow_other_trainable=True."
+        )
+    total = counts["total"]
+    return {
+        "total_params": total,
+        "trainable_params": counts["trainable"],
+        "frozen_params": total - counts["trainable"],
+        "lora_params": counts["lora"],
+        "projector_params": counts["projector"],
+        "other_trainable_params": counts["other"],
+        "trainable_percentage": 100.0 * counts["trainable"] / total if total else 0.0,
+    }
+
+
+def format_report(report: Mapping[str, float | int]) -> str:
+    """Human-readable one-per-line rendering of `parameter_report`."""
+    lines = []
+    for key, value in report.items():
+        text = f"{value:.4f}%" if key == "trainable_percentage" else f"{int(value):,}"
+        lines.append(f"  {key:<24}{text:>16}")
+    return "\n".join(lines)

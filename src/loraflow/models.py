@@ -1,0 +1,100 @@
+"""Resolve and load base models: the built-in default, a local path, or any Hugging Face Hub id."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loraflow.builtin import builtin_path, is_builtin
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_BASE_MODEL = "builtin:tiny"
+
+
+def resolve_base(name_or_path: str) -> str:
+    """Turn a base-model reference into what `from_pretrained` takes.
+
+    `builtin:*` becomes its cached local directory (built on first use); a local path or a Hub
+    id is returned unchanged.
+    """
+    return str(builtin_path(name_or_path)) if is_builtin(name_or_path) else name_or_path
+
+
+def base_kind(name_or_path: str) -> str:
+    """`"builtin"`, `"local"` (an existing directory) or `"hub"` (anything else)."""
+    if is_builtin(name_or_path):
+        return "builtin"
+    return "local" if Path(os.path.expanduser(name_or_path)).is_dir() else "hub"
+
+
+def load_config(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    """Load only `config.json` (no weights)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(
+        resolve_base(name_or_path), revision=revision, trust_remote_code=trust_remote_code
+    )
+
+
+def load_skeleton(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    """Build the model's module tree on the meta device from its config: no weights, no memory.
+
+    Used to check target module names against a large model in well under a second.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def load_base_model(
+    name_or_path: str,
+    *,
+    revision: str | None = None,
+    dtype: "torch.dtype | str | None" = None,
+    device: "str | torch.device | None" = None,
+    trust_remote_code: bool = False,
+) -> "PreTrainedModel":
+    """Load a causal LM through `AutoModelForCausalLM`, exactly as a user would.
+
+    Args:
+        name_or_path: `builtin:tiny`, a local directory, or a Hub id.
+        revision: a Hub branch, tag or commit hash.
+        dtype: torch dtype (or its name) to load the weights in; default: as saved, else fp32.
+        device: where to put the model; default: stays on the CPU.
+        trust_remote_code: run code shipped with the model. Off unless the user asks.
+    """
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    model = AutoModelForCausalLM.from_pretrained(resolve_base(name_or_path), **kwargs)
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def load_tokenizer(
+    name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False
+) -> "PreTrainedTokenizerBase":
+    """Load the base model's tokenizer, with a pad token guaranteed (falls back to EOS)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_base(name_or_path), revision=revision, trust_remote_code=trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def resolved_revision(model: "PreTrainedModel") -> str | None:
+    """The exact Hub commit hash a model was loaded from, when transformers recorded one."""
+    return getattr(model.config, "_commit_hash", None)

@@ -1,0 +1,51 @@
+"""Shared fixtures: the built-in tiny model, and a real MLflow sqlite store per test."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_path() -> str:
+    """Local directory of `builtin:tiny` (built once, then cached)."""
+    from loraflow.builtin import builtin_path
+
+    return str(builtin_path("builtin:tiny"))
+
+
+@pytest.fixture
+def tiny_model(tiny_path):
+    """A fresh fp32 copy of the built-in base model, in eval mode."""
+    from loraflow.models import load_base_model
+
+    return load_base_model(tiny_path).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_path):
+    from loraflow.models import load_tokenizer
+
+    return load_tokenizer(tiny_path)
+
+
+@pytest.fixture
+def tracking_uri(tmp_path, monkeypatch) -> str:
+    """A real MLflow sqlite store in tmp_path, active for this test (and its subprocesses)."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
