@@ -138,7 +138,7 @@ def train(config_file: str | None, **options: Any) -> None:
     with user_errors():
         raw = collect_settings(config_file, options)
         lora, settings = validate_settings(raw)
-        result = run_training(lora, settings)
+        result = run_training(lora, settings, explicit=set(raw))
     if not result.ok:
         raise SystemExit(1)
 

@@ -170,6 +170,9 @@ def _parse_str_list(name: str, value: Any) -> tuple[Any, str | None]:
 def _parse_target_modules(name: str, value: Any) -> tuple[Any, str | None]:
     if isinstance(value, str) and value.strip().lower() == ALL_LINEAR:
         return ALL_LINEAR, None
+    # YAML users write `target_modules: [all-linear]`; peft only understands the bare string
+    if isinstance(value, (list, tuple)) and len(value) == 1 and str(value[0]).strip().lower() == ALL_LINEAR:
+        return ALL_LINEAR, None
     return _parse_str_list(name, value)
 
 
@@ -270,8 +273,6 @@ def _train_rules(s: dict[str, Any]) -> list[str]:
     for name, choices in (("precision", PRECISIONS), ("base_mode", BASE_MODES), ("overflow", OVERFLOWS)):
         if name in s and s[name] not in choices:
             problems.append(_choice_problem(name, s[name], choices))
-    if "base_model" in s and not s["base_model"]:
-        problems.append("`base_model` must not be empty: use 'builtin:tiny', a local directory or a Hub id")
     return problems
 
 
@@ -285,8 +286,9 @@ def _column_rules(s: dict[str, Any]) -> list[str]:
 
 
 def _choice_problem(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
+    lowered = {c.lower(): c for c in choices}
+    close = difflib.get_close_matches(str(value).lower(), list(lowered), n=1, cutoff=0.5)
+    hint = f" Did you mean {lowered[close[0]]!r}?" if close else ""
     return f"`{name}` must be one of {', '.join(choices)}; got {value!r}.{hint}"
 
 

@@ -55,8 +55,11 @@ def linear_module_names(model: "nn.Module") -> list[str]:
     return sorted(names - set(OUTPUT_LAYER_NAMES))
 
 
-def _matches(module_name: str, key: str) -> bool:
-    # peft's rule for a list entry: the full name, or a suffix after a dot
+def _matches(module_name: str, key: str, field: str = "target_modules") -> bool:
+    if field == "modules_to_save":
+        # peft's rule for modules_to_save is a plain suffix: "layernorm" matches input_layernorm
+        return module_name.endswith(key)
+    # peft's rule for a target_modules entry: the full name, or a suffix after a dot
     return module_name == key or module_name.endswith("." + key)
 
 
@@ -74,7 +77,7 @@ def unmatched_module_problems(
     targets = () if target_modules == ALL_LINEAR else target_modules
     for field, keys in (("target_modules", targets), ("modules_to_save", modules_to_save)):
         for key in keys:
-            if any(_matches(name, key) for name in module_names):
+            if any(_matches(name, key, field) for name in module_names):
                 continue
             close = difflib.get_close_matches(key, short_names, n=3, cutoff=0.6)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -223,9 +226,11 @@ def parameter_report(
         if not param.requires_grad:
             continue
         counts["trainable"] += n
-        if _is_lora(name) or (bias_ok and name.endswith(".bias")):
+        if _is_lora(name):
             continue
-        if SAVED_MODULE_MARKER in name or any(p in name for p in patterns):
+        if bias_ok and name.endswith(".bias"):  # trained on purpose (bias="all"/"lora_only"): counted, allowed
+            counts["other"] += n
+        elif SAVED_MODULE_MARKER in name or any(p in name for p in patterns):
             counts["projector"] += n
         else:
             counts["other"] += n

@@ -50,7 +50,9 @@ def load_skeleton(name_or_path: str, *, revision: str | None = None, trust_remot
 
     config = load_config(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     with init_empty_weights():
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    skeleton.tie_weights()  # as from_pretrained does, so tied matrices are counted once
+    return skeleton
 
 
 def load_base_model(

@@ -1,0 +1,73 @@
+"""Tests for loraflow.builtin: the offline `builtin:tiny` base model is reproducible and usable."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from loraflow.builtin import VOCAB_SIZE, build_tiny, builtin_path, is_builtin
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_fresh_build_is_byte_identical_to_the_cached_one(tiny_path, tmp_path):
+    fresh = tmp_path / "tiny"
+    fresh.mkdir()
+    build_tiny(fresh)
+    cached = Path(tiny_path)
+    weights = sorted(p.name for p in cached.glob("*.safetensors"))
+    assert weights == sorted(p.name for p in fresh.glob("*.safetensors")) == ["model.safetensors"]
+    for name in weights + ["tokenizer.json"]:
+        assert sha256(fresh / name) == sha256(cached / name), name
+    assert json.loads((fresh / "config.json").read_text()) == json.loads((cached / "config.json").read_text())
+
+
+def test_it_is_a_small_tied_llama_with_every_projection(tiny_model):
+    from transformers import LlamaForCausalLM
+
+    assert isinstance(tiny_model, LlamaForCausalLM)
+    assert tiny_model.config.num_hidden_layers == 2
+    assert tiny_model.config.tie_word_embeddings is True
+    assert tiny_model.lm_head.weight is tiny_model.model.embed_tokens.weight
+    short_names = {name.rsplit(".", 1)[-1] for name, _ in tiny_model.named_modules()}
+    assert set(PROJECTIONS) <= short_names
+    assert tiny_model.config.vocab_size == tiny_model.lm_head.out_features
+
+
+def test_the_tokenizer_round_trips_text(tiny_tokenizer):
+    text = "The capital of France is Paris. LoRA adapts q_proj and v_proj!"
+    ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert 0 < len(ids) < len(text)  # a real BPE merges characters
+    assert tiny_tokenizer.decode(ids) == text
+    with_special = tiny_tokenizer(text)["input_ids"]
+    assert with_special[0] == tiny_tokenizer.bos_token_id
+    assert tiny_tokenizer.pad_token is not None and tiny_tokenizer.eos_token is not None
+    assert len(tiny_tokenizer) <= VOCAB_SIZE
+
+
+def test_the_model_has_learned_its_corpus(tiny_model, tiny_tokenizer):
+    """Pre-training made it much better than uniform guessing over the vocabulary."""
+    import math
+
+    import torch
+
+    from loraflow.builtin import RESOURCES
+
+    line = next(l for l in (RESOURCES / "corpus.txt").read_text(encoding="utf-8").splitlines() if len(l) > 40)
+    batch = tiny_tokenizer(line, return_tensors="pt")
+    with torch.no_grad():
+        loss = tiny_model(**batch, labels=batch["input_ids"]).loss.item()
+    assert loss < 0.5 * math.log(len(tiny_tokenizer))
+
+
+def test_builtin_names():
+    assert is_builtin("builtin:tiny") and not is_builtin("meta-llama/Llama-3.2-1B")
+    with pytest.raises(ValueError, match="builtin:huge.*builtin:tiny"):
+        builtin_path("builtin:huge")
