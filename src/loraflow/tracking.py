@@ -6,8 +6,9 @@ learns at the end whether anything was lost (`Tracker.failures`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from loraflow.config import LoraSettings, to_dict
@@ -81,3 +82,133 @@ def log_lora(settings: LoraSettings, report: Mapping[str, float | int]) -> bool:
         logger.warning("could not log LoRA settings to MLflow (%s); carrying on", err)
         return False
     return log_metrics_safely(report)
+
+
+class RunLogger:
+    """Everything a training run records in MLflow, each call guarded so tracking never stops training.
+
+    Only the main process logs (MLflow's one-run-per-rank problem, mlflow #11782): on other
+    processes every method is a no-op. `failures` counts what could not be recorded.
+    """
+
+    def __init__(self, run_id: str | None, enabled: bool):
+        self.run_id = run_id
+        self.enabled = enabled
+        self.failures = 0
+
+    @classmethod
+    @contextlib.contextmanager
+    def start(cls, enabled: bool = True) -> Iterator["RunLogger"]:
+        """Use the active run (or the one `mlflow run` made, via MLFLOW_RUN_ID), else start one."""
+        import mlflow
+
+        if not enabled:
+            yield cls(None, enabled=False)
+            return
+        owned = mlflow.active_run() is None
+        run = mlflow.start_run() if owned else mlflow.active_run()
+        logger_ = cls(run.info.run_id, enabled=True)
+        status = "FAILED"
+        try:
+            yield logger_
+            status = "FINISHED"
+        finally:
+            logger_._guard("flush async logging", mlflow.flush_async_logging)
+            if owned:
+                logger_._guard("end the run", lambda: mlflow.end_run(status=status))
+
+    def _guard(self, what: str, call, *args: Any, **kwargs: Any) -> Any:
+        if not self.enabled:
+            return None
+        try:
+            return call(*args, **kwargs)
+        except Exception as err:  # any store or network error: warn, count, carry on
+            self.failures += 1
+            logger.warning("MLflow: could not %s (%s: %s); training carries on", what, type(err).__name__, err)
+            return None
+
+    def log_settings(self, lora: LoraSettings, train: Any) -> None:
+        """Every resolved setting as a param, and the whole config as `config.yaml`."""
+        import mlflow
+
+        resolved = {"lora": to_dict(lora), "train": to_dict(train)}
+        self._guard("log params", log_params_safely, {**resolved["train"], **resolved["lora"]})
+        self._guard("log config.yaml", mlflow.log_dict, resolved, "config.yaml")
+
+    def log_metrics(self, metrics: Mapping[str, float | int], step: int | None) -> None:
+        """Log metrics asynchronously (per-step logging must not slow training)."""
+        import mlflow
+
+        values = {k: float(v) for k, v in metrics.items()}
+        self._guard("log metrics", mlflow.log_metrics, values, step=step, synchronous=False)
+
+    def log_datasets(self, train_frame, eval_frame, train_source: str, eval_source: str) -> None:
+        """The train and eval sets as MLflow dataset inputs, with source path and digest."""
+        import mlflow
+
+        def log(frame, source: str, name: str, context: str) -> None:
+            dataset = mlflow.data.from_pandas(frame, source=source, name=name)
+            mlflow.log_input(dataset, context=context)
+
+        self._guard("log the train dataset", log, train_frame, train_source, "train", "training")
+        eval_path = eval_source.split(" (seeded split")[0]
+        self._guard("log the eval dataset", log, eval_frame, eval_path, "eval", "evaluation")
+
+    def log_loss_curve(self, history: Mapping[str, list[tuple[int, float]]]) -> None:
+        """A loss-curve figure: train loss per step and eval loss at each evaluation."""
+        import mlflow
+
+        self._guard("log the loss curve", lambda: mlflow.log_figure(loss_curve_figure(history), "loss_curve.png"))
+
+    def log_model(self, model: Any, tokenizer: Any, **kwargs: Any):
+        """Log the PEFT model with the loraflow flavor; None if it could not be logged."""
+        from loraflow import flavor
+
+        return self._guard("log the model", flavor.log_model, model, "model", tokenizer, **kwargs)
+
+    def tag_version(self, info: Any, train: Any, lora: LoraSettings, eval_loss: float) -> str | None:
+        """Tag a registered version with its run's key metric and settings; returns the version."""
+        version = getattr(info, "registered_model_version", None)
+        if version is None or not train.registered_model_name:
+            return None
+        from mlflow import MlflowClient
+
+        tags = {
+            "eval_loss": f"{eval_loss:.6g}",
+            "base_model": train.base_model,
+            "r": str(lora.r),
+            "lora_alpha": str(lora.lora_alpha),
+            "target_modules": _param_text(lora.target_modules),
+            "run_id": self.run_id or "",
+        }
+
+        def tag() -> None:
+            client = MlflowClient()
+            for key, value in tags.items():
+                client.set_model_version_tag(train.registered_model_name, str(version), key, value)
+
+        self._guard("tag the model version", tag)
+        return str(version)
+
+
+def loss_curve_figure(history: Mapping[str, list[tuple[int, float]]]):
+    """Matplotlib figure of train loss (line) and eval loss (markers) against optimizer step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for key, style in (("train_loss", "-"), ("eval_loss", "o-")):
+        points = history.get(key) or []
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, style, label=key.replace("_", " "))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("loraflow training")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
