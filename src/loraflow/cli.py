@@ -130,15 +130,29 @@ def validate(config_file: str | None, **options: Any) -> None:
 @main.command()
 @config_file_option
 @settings_options(config.LoraSettings, config.TrainSettings)
-def train(config_file: str | None, **options: Any) -> None:
+@click.option(
+    "--resume-from",
+    default=None,
+    help="Continue an interrupted run from a checkpoint folder or a run id (its settings apply; options override).",
+)
+def train(config_file: str | None, resume_from: str | None, **options: Any) -> None:
     """Fine-tune the base model with LoRA, evaluate it, and log everything to MLflow."""
+    from loraflow import checkpoint
     from loraflow.lora import validate_settings
-    from loraflow.train import run_training
+    from loraflow.train import TrainingInterrupted, run_training
 
     with user_errors():
         raw = collect_settings(config_file, options)
+        given, resume = set(raw), None
+        if resume_from:
+            resume = checkpoint.resolve_checkpoint(resume_from, raw.get("output_dir") or config.TrainSettings().output_dir)
+            raw = {**checkpoint.read_state(resume).settings, **raw}
         lora, settings = validate_settings(raw)
-        result = run_training(lora, settings, explicit=set(raw))
+        try:
+            result = run_training(lora, settings, explicit=given, resume=resume)
+        except TrainingInterrupted as stop:
+            click.echo(f"loraflow: {stop}", err=True)
+            raise SystemExit(130 if stop.signal_name == "SIGINT" else 143) from None
     if not result.ok:
         raise SystemExit(1)
 

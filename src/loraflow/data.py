@@ -654,4 +654,9 @@ def make_dataloader(
         items, lengths = examples, data.lengths
         collate = partial(collate_padded, pad_token_id=pad_token_id)
     sampler = EpochBatchSampler(lengths, batch_size, shuffle=shuffle, seed=seed, num_replicas=num_replicas, rank=rank)
-    return DataLoader(items, batch_sampler=sampler, collate_fn=collate)
+    # A private generator: creating an iterator then draws no number from torch's global RNG,
+    # which dropout uses, so a run resumed mid-epoch sees the same random stream as one never stopped.
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(items, batch_sampler=sampler, collate_fn=collate, generator=generator)

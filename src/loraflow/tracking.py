@@ -98,20 +98,26 @@ class RunLogger:
 
     @classmethod
     @contextlib.contextmanager
-    def start(cls, enabled: bool = True) -> Iterator["RunLogger"]:
-        """Use the active run (or the one `mlflow run` made, via MLFLOW_RUN_ID), else start one."""
+    def start(cls, enabled: bool = True, run_id: str | None = None) -> Iterator["RunLogger"]:
+        """Use the active run (or the one `mlflow run` made, via MLFLOW_RUN_ID), else start one.
+
+        `run_id` re-opens an earlier run (resuming from its checkpoint).
+        """
         import mlflow
 
         if not enabled:
             yield cls(None, enabled=False)
             return
         owned = mlflow.active_run() is None
-        run = mlflow.start_run() if owned else mlflow.active_run()
+        run = mlflow.start_run(run_id=run_id) if owned else mlflow.active_run()
         logger_ = cls(run.info.run_id, enabled=True)
         status = "FAILED"
         try:
             yield logger_
             status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
         finally:
             logger_._guard("flush async logging", mlflow.flush_async_logging)
             if owned:
@@ -164,7 +170,7 @@ class RunLogger:
         """Log the PEFT model with the loraflow flavor; None if it could not be logged."""
         from loraflow import flavor
 
-        return self._guard("log the model", flavor.log_model, model, "model", tokenizer, **kwargs)
+        return self._guard("log the model", lambda: flavor.log_model(model, "model", tokenizer, **kwargs))
 
     def tag_version(self, info: Any, train: Any, lora: LoraSettings, eval_loss: float) -> str | None:
         """Tag a registered version with its run's key metric and settings; returns the version."""

@@ -1,0 +1,125 @@
+"""Interruption and resume: atomic checkpoints, SIGTERM/SIGINT, kill -9, and an exact continuation."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import env_with_venv
+from mlflow import MlflowClient
+
+from loraflow import checkpoint as ckpt
+from loraflow import tracking
+from loraflow.config import parse_settings
+from loraflow.errors import LoraflowError
+from loraflow.train import TrainingInterrupted, run_training
+
+SETTINGS = {"max_steps": "12", "eval_steps": "4", "batch_size": "4", "r": "4", "lora_dropout": "0.1"}
+
+
+def settings(tmp_path: Path, **overrides):
+    return parse_settings({**SETTINGS, "output_dir": str(tmp_path / "out"), **overrides})
+
+
+def interrupt_at(monkeypatch, step: int, signum: int = signal.SIGTERM) -> None:
+    """Deliver a real signal to this process right after optimizer step `step` is logged."""
+    original = tracking.RunLogger.log_metrics
+
+    def log_metrics(self, metrics, at_step):
+        original(self, metrics, at_step)
+        if at_step == step and "train_loss" in metrics:
+            os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(tracking.RunLogger, "log_metrics", log_metrics)
+
+
+def test_interrupted_and_resumed_run_ends_exactly_like_an_uninterrupted_one(tracking_uri, tmp_path, monkeypatch):
+    # dropout on, so the RNG state must be restored too; 12 steps over 36 examples cross an epoch
+    reference = run_training(*settings(tmp_path / "a"))
+    interrupt_at(monkeypatch, 5)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        run_training(*settings(tmp_path / "b"))
+    monkeypatch.undo()
+    state = ckpt.read_state(stopped.value.checkpoint)
+    assert state.step == 5 and stopped.value.signal_name == "SIGTERM"
+    client = MlflowClient()
+    assert client.get_run(state.run_id).info.status == "KILLED"
+
+    resumed = run_training(*settings(tmp_path / "b"), resume=stopped.value.checkpoint)
+    assert resumed.run_id == state.run_id  # the same MLflow run continues
+    assert resumed.eval_loss_after == pytest.approx(reference.eval_loss_after, abs=1e-5)
+    assert client.get_run(state.run_id).info.status == "FINISHED"
+    train_steps = sorted({m.step for m in client.get_metric_history(state.run_id, "train_loss")})
+    assert train_steps == list(range(1, 13))
+    assert [m.step for m in sorted(client.get_metric_history(state.run_id, "eval_loss"), key=lambda m: m.step)] == [0, 4, 8, 12]
+
+
+def test_checkpoints_are_written_every_checkpoint_steps_and_pruned(tracking_uri, tmp_path):
+    result = run_training(*settings(tmp_path, checkpoint_steps="3"))
+    root = ckpt.run_dir(tmp_path / "out", result.run_id)
+    assert sorted(p.name for p in root.iterdir()) == ["step-000006", "step-000009"]
+    assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json"} <= {
+        p.name for p in (root / "step-000009").iterdir()
+    }
+
+
+def test_a_crash_mid_write_never_becomes_the_latest_checkpoint(tracking_uri, tmp_path, monkeypatch):
+    result = run_training(*settings(tmp_path, checkpoint_steps="3", max_steps="6"))
+    root = ckpt.run_dir(tmp_path / "out", result.run_id)
+    latest = ckpt.latest_checkpoint(root)
+    state = ckpt.read_state(latest)
+    import torch
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    from loraflow.models import load_base_model
+    from loraflow.lora import apply_lora
+
+    model = apply_lora(load_base_model("builtin:tiny"), {"r": 4}, log=False)
+    with pytest.raises(OSError):
+        ckpt.save_checkpoint(root, ckpt.CheckpointState(9, 0, 9, state.run_id, {}), model, None, None)
+    assert ckpt.latest_checkpoint(root) == latest
+
+
+def test_resume_from_a_run_id_and_clear_error_when_there_is_nothing(tmp_path):
+    (tmp_path / "checkpoints" / "abc" / ".tmp-step-000003-x").mkdir(parents=True)
+    with pytest.raises(LoraflowError, match="no checkpoint found"):
+        ckpt.resolve_checkpoint("abc", tmp_path)
+
+
+@pytest.mark.slow
+def test_kill_9_resumes_from_the_last_complete_checkpoint(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "loraflow", "train", "--max-steps", "4000", "--eval-steps", "1000",
+            "--checkpoint-steps", "5", "--batch-size", "4", "--output-dir", str(out)]
+    proc = subprocess.Popen(args, env=env_with_venv(MLFLOW_TRACKING_URI=uri), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while not list(out.glob("checkpoints/*/step-000010")) and time.monotonic() < deadline:
+            assert proc.poll() is None, "training exited before writing two checkpoints"
+            time.sleep(0.2)
+    finally:
+        proc.kill()  # SIGKILL: no handler runs, possibly mid-write
+        proc.wait()
+    (run_root,) = list((out / "checkpoints").iterdir())
+    latest = ckpt.latest_checkpoint(run_root)
+    assert latest is not None and ckpt.read_state(latest).step >= 10
+    resumed = subprocess.run(
+        [sys.executable, "-m", "loraflow", "train", "--resume-from", run_root.name, "--output-dir", str(out),
+         "--max-steps", str(ckpt.read_state(latest).step + 3)],
+        env=env_with_venv(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True, timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    client = MlflowClient(uri)
+    assert client.get_run(run_root.name).data.params["max_steps"] == "4000"
+    steps = sorted({m.step for m in client.get_metric_history(run_root.name, "train_loss")})
+    assert steps[-1] == ckpt.read_state(latest).step + 3

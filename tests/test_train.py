@@ -1,0 +1,123 @@
+"""The training recipe in-process: loss goes down, runs are deterministic, everything is tracked."""
+
+from __future__ import annotations
+
+import math
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from loraflow import flavor
+from loraflow.config import parse_settings
+from loraflow.errors import ConfigError, DataError
+from loraflow.train import run_training
+
+FAST = {"max_steps": "8", "eval_steps": "4", "batch_size": "8", "r": "8"}
+
+
+def train(**overrides):
+    raw = {**FAST, **overrides}
+    lora, settings = parse_settings(raw)
+    return run_training(lora, settings, explicit=set(raw))
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """One run on the real defaults (built-in model, bundled data, 60 steps): the main job's numbers."""
+    tmp = tmp_path_factory.mktemp("default-run")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    try:
+        lora, settings = parse_settings({"output_dir": str(tmp / "outputs")})
+        result = run_training(lora, settings)
+    finally:
+        mlflow.set_tracking_uri(None)
+    return uri, result
+
+
+def test_defaults_cut_eval_loss_by_at_least_a_fifth(default_run):
+    _, result = default_run
+    assert result.ok
+    assert result.eval_loss_after <= 0.8 * result.eval_loss_before
+
+
+def test_run_records_params_metric_histories_inputs_and_artifacts(default_run):
+    uri, result = default_run
+    client = MlflowClient(uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["r"] == "16" and run.data.params["base_model"] == "builtin:tiny"
+    assert run.data.params["target_modules"] == "q_proj,k_proj,v_proj,o_proj"
+    evals = client.get_metric_history(result.run_id, "eval_loss")
+    assert [m.step for m in evals][0] == 0 and max(m.step for m in evals) == 60
+    assert math.isclose(sorted(evals, key=lambda m: m.step)[-1].value, result.eval_loss_after, rel_tol=1e-6)
+    assert len(client.get_metric_history(result.run_id, "train_loss")) == 60
+    for key in ("learning_rate", "tokens_per_second", "eval_perplexity", "trainable_params", "lora_params"):
+        assert key in run.data.metrics
+    contexts = sorted(d.tags[0].value for d in run.inputs.dataset_inputs)
+    assert contexts == ["evaluation", "training"]
+    assert all(d.dataset.digest and d.dataset.source for d in run.inputs.dataset_inputs)
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"config.yaml", "loss_curve.png"} <= artifacts
+
+
+def test_logged_model_generates_through_pyfunc(default_run):
+    uri, result = default_run
+    mlflow.set_tracking_uri(uri)
+    try:
+        out = mlflow.pyfunc.load_model(result.model_uri).predict(
+            ["Question: What does a cow say?\nAnswer:"], params={"max_new_tokens": 8}
+        )
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert out["text"][0].strip()
+
+
+def test_same_seed_gives_the_same_final_eval_loss(tracking_uri, tmp_path):
+    first = train(output_dir=str(tmp_path))
+    second = train(output_dir=str(tmp_path))
+    assert first.eval_loss_after == second.eval_loss_after
+    assert train(output_dir=str(tmp_path), seed="7").eval_loss_after != first.eval_loss_after
+
+
+def test_bad_data_fails_before_any_model_loads(tracking_uri, tmp_path, monkeypatch):
+    import loraflow.models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(loraflow.models, "load_base_model", no_model)
+    with pytest.raises(DataError, match="missing.jsonl"):
+        train(train_data=str(tmp_path / "missing.jsonl"))
+
+
+def test_a_model_that_cannot_be_logged_is_saved_locally_and_reported(tracking_uri, tmp_path, monkeypatch):
+    def broken_store(*args, **kwargs):
+        raise OSError("artifact store unreachable")
+
+    monkeypatch.setattr(flavor, "log_model", broken_store)
+    result = train(output_dir=str(tmp_path / "out"))
+    assert not result.ok and result.model_uri is None
+    model, tokenizer = flavor.load_model(result.local_model_dir)
+    assert type(model).__name__ == "PeftModel"
+
+
+def test_registered_version_is_tagged_with_its_metrics_and_settings(tracking_uri, tmp_path):
+    result = train(output_dir=str(tmp_path), registered_model_name="tiny-lora")
+    version = MlflowClient().get_model_version("tiny-lora", result.registered_version)
+    assert version.tags["base_model"] == "builtin:tiny" and version.tags["r"] == "8"
+    assert float(version.tags["eval_loss"]) == pytest.approx(result.eval_loss_after, rel=1e-5)
+
+
+def test_continued_training_starts_from_the_logged_adapter(tracking_uri, tmp_path):
+    first = train(output_dir=str(tmp_path))
+    second = train(output_dir=str(tmp_path), init_model=first.model_uri)
+    assert second.eval_loss_before == pytest.approx(first.eval_loss_after, abs=1e-6)
+    assert second.eval_loss_after < second.eval_loss_before
+
+
+def test_continued_training_rejects_conflicting_lora_settings(tracking_uri, tmp_path):
+    first = train(output_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="`r` is 32 but init_model"):
+        train(output_dir=str(tmp_path), init_model=first.model_uri, r="32")
