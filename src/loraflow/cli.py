@@ -8,6 +8,7 @@ values are reported together (exit code 2), never as a traceback.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -141,6 +142,8 @@ def train(config_file: str | None, resume_from: str | None, **options: Any) -> N
     from loraflow.lora import validate_settings
     from loraflow.train import TrainingInterrupted, run_training
 
+    # MLflow retries a dead server for minutes by default; training should notice in seconds.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     with user_errors():
         raw = collect_settings(config_file, options)
         given, resume = set(raw), None

@@ -8,14 +8,55 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from loraflow.config import LoraSettings, to_dict
+from loraflow.errors import LoraflowError
 
 logger = logging.getLogger(__name__)
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+REACHABILITY_TIMEOUT_S = 5.0
+
+
+class TrackingUnreachable(LoraflowError):
+    """The tracking server does not answer at all."""
+
+
+def check_reachable(uri: str | None = None, timeout: float = REACHABILITY_TIMEOUT_S) -> None:
+    """Fail within seconds, naming the URI, when an http(s) tracking server does not answer.
+
+    MLflow's own client retries a dead server for minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES=7 with
+    exponential backoff); a training run should not start, load a model and then hang.
+    """
+    import urllib.error
+    import urllib.request
+
+    import mlflow
+
+    uri = uri or mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return  # it answered (a server without /health, an auth proxy): reachable
+    except OSError as err:
+        reason = getattr(err, "reason", err)
+        raise TrackingUnreachable(
+            f"MLflow tracking server {uri} cannot be reached ({reason}). Start it, or point "
+            "MLFLOW_TRACKING_URI at a reachable store (unset, MLflow uses sqlite:///mlflow.db)."
+        ) from err
+
+
+def _is_connection_failure(err: Exception) -> bool:
+    text = f"{type(err).__name__} {err}"
+    return isinstance(err, OSError) or any(
+        marker in text for marker in ("Connection", "Max retries exceeded", "Timeout", "timed out")
+    )
 
 
 def _param_text(value: Any) -> str:
@@ -95,6 +136,7 @@ class RunLogger:
         self.run_id = run_id
         self.enabled = enabled
         self.failures = 0
+        self.unreachable = False  # after a connection failure, skip MLflow instead of retrying for minutes
 
     @classmethod
     @contextlib.contextmanager
@@ -108,6 +150,7 @@ class RunLogger:
         if not enabled:
             yield cls(None, enabled=False)
             return
+        check_reachable()
         owned = mlflow.active_run() is None
         run = mlflow.start_run(run_id=run_id) if owned else mlflow.active_run()
         logger_ = cls(run.info.run_id, enabled=True)
@@ -126,11 +169,18 @@ class RunLogger:
     def _guard(self, what: str, call, *args: Any, **kwargs: Any) -> Any:
         if not self.enabled:
             return None
+        if self.unreachable:
+            self.failures += 1
+            return None
         try:
             return call(*args, **kwargs)
         except Exception as err:  # any store or network error: warn, count, carry on
             self.failures += 1
-            logger.warning("MLflow: could not %s (%s: %s); training carries on", what, type(err).__name__, err)
+            self.unreachable = _is_connection_failure(err)
+            if self.unreachable:  # later calls, MLflow's own included (end_run at exit), fail at once
+                os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+            then = "skipping MLflow from now on" if self.unreachable else "training carries on"
+            logger.warning("MLflow: could not %s (%s: %s); %s", what, type(err).__name__, err, then)
             return None
 
     def log_settings(self, lora: LoraSettings, train: Any) -> None:

@@ -51,6 +51,7 @@ class TrainResult:
     eval_loss_before: float
     eval_loss_after: float
     local_model_dir: str | None = None
+    checkpoint_dir: str | None = None
     registered_version: str | None = None
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
@@ -342,6 +343,7 @@ def run_training(
     from loraflow.models import load_tokenizer
 
     read_data(settings)  # fail on bad data before anything heavy (tokenizing needs the tokenizer)
+    tracking.check_reachable()  # and on a dead tracking server, within seconds
     accelerator = Accelerator(
         mixed_precision=mixed_precision(settings.precision), gradient_accumulation_steps=settings.grad_accum_steps
     )
@@ -363,6 +365,8 @@ def run_training(
             run.log_loss_curve(history)
             _log_or_save_model(accelerator.unwrap_model(model), tokenizer, prepared, lora, settings, run, result)
             result.ok = result.ok and run.failures == 0
+            checkpoints = ckpt.run_dir(settings.output_dir, run.run_id)
+            result.checkpoint_dir = str(checkpoints.resolve()) if checkpoints.is_dir() else None
     if accelerator.is_main_process:
         print_summary(result)
     return result
@@ -402,4 +406,9 @@ def print_summary(result: TrainResult) -> None:
         ]
     if result.local_model_dir:
         lines.append(f"  NOT logged to MLflow; the model is saved at {result.local_model_dir}")
+        lines.append(f"  log it later with: loraflow upload {result.local_model_dir}")
+    if not result.ok:
+        lines.append("  some tracking calls failed: see the warnings above")
+        if result.checkpoint_dir:
+            lines.append(f"  checkpoints: {result.checkpoint_dir}")
     print("\n".join(lines), flush=True)
