@@ -75,17 +75,21 @@ def test_a_crash_mid_write_never_becomes_the_latest_checkpoint(tracking_uri, tmp
     state = ckpt.read_state(latest)
     import torch
 
-    def crash(*args, **kwargs):
+    from loraflow.lora import apply_lora
+    from loraflow.models import load_base_model
+
+    model = apply_lora(load_base_model("builtin:tiny"), {"r": 4}, log=False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    def crash(*args, **kwargs):  # the adapter is written, then the disk fills up
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)
-    from loraflow.models import load_base_model
-    from loraflow.lora import apply_lora
-
-    model = apply_lora(load_base_model("builtin:tiny"), {"r": 4}, log=False)
-    with pytest.raises(OSError):
-        ckpt.save_checkpoint(root, ckpt.CheckpointState(9, 0, 9, state.run_id, {}), model, None, None)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint(root, ckpt.CheckpointState(9, 0, 9, state.run_id, {}), model, optimizer, scheduler)
     assert ckpt.latest_checkpoint(root) == latest
+    assert not list(root.glob(".tmp-*")), "the half-written folder is cleaned up"
 
 
 def test_resume_from_a_run_id_and_clear_error_when_there_is_nothing(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import mlflow
 import pytest
@@ -28,10 +29,13 @@ def default_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("default-run")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
+    cwd = os.getcwd()
+    os.chdir(tmp)  # the sqlite store's default artifact root is ./mlruns
     try:
         lora, settings = parse_settings({"output_dir": str(tmp / "outputs")})
         result = run_training(lora, settings)
     finally:
+        os.chdir(cwd)
         mlflow.set_tracking_uri(None)
     return uri, result
 
@@ -99,8 +103,10 @@ def test_a_model_that_cannot_be_logged_is_saved_locally_and_reported(tracking_ur
     monkeypatch.setattr(flavor, "log_model", broken_store)
     result = train(output_dir=str(tmp_path / "out"))
     assert not result.ok and result.model_uri is None
+    from peft import PeftModel
+
     model, tokenizer = flavor.load_model(result.local_model_dir)
-    assert type(model).__name__ == "PeftModel"
+    assert isinstance(model, PeftModel)
 
 
 def test_registered_version_is_tagged_with_its_metrics_and_settings(tracking_uri, tmp_path):

@@ -1,0 +1,886 @@
+"""The `loraflow` MLflow flavor: save, log, load and serve PEFT LoRA models without losing a bit.
+
+Shaped like MLflow's own flavor modules (`mlflow/spacy/__init__.py`, `mlflow/lightgbm/__init__.py`):
+`FLAVOR_NAME`, `get_default_pip_requirements`, `save_model`, `log_model`, `load_model`, plus the
+private `_load_pyfunc` that `mlflow.pyfunc.load_model` and `mlflow models serve` call. torch,
+transformers and peft are imported inside functions, so importing this module stays cheap.
+
+Why a custom flavor: `mlflow.transformers` round-trips a LoRA model on a local base with different
+logits and reloads the adapter frozen. This one reloads the exact weights (max abs logit diff 0.0 in
+fp32 on CPU) and can reload them trainable, with the same trainable/total parameter counts.
+
+Layout of a saved model (no pickle anywhere: safetensors, JSON and YAML only)::
+
+    MLmodel            flavors: loraflow (the config below) and python_function
+    adapter/           peft `save_pretrained`: adapter_config.json + adapter_model.safetensors
+                       (LoRA A/B and any modules_to_save weights)
+    tokenizer/         the tokenizer's `save_pretrained`
+    base/              embedded mode only: the base model's config.json, generation_config.json
+                       and *.safetensors, copied from its local directory
+    code/loraflow/     this package (see "Requirements" below)
+
+The base model is stored in one of two modes:
+
+- `embedded` (default for `builtin:*` and local directories): the base weights are copied into the
+  artifact, so the model loads anywhere with no network.
+- `reference` (default for a Hub id): the Hub id plus the exact resolved commit hash, so artifacts
+  stay small. `base_mode="reference"` with a local directory records the absolute path.
+
+Base fingerprint: `sha256` over the base model's normalised config and every base weight tensor's
+name, dtype, shape and bytes (sorted by name, tied tensors once), computed from the in-memory model
+with peft's wrappers stripped, so `base_fingerprint(base) == base_fingerprint(get_peft_model(base))`.
+On load the base is loaded in the recorded dtype and fingerprinted again before the adapter is
+applied; a mismatch raises an `MlflowException` naming both fingerprints instead of silently
+producing different outputs. The adapter file's sha256 is recorded and checked too, so flipped
+bytes are caught even where safetensors would still parse them.
+
+Requirements: the model's requirements pin only third-party packages (mlflow, torch, transformers,
+peft, accelerate, safetensors, tokenizers), and the `loraflow` package itself is shipped with
+`code_paths` (under `code/loraflow/`). We chose this over pinning `loraflow==<version>` because
+loraflow is usually installed editable from a checkout, so such a pin would not resolve on PyPI in a
+fresh serving environment; shipping the code also guarantees that the loader that reads a model is
+the code that wrote it (MLflow puts `code/` first on `sys.path` before importing the loader module).
+Importing `loraflow` needs only the standard library, so no other pins are needed for it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import logging
+import numbers
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Literal, NamedTuple
+
+import yaml
+
+import mlflow
+from mlflow import pyfunc
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelSignature
+from mlflow.models.model import MLMODEL_FILE_NAME
+from mlflow.models.utils import _save_example
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
+from mlflow.tracking.artifact_utils import _download_artifact_from_uri
+from mlflow.utils.environment import (
+    _CONDA_ENV_FILE_NAME,
+    _CONSTRAINTS_FILE_NAME,
+    _PYTHON_ENV_FILE_NAME,
+    _REQUIREMENTS_FILE_NAME,
+    _process_pip_requirements,
+    _PythonEnv,
+    _validate_env_arguments,
+)
+from mlflow.utils.file_utils import get_total_file_size, write_to
+from mlflow.utils.model_utils import (
+    _add_code_from_conf_to_system_path,
+    _get_flavor_configuration,
+    _validate_and_copy_code_paths,
+    _validate_and_prepare_target_save_path,
+)
+from mlflow.utils.requirements_utils import _get_pinned_requirement
+
+from loraflow.models import base_kind, load_base_model, resolve_base, resolved_revision
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+FLAVOR_NAME = "loraflow"
+FLAVOR_VERSION = 1  # bump when the layout or the flavor config changes incompatibly
+
+ADAPTER_SUBPATH = "adapter"
+TOKENIZER_SUBPATH = "tokenizer"
+BASE_SUBPATH = "base"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+# What an embedded base copies from its directory: config, weights, and any remote code. Never
+# pickled `.bin` checkpoints (the model format holds no pickle).
+BASE_FILE_PATTERNS = ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json", "*.py")
+
+BaseMode = Literal["auto", "embedded", "reference"]
+
+# Generation settings a request may pass as `params`; their defaults become the params schema.
+GENERATION_DEFAULTS: dict[str, Any] = {
+    "max_new_tokens": 64,
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "do_sample": False,
+    "repetition_penalty": 1.0,
+    "seed": 0,
+}
+# Settings of the served model itself (pyfunc `model_config`; override with
+# `mlflow.pyfunc.load_model(uri, model_config={...})`).
+PYFUNC_DEFAULTS: dict[str, Any] = {
+    "batch_size": 8,  # prompts per micro-batch; sorted by length so padding stays small
+    "max_new_tokens_cap": 4096,  # larger requests are refused rather than tying up a server
+    "device": None,  # None: CUDA when available, else CPU
+}
+# Config keys that describe how a model was loaded or run, not what it is.
+VOLATILE_CONFIG_KEYS = ("transformers_version", "dtype", "torch_dtype", "use_cache")
+
+_logger = logging.getLogger(__name__)
+
+
+class LoadedModel(NamedTuple):
+    """What `load_model` returns: unpack it as `model, tokenizer = load_model(uri)`."""
+
+    model: "PeftModel"
+    """The base model with the adapter applied."""
+    tokenizer: "PreTrainedTokenizerBase"
+    """The tokenizer saved with the model (a pad token is guaranteed)."""
+
+
+def _invalid(message: str) -> MlflowException:
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprints.
+
+
+def _original_name(name: str) -> str | None:
+    """A base tensor's name with peft's wrappers removed; None for an adapter's own tensors."""
+    parts = name.split(".")
+    if any(part.startswith("lora_") or part == "modules_to_save" for part in parts):
+        return None
+    return ".".join(p for p in parts if p not in ("base_layer", "original_module"))
+
+
+def _base_tensors(model: "torch.nn.Module") -> dict[str, "torch.Tensor"]:
+    """Parameters and persistent buffers of the base model, by original name (tied ones once)."""
+    tensors = {}
+    for name, param in model.named_parameters():  # deduplicates tied weights
+        if (original := _original_name(name)) is not None:
+            tensors[original] = param
+    for module_name, module in model.named_modules():
+        for buffer_name, buffer in module.named_buffers(recurse=False):
+            if buffer_name in module._non_persistent_buffers_set:
+                continue  # derived from the config (e.g. rotary inv_freq), which is hashed
+            full = f"{module_name}.{buffer_name}" if module_name else buffer_name
+            if (original := _original_name(full)) is not None:
+                tensors[original] = buffer
+    return tensors
+
+
+def _normalized_config(model: "PreTrainedModel") -> dict[str, Any]:
+    config = model.config.to_dict()
+    return {k: v for k, v in config.items() if not k.startswith("_") and k not in VOLATILE_CONFIG_KEYS}
+
+
+def base_fingerprint(model: "torch.nn.Module") -> str:
+    """`sha256:<hex>` of the base model's config and weights; a PeftModel gives its base's.
+
+    Hashes the normalised config (volatile keys such as `_name_or_path` and `transformers_version`
+    dropped) and each base tensor's name, dtype, shape and bytes, in name order.
+    """
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    digest = hashlib.sha256()
+    digest.update(json.dumps(_normalized_config(base), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(_base_tensors(base).items()):
+        if tensor.device.type == "meta":
+            raise MlflowException(f"cannot fingerprint `{name}`: its weights are on the meta device (offloaded)")
+        digest.update(f"\n{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        digest.update(memoryview(flat.numpy()))
+    return "sha256:" + digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Requirements and signature.
+
+
+def get_default_pip_requirements() -> list[str]:
+    """Third-party pins of a saved model. `loraflow` itself travels with `code_paths` (see the
+    module docstring for why)."""
+    packages = ["mlflow", "torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers"]
+    return [_get_pinned_requirement(p) for p in packages]
+
+
+def _validated_generation_defaults(
+    overrides: dict[str, Any] | None, max_new_tokens_cap: int = PYFUNC_DEFAULTS["max_new_tokens_cap"]
+) -> dict[str, Any]:
+    overrides = dict(overrides or {})
+    unknown = [k for k in overrides if k not in GENERATION_DEFAULTS]
+    if unknown:
+        raise _invalid(
+            f"`generation_defaults` has unknown keys {unknown}; known: {sorted(GENERATION_DEFAULTS)}"
+        )
+    defaults = {**GENERATION_DEFAULTS, **overrides}
+    _generation_settings(defaults, max_new_tokens_cap=max_new_tokens_cap)
+    return defaults
+
+
+def default_signature(
+    generation_defaults: dict[str, Any] | None = None, max_new_tokens_cap: int = PYFUNC_DEFAULTS["max_new_tokens_cap"]
+) -> ModelSignature:
+    """Input: one string column; output `text` (string); and a params schema for generation.
+
+    Without a params schema MLflow silently drops the params of a request. The input column is
+    left unnamed on purpose: MLflow's schema enforcement turns a list of strings or a single string
+    into a DataFrame with column `0` and would reject it against a named `prompt` column; `predict`
+    then reads the `prompt` column, or that single unnamed column, and rejects anything else.
+    """
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    d = _validated_generation_defaults(generation_defaults, max_new_tokens_cap)
+    return ModelSignature(
+        inputs=Schema([ColSpec("string")]),
+        outputs=Schema([ColSpec("string", "text")]),
+        params=ParamSchema([
+            ParamSpec("max_new_tokens", "long", int(d["max_new_tokens"])),
+            ParamSpec("temperature", "double", float(d["temperature"])),
+            ParamSpec("top_p", "double", float(d["top_p"])),
+            ParamSpec("do_sample", "boolean", bool(d["do_sample"])),
+            ParamSpec("repetition_penalty", "double", float(d["repetition_penalty"])),
+            ParamSpec("seed", "long", int(d["seed"])),
+        ]),
+    )
+
+
+def default_input_example() -> tuple["pd.DataFrame", dict[str, Any]]:
+    """A small example request; short `max_new_tokens` keeps MLflow's log-time validation quick."""
+    import pandas as pd
+
+    return pd.DataFrame({"prompt": ["Question: What is LoRA?\nAnswer:"]}), {"max_new_tokens": 8}
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving.
+
+
+def _lora_settings(peft_model: "PeftModel") -> dict[str, Any]:
+    config = peft_model.peft_config[peft_model.active_adapter].to_dict()
+
+    def plain(value: Any) -> Any:  # YAML-safe: sets sorted, enums as their value
+        if isinstance(value, (set, frozenset, list, tuple)):
+            items = [plain(v) for v in value]
+            return sorted(items) if isinstance(value, (set, frozenset)) else items
+        return getattr(value, "value", value)
+
+    keys = ("peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules",
+            "modules_to_save", "bias", "use_rslora", "use_dora", "fan_in_fan_out")
+    return {k: plain(config.get(k)) for k in keys if k in config}
+
+
+def _resolve_base_mode(kind: str, base_mode: str) -> str:
+    if base_mode not in ("auto", "embedded", "reference"):
+        raise _invalid(f"`base_mode` must be one of 'auto', 'embedded', 'reference', got {base_mode!r}")
+    if base_mode == "auto":
+        return "reference" if kind == "hub" else "embedded"
+    return base_mode
+
+
+def _base_source_dir(base_model: str, kind: str, revision: str | None) -> Path:
+    """The local directory holding the base model's files (for an embedded copy)."""
+    if kind != "hub":
+        return Path(resolve_base(base_model)).expanduser().resolve()
+    from huggingface_hub import snapshot_download
+
+    try:  # the weights are already in the Hub cache: the model in memory was loaded from there
+        return Path(snapshot_download(base_model, revision=revision, local_files_only=True))
+    except Exception as e:
+        raise _invalid(
+            f"cannot embed base model {base_model!r}@{revision}: its files are not in the local Hub "
+            f"cache ({e}). Load it with from_pretrained first, or use base_mode='reference'"
+        ) from e
+
+
+def _base_files(source: Path) -> list[Path]:
+    return sorted({p for pattern in BASE_FILE_PATTERNS for p in source.glob(pattern) if p.is_file()})
+
+
+def _check_base_files(source: Path) -> None:
+    if not any(p.suffix == ".safetensors" for p in _base_files(source)):
+        raise _invalid(
+            f"cannot embed the base model from {str(source)!r}: it has no *.safetensors weights "
+            "(pickled .bin checkpoints are not copied). Re-save it with "
+            "`model.save_pretrained(dir, safe_serialization=True)` or use base_mode='reference'"
+        )
+
+
+def _copy_base_files(source: Path, target: Path) -> None:
+    target.mkdir(parents=True)
+    for path in _base_files(source):
+        shutil.copy2(path, target / path.name)
+
+
+def _base_section(peft_model: "PeftModel", base_model: str, base_mode: str) -> dict[str, Any]:
+    """The `base` section of the flavor config. Checks everything before anything is written."""
+    kind = base_kind(base_model)
+    mode = _resolve_base_mode(kind, base_mode)
+    base = peft_model.get_base_model()
+    revision = resolved_revision(base) if kind == "hub" else None
+    if kind == "hub" and revision is None:
+        raise _invalid(
+            f"cannot record base model {base_model!r}: the loaded model has no resolved Hub commit "
+            "(`config._commit_hash`). Load it with `from_pretrained` from the Hub, or pass a local "
+            "directory as `base_model`"
+        )
+    section = {
+        "mode": mode,
+        "kind": kind,
+        "name": str(Path(base_model).expanduser().resolve()) if kind == "local" else base_model,
+        "revision": revision,
+        "dtype": str(base.dtype).removeprefix("torch."),
+        "architectures": list(getattr(base.config, "architectures", None) or []),
+        "fingerprint": base_fingerprint(base),
+    }
+    if mode == "embedded":
+        section["path"] = BASE_SUBPATH
+        section["source_dir"] = str(_base_source_dir(base_model, kind, revision))
+    return section
+
+
+def _loraflow_package_dir() -> str:
+    return str(Path(__file__).resolve().parent)
+
+
+def save_model(
+    peft_model: "PeftModel",
+    path: str | os.PathLike,
+    tokenizer: "PreTrainedTokenizerBase",
+    *,
+    base_model: str | None = None,
+    base_mode: BaseMode = "auto",
+    mlflow_model: Model | None = None,
+    signature: ModelSignature | None = None,
+    input_example: Any = None,
+    pip_requirements: list[str] | str | None = None,
+    extra_pip_requirements: list[str] | str | None = None,
+    code_paths: list[str] | None = None,
+    metadata: dict[str, Any] | None = None,
+    generation_defaults: dict[str, Any] | None = None,
+    batch_size: int = PYFUNC_DEFAULTS["batch_size"],
+    max_new_tokens_cap: int = PYFUNC_DEFAULTS["max_new_tokens_cap"],
+) -> None:
+    """Save a PEFT LoRA model, its tokenizer and its base model (embedded or referenced) to `path`.
+
+    Args:
+        peft_model: a `peft.PeftModel` with one adapter.
+        path: a new (or empty) local directory.
+        tokenizer: the tokenizer to save with it.
+        base_model: `builtin:*`, a local directory or a Hub id; default: the adapter config's
+            `base_model_name_or_path`.
+        base_mode: `"embedded"` copies the base weights into the artifact; `"reference"` records the
+            Hub id + resolved commit (or a local path); `"auto"`: reference for a Hub id, else embedded.
+        mlflow_model: the `mlflow.models.Model` this flavor is added to (set by `log_model`).
+        signature: default: `default_signature(generation_defaults)`, with a params schema.
+        input_example: default: `default_input_example()` when no signature is given.
+        pip_requirements: replace the default requirements.
+        extra_pip_requirements: add to the default requirements.
+        code_paths: extra code to ship; the `loraflow` package is always added.
+        metadata: custom metadata for the MLmodel file.
+        generation_defaults: defaults for the generation params (keys of `GENERATION_DEFAULTS`).
+        batch_size: pyfunc micro-batch size.
+        max_new_tokens_cap: the largest `max_new_tokens` pyfunc accepts.
+
+    Raises:
+        MlflowException: an invalid argument, a non-empty `path`, or a base model that cannot be
+            embedded or referenced.
+    """
+    import peft
+    import torch
+    import transformers
+
+    _validate_env_arguments(None, pip_requirements, extra_pip_requirements)
+    if not isinstance(peft_model, peft.PeftModel):
+        raise _invalid(f"`peft_model` must be a peft.PeftModel, got {type(peft_model).__name__}")
+    if len(peft_model.peft_config) != 1:
+        raise _invalid(
+            f"`peft_model` has {len(peft_model.peft_config)} adapters {sorted(peft_model.peft_config)}; "
+            "save one adapter per model (delete the others with `delete_adapter`)"
+        )
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise _invalid(f"`batch_size` must be a positive integer, got {batch_size!r}")
+    if not isinstance(max_new_tokens_cap, int) or max_new_tokens_cap < 1:
+        raise _invalid(f"`max_new_tokens_cap` must be a positive integer, got {max_new_tokens_cap!r}")
+    generation_defaults = _validated_generation_defaults(generation_defaults, max_new_tokens_cap)
+    adapter_config = peft_model.peft_config[peft_model.active_adapter]
+    base_model = base_model or adapter_config.base_model_name_or_path
+    if not base_model:
+        raise _invalid("`base_model` is unknown: pass it, e.g. base_model='builtin:tiny'")
+
+    base_section = _base_section(peft_model, base_model, base_mode)
+    source_dir = base_section.pop("source_dir", None)
+    if source_dir is not None:
+        _check_base_files(Path(source_dir))
+    path = Path(os.path.abspath(path))
+    _validate_and_prepare_target_save_path(str(path))
+
+    # 1. The native artifacts: adapter, tokenizer, base (embedded copy or reference).
+    adapter_dir = path / ADAPTER_SUBPATH
+    peft_model.save_pretrained(str(adapter_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(path / TOKENIZER_SUBPATH))
+    if source_dir is not None:
+        _copy_base_files(Path(source_dir), path / BASE_SUBPATH)
+    code_dir_subpath = _validate_and_copy_code_paths([*(code_paths or []), _loraflow_package_dir()], str(path))
+
+    # 2. MLmodel: signature, example, pyfunc and loraflow flavors.
+    if mlflow_model is None:
+        mlflow_model = Model()
+    if signature is None:
+        signature = default_signature(generation_defaults, max_new_tokens_cap)
+        if input_example is None:
+            input_example = default_input_example()
+    _save_example(mlflow_model, input_example, str(path))
+    mlflow_model.signature = signature
+    if metadata is not None:
+        mlflow_model.metadata = metadata
+    pyfunc.add_to_model(
+        mlflow_model,
+        loader_module="loraflow.flavor",
+        code=code_dir_subpath,
+        conda_env=_CONDA_ENV_FILE_NAME,
+        python_env=_PYTHON_ENV_FILE_NAME,
+        model_config={**PYFUNC_DEFAULTS, "batch_size": batch_size, "max_new_tokens_cap": max_new_tokens_cap},
+    )
+    from loraflow import __version__ as loraflow_version
+
+    mlflow_model.add_flavor(
+        FLAVOR_NAME,
+        flavor_version=FLAVOR_VERSION,
+        loraflow_version=loraflow_version,
+        peft_version=str(peft.__version__),
+        transformers_version=str(transformers.__version__),
+        torch_version=str(torch.__version__),
+        adapter=ADAPTER_SUBPATH,
+        adapter_sha256={
+            name: _file_sha256(adapter_dir / name) for name in (ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE)
+        },
+        tokenizer=TOKENIZER_SUBPATH,
+        lora=_lora_settings(peft_model),
+        base=base_section,
+        generation_defaults=generation_defaults,
+        code=code_dir_subpath,
+    )
+    if size := get_total_file_size(str(path)):
+        mlflow_model.model_size_bytes = size
+    mlflow_model.save(str(path / MLMODEL_FILE_NAME))
+
+    # 3. The environment. Requirements are not inferred by loading the model in a subprocess (as
+    # some MLflow flavors do): the defaults cover every import, and inference costs a model load.
+    default_reqs = None if pip_requirements is not None else get_default_pip_requirements()
+    conda_env, pip_reqs, pip_constraints = _process_pip_requirements(
+        default_reqs, pip_requirements, extra_pip_requirements
+    )
+    with open(path / _CONDA_ENV_FILE_NAME, "w") as f:
+        yaml.safe_dump(conda_env, stream=f, default_flow_style=False)
+    if pip_constraints:
+        write_to(str(path / _CONSTRAINTS_FILE_NAME), "\n".join(pip_constraints))
+    write_to(str(path / _REQUIREMENTS_FILE_NAME), "\n".join(pip_reqs))
+    _PythonEnv.current().to_yaml(str(path / _PYTHON_ENV_FILE_NAME))
+
+
+def log_model(
+    peft_model: "PeftModel",
+    name: str,
+    tokenizer: "PreTrainedTokenizerBase",
+    *,
+    registered_model_name: str | None = None,
+    signature: ModelSignature | None = None,
+    input_example: Any = None,
+    pip_requirements: list[str] | str | None = None,
+    extra_pip_requirements: list[str] | str | None = None,
+    code_paths: list[str] | None = None,
+    metadata: dict[str, Any] | None = None,
+    base_model: str | None = None,
+    base_mode: BaseMode = "auto",
+    generation_defaults: dict[str, Any] | None = None,
+    batch_size: int = PYFUNC_DEFAULTS["batch_size"],
+    max_new_tokens_cap: int = PYFUNC_DEFAULTS["max_new_tokens_cap"],
+    **kwargs: Any,
+) -> "mlflow.models.model.ModelInfo":
+    """Log a PEFT LoRA model to the active run (one is started if none is active).
+
+    Args:
+        peft_model, tokenizer, base_model, base_mode, generation_defaults, batch_size,
+        max_new_tokens_cap, signature, input_example, pip_requirements, extra_pip_requirements,
+        code_paths, metadata: as for `save_model`.
+        name: the logged model's name (MLflow 3).
+        registered_model_name: also register a version under this name.
+        kwargs: passed to `mlflow.models.Model.log` (e.g. `params`, `tags`, `step`).
+
+    Returns:
+        The `ModelInfo` of the logged model (`.model_uri` loads it).
+    """
+    import loraflow.flavor
+
+    return Model.log(
+        artifact_path=None,
+        name=name,
+        flavor=loraflow.flavor,
+        registered_model_name=registered_model_name,
+        metadata=metadata,
+        peft_model=peft_model,
+        tokenizer=tokenizer,
+        base_model=base_model,
+        base_mode=base_mode,
+        signature=signature,
+        input_example=input_example,
+        pip_requirements=pip_requirements,
+        extra_pip_requirements=extra_pip_requirements,
+        code_paths=code_paths,
+        generation_defaults=generation_defaults,
+        batch_size=batch_size,
+        max_new_tokens_cap=max_new_tokens_cap,
+        **kwargs,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading.
+
+
+def _flavor_conf(path: Path) -> dict[str, Any]:
+    conf = _get_flavor_configuration(model_path=str(path), flavor_name=FLAVOR_NAME)
+    version = conf.get("flavor_version")
+    if not isinstance(version, int) or version > FLAVOR_VERSION:
+        raise MlflowException(
+            f"the model at {str(path)!r} has loraflow flavor_version {version!r}, but this loraflow "
+            f"reads versions up to {FLAVOR_VERSION}: upgrade loraflow "
+            f"(it was saved by loraflow {conf.get('loraflow_version')})"
+        )
+    return conf
+
+
+def _verify_adapter_files(adapter_dir: Path, conf: dict[str, Any]) -> None:
+    for name, expected in conf["adapter_sha256"].items():
+        file = adapter_dir / name
+        if not file.is_file():
+            raise MlflowException(
+                f"adapter file {str(file)!r} is missing: the model artifact is incomplete; re-log the model",
+                RESOURCE_DOES_NOT_EXIST,
+            )
+        if (actual := _file_sha256(file)) != expected:
+            raise MlflowException(
+                f"adapter file {str(file)!r} is corrupt: its sha256 is {actual}, but {expected} was "
+                "recorded when the model was saved; re-download or re-log the model"
+            )
+
+
+def _load_base(path: Path, base: dict[str, Any]) -> "PreTrainedModel":
+    """Load the base in the recorded dtype and check its fingerprint."""
+    if base["mode"] == "embedded":
+        source, revision = str(path / base["path"]), None
+    else:
+        source, revision = base["name"], base.get("revision")
+    where = f"{source}@{revision}" if revision else source
+    try:
+        model = load_base_model(source, revision=revision, dtype=base["dtype"]).eval()
+    except Exception as e:
+        raise MlflowException(f"cannot load the {base['mode']} base model {where!r}: {e}") from e
+    actual = base_fingerprint(model)
+    if actual != base["fingerprint"]:
+        raise MlflowException(
+            f"base model {where!r} does not match the one the adapter was trained on: its fingerprint "
+            f"is {actual}, expected {base['fingerprint']}. Point the model at the original base "
+            "weights (same files, same revision), or re-log the model with base_mode='embedded'"
+        )
+    return model
+
+
+def _apply_adapter(base: "PreTrainedModel", adapter_dir: Path, is_trainable: bool) -> "PeftModel":
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)
+    except Exception as e:
+        raise MlflowException(f"cannot load the adapter from {str(adapter_dir / ADAPTER_WEIGHTS_FILE)!r}: {e}") from e
+
+
+def _load_tokenizer(tokenizer_dir: Path) -> "PreTrainedTokenizerBase":
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_local(
+    path: Path,
+    *,
+    is_trainable: bool = False,
+    device: "str | torch.device | None" = None,
+    dtype: "torch.dtype | str | None" = None,
+) -> LoadedModel:
+    import torch
+
+    conf = _flavor_conf(path)
+    _add_code_from_conf_to_system_path(str(path), conf)
+    adapter_dir = path / conf["adapter"]
+    _verify_adapter_files(adapter_dir, conf)
+    base = _load_base(path, conf["base"])  # verified before the adapter touches it
+    model = _apply_adapter(base, adapter_dir, is_trainable)
+    if dtype is not None:
+        model.to(dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    if device is not None:
+        model.to(device)
+    return LoadedModel(model, _load_tokenizer(path / conf["tokenizer"]))
+
+
+def load_model(
+    model_uri: str,
+    is_trainable: bool = False,
+    device: "str | torch.device | None" = None,
+    dtype: "torch.dtype | str | None" = None,
+    dst_path: str | None = None,
+) -> LoadedModel:
+    """Load a model saved by this flavor: the base (verified by fingerprint) plus the adapter.
+
+    Args:
+        model_uri: `runs:/...`, `models:/...`, a local path, or any MLflow artifact URI.
+        is_trainable: reload LoRA (and modules_to_save) parameters as trainable, to continue training.
+        device: where to put the model; default: the CPU.
+        dtype: cast the loaded model to this dtype; default: the base's saved dtype.
+        dst_path: where to download the artifacts; default: a temporary directory.
+
+    Returns:
+        `LoadedModel(model, tokenizer)`: use `.model`/`.tokenizer` or unpack it.
+
+    Raises:
+        MlflowException: a newer flavor version, a missing or corrupt adapter, or a base model that
+            cannot be loaded or does not match the recorded fingerprint.
+    """
+    local_path = _download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path)
+    return _load_local(Path(local_path), is_trainable=is_trainable, device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference.
+
+
+def _prompts_from_input(data: Any) -> list[str]:
+    """Accept a DataFrame with a `prompt` column, a list of strings, a dict or a single string."""
+    import numpy as np
+    import pandas as pd
+
+    if isinstance(data, str):
+        prompts: Any = [data]
+    elif isinstance(data, pd.DataFrame):
+        if "prompt" in data.columns:
+            prompts = data["prompt"].tolist()
+        elif list(data.columns) == [0]:  # how MLflow's schema enforcement passes a list or a string
+            prompts = data[0].tolist()
+        else:
+            raise _invalid(
+                f"the input has no `prompt` column (columns: {[str(c) for c in data.columns]}); "
+                'send e.g. {"dataframe_records": [{"prompt": "..."}]}'
+            )
+        if len(prompts) == 1 and isinstance(prompts[0], (list, tuple, np.ndarray)):
+            prompts = list(prompts[0])  # {"prompt": [...]} arrives as one row holding the list
+    elif isinstance(data, dict):
+        if "prompt" not in data:
+            raise _invalid(f"the input dict has no `prompt` key (keys: {sorted(map(str, data))})")
+        value = data["prompt"]
+        prompts = [value] if isinstance(value, str) else list(value)
+    elif isinstance(data, (list, tuple, pd.Series, np.ndarray)):
+        prompts = list(data)
+    else:
+        raise _invalid(
+            f"unsupported input type {type(data).__name__}: pass a DataFrame with a `prompt` column, "
+            "a list of strings, a dict or a string"
+        )
+    if not prompts:
+        raise _invalid("the input holds no prompts: send at least one")
+    bad = [(i, type(p).__name__) for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if bad:
+        raise _invalid(f"every `prompt` must be a string; not strings (row, type): {bad[:5]}")
+    return [str(p) for p in prompts]
+
+
+def _generation_settings(params: dict[str, Any] | None, *, max_new_tokens_cap: int) -> dict[str, Any]:
+    """Merge `params` over the defaults and check every value; one error lists every problem."""
+    import numpy as np
+    params = dict(params or {})
+    unknown = [k for k in params if k not in GENERATION_DEFAULTS]
+    problems = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, GENERATION_DEFAULTS, n=1)
+        hint = f" (did you mean `{close[0]}`?)" if close else ""
+        problems.append(f"unknown param `{key}`{hint}; known: {sorted(GENERATION_DEFAULTS)}")
+    s = {**GENERATION_DEFAULTS, **{k: v for k, v in params.items() if v is not None and k not in unknown}}
+
+    def is_int(v: Any) -> bool:  # numpy integers too, as MLflow may pass them; never bools
+        return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+    def is_number(v: Any) -> bool:
+        return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
+    if not is_int(s["max_new_tokens"]) or not 0 < s["max_new_tokens"] <= max_new_tokens_cap:
+        problems.append(
+            f"`max_new_tokens` must be an integer in 1..{max_new_tokens_cap}, got {s['max_new_tokens']!r}"
+        )
+    if not is_number(s["temperature"]) or s["temperature"] <= 0:
+        problems.append(f"`temperature` must be a number > 0, got {s['temperature']!r} (greedy: do_sample=false)")
+    if not is_number(s["top_p"]) or not 0 < s["top_p"] <= 1:
+        problems.append(f"`top_p` must be a number in (0, 1], got {s['top_p']!r}")
+    if not is_number(s["repetition_penalty"]) or s["repetition_penalty"] <= 0:
+        problems.append(f"`repetition_penalty` must be a number > 0, got {s['repetition_penalty']!r} (off: 1.0)")
+    if not is_int(s["seed"]) or s["seed"] < 0:
+        problems.append(f"`seed` must be a non-negative integer, got {s['seed']!r}")
+    if isinstance(s["do_sample"], np.bool_):
+        s["do_sample"] = bool(s["do_sample"])
+    if not isinstance(s["do_sample"], bool):
+        problems.append(f"`do_sample` must be true or false, got {s['do_sample']!r}")
+    if problems:
+        raise _invalid("invalid generation params:\n" + "\n".join(f"  - {p}" for p in problems))
+    return {**s, "max_new_tokens": int(s["max_new_tokens"]), "seed": int(s["seed"])}
+
+
+def context_length(model: "torch.nn.Module", tokenizer: "PreTrainedTokenizerBase") -> int | None:
+    """The longest sequence (prompt + generation) the model takes, when it says."""
+    config = model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(value := getattr(config, key, None), int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and limit < 10**8 else None
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device: "torch.device") -> tuple["torch.Tensor", "torch.Tensor"]:
+    import torch
+
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, width - len(row):] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+@contextmanager
+def _seeded(seed: int | None, device: "torch.device") -> Iterator[None]:
+    """Seed torch for one sampling call without changing the caller's random state."""
+    import torch
+
+    if seed is None:
+        yield
+        return
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def generate_texts(
+    model: "torch.nn.Module",
+    tokenizer: "PreTrainedTokenizerBase",
+    prompts: list[str],
+    *,
+    batch_size: int = PYFUNC_DEFAULTS["batch_size"],
+    max_new_tokens_cap: int = PYFUNC_DEFAULTS["max_new_tokens_cap"],
+    **params: Any,
+) -> list[str]:
+    """Generate a continuation for each prompt, in input order.
+
+    Prompts are tokenized once, sorted by length into micro-batches of `batch_size`, padded on the
+    left and run under `torch.inference_mode()`. `params` are generation settings
+    (`GENERATION_DEFAULTS` keys). Returns only the generated text, without the prompt.
+
+    Raises:
+        MlflowException: (INVALID_PARAMETER_VALUE) an invalid param, an empty prompt or one that
+            does not fit the model's context with `max_new_tokens` more tokens.
+    """
+    import torch
+
+    settings = _generation_settings(params, max_new_tokens_cap=max_new_tokens_cap)
+    encoded = tokenizer(prompts)["input_ids"]
+    limit = context_length(model, tokenizer)
+    problems = []
+    for i, ids in enumerate(encoded):
+        if not ids:
+            problems.append(f"prompt {i} is empty after tokenization")
+        elif limit is not None and len(ids) + settings["max_new_tokens"] > limit:
+            problems.append(
+                f"prompt {i} has {len(ids)} tokens; with max_new_tokens={settings['max_new_tokens']} "
+                f"that exceeds the model's context of {limit} tokens (shorten it or lower max_new_tokens)"
+            )
+    if problems:
+        raise _invalid("prompts that cannot be generated from:\n" + "\n".join(f"  - {p}" for p in problems[:10]))
+
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": settings["max_new_tokens"],
+        "do_sample": settings["do_sample"],
+        "repetition_penalty": float(settings["repetition_penalty"]),
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    if settings["do_sample"]:  # passing these to greedy search only makes transformers warn
+        kwargs.update(temperature=float(settings["temperature"]), top_p=float(settings["top_p"]))
+    device = next(model.parameters()).device
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    texts: list[str] = [""] * len(encoded)
+    with torch.inference_mode(), _seeded(settings["seed"] if settings["do_sample"] else None, device):
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            input_ids, attention_mask = _left_pad([encoded[i] for i in batch], tokenizer.pad_token_id, device)
+            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            decoded = tokenizer.batch_decode(output[:, input_ids.shape[1]:], skip_special_tokens=True)
+            for i, text in zip(batch, decoded):
+                texts[i] = text
+    return texts
+
+
+class _LoraflowPyfunc:
+    """The pyfunc model: a DataFrame with a `prompt` column in, a DataFrame with `text` out."""
+
+    def __init__(self, loaded: LoadedModel, *, batch_size: int, max_new_tokens_cap: int):
+        self.loaded = loaded
+        self.batch_size = batch_size
+        self.max_new_tokens_cap = max_new_tokens_cap
+
+    def get_raw_model(self) -> LoadedModel:
+        return self.loaded
+
+    def predict(self, data: Any, params: dict[str, Any] | None = None) -> "pd.DataFrame":
+        import pandas as pd
+
+        texts = generate_texts(
+            self.loaded.model,
+            self.loaded.tokenizer,
+            _prompts_from_input(data),
+            batch_size=self.batch_size,
+            max_new_tokens_cap=self.max_new_tokens_cap,
+            **(params or {}),
+        )
+        return pd.DataFrame({"text": texts})
+
+
+def _pyfunc_config(model_config: dict[str, Any] | None) -> dict[str, Any]:
+    config = {**PYFUNC_DEFAULTS, **(model_config or {})}
+    problems = [f"unknown model_config key `{k}`; known: {sorted(PYFUNC_DEFAULTS)}" for k in config if k not in PYFUNC_DEFAULTS]
+    for key in ("batch_size", "max_new_tokens_cap"):
+        if not isinstance(config[key], int) or isinstance(config[key], bool) or config[key] < 1:
+            problems.append(f"model_config `{key}` must be a positive integer, got {config[key]!r}")
+    if problems:
+        raise _invalid("; ".join(problems))
+    return config
+
+
+def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _LoraflowPyfunc:
+    """Called by `mlflow.pyfunc.load_model` with the model's local directory."""
+    import torch
+
+    config = _pyfunc_config(model_config)
+    device = config["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = _load_local(Path(path), device=device)
+    loaded.model.eval()
+    return _LoraflowPyfunc(loaded, batch_size=config["batch_size"], max_new_tokens_cap=config["max_new_tokens_cap"])
