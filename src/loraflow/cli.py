@@ -160,5 +160,46 @@ def train(config_file: str | None, resume_from: str | None, **options: Any) -> N
         raise SystemExit(1)
 
 
+@main.command("batch-predict")
+@click.option("--model-uri", required=True, help="A logged loraflow model: models:/NAME@champion, runs:/RUN_ID/model, ...")
+@click.option("--input", "input_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Prompts: a .parquet, .csv or .jsonl file with a prompt column.")
+@click.option("--output", "output_path", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the input's columns plus `text`: .parquet, .csv or .jsonl.")
+@click.option("--prompt-column", default="prompt", show_default=True, help="The column holding the prompts.")
+@click.option("--spark/--no-spark", default=None,
+              help="Predict with the model as a Spark UDF (the active Spark session, else local[*]) or in this "
+                   "process. Default: Spark only when a Spark session is already active.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Tokens to generate per prompt.")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=None, help="Sampling temperature.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None, help="Nucleus sampling mass.")
+@click.option("--do-sample/--greedy", default=None, help="Sample, or decode greedily.")
+@click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Penalty for repeated tokens (1: none).")
+@click.option("--seed", type=int, default=None, help="Seed for sampling.")
+def batch_predict(model_uri: str, input_path: str, output_path: str, prompt_column: str, spark: bool | None,
+                  **generation: Any) -> None:
+    """Complete every prompt of a table with a logged model and write the table with a `text` column."""
+    from loraflow.batch import predict_table
+
+    params = {k: v for k, v in generation.items() if v is not None}
+    with user_errors():
+        table = predict_table(model_uri, input_path, output_path, params=params, spark=spark, prompt_column=prompt_column)
+    click.echo(f"loraflow: wrote {len(table)} predictions to {output_path}")
+
+
+@main.command()
+@click.argument("local_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--run-id", default=None, help="Run to attach it to. Default: the run in a model-<run_id> folder name, else a new run.")
+@click.option("--registered-model-name", default=None, help="Also register it as a new version of this model.")
+def upload(local_dir: str, run_id: str | None, registered_model_name: str | None) -> None:
+    """Log a model that training saved locally (the tracking server was down) to MLflow."""
+    from loraflow.tracking import upload_model
+
+    with user_errors():
+        uri = upload_model(local_dir, run_id=run_id, registered_model_name=registered_model_name)
+    click.echo(f"loraflow: logged {local_dir} as {uri}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

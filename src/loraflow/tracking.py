@@ -268,3 +268,45 @@ def loss_curve_figure(history: Mapping[str, list[tuple[int, float]]]):
     fig.tight_layout()
     plt.close(fig)
     return fig
+
+
+def upload_model(
+    local_dir: str, run_id: str | None = None, registered_model_name: str | None = None, artifact_path: str = "model"
+) -> str:
+    """Log a loraflow model saved locally (after a tracking outage) to a run, and optionally register it.
+
+    Args:
+        local_dir: a folder written by `loraflow.flavor.save_model` (training's fallback copy).
+        run_id: the run to attach it to; default: the run named in a `model-<run_id>` folder, else a new run.
+        registered_model_name: also register it as a new version of this model.
+
+    Returns:
+        The model URI (`runs:/<run_id>/<artifact_path>`).
+
+    Raises:
+        LoraflowError: the folder is not a loraflow model.
+    """
+    import re
+    from pathlib import Path
+
+    import mlflow
+    from mlflow.models import Model
+
+    from loraflow.flavor import FLAVOR_NAME
+
+    folder = Path(local_dir)
+    try:
+        flavors = Model.load(str(folder)).flavors
+    except Exception as err:
+        raise LoraflowError(f"{local_dir!r} is not a saved MLflow model (no readable MLmodel): {err}") from err
+    if FLAVOR_NAME not in flavors:
+        raise LoraflowError(f"{local_dir!r} is not a loraflow model; its flavors are {sorted(flavors)}")
+    named = re.fullmatch(r"model-([0-9a-f]{32})", folder.name)
+    run_id = run_id or (named.group(1) if named else None)
+    check_reachable()
+    with mlflow.start_run(run_id=run_id) as run:
+        mlflow.log_artifacts(str(folder), artifact_path)
+    uri = f"runs:/{run.info.run_id}/{artifact_path}"
+    if registered_model_name:
+        mlflow.register_model(uri, registered_model_name)
+    return uri

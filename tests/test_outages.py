@@ -1,0 +1,67 @@
+"""Tracking outages: a dead server at start fails fast; one that dies mid-run loses nothing."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+from helpers import env_with_venv, free_port, mlflow_server, stop
+from mlflow import MlflowClient
+
+pytestmark = pytest.mark.slow
+
+
+def test_unreachable_tracking_server_fails_at_once_naming_the_uri(tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    proc = subprocess.run(
+        [sys.executable, "-m", "loraflow", "train", "--max-steps", "2"],
+        env=env_with_venv(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode != 0
+    assert uri in proc.stderr and "cannot be reached" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_server_killed_mid_run_keeps_training_saves_locally_and_uploads_later(tmp_path):
+    out = tmp_path / "out"
+    with mlflow_server(tmp_path) as (url, server):
+        trainer = subprocess.Popen(
+            [sys.executable, "-m", "loraflow", "train", "--max-steps", "400", "--eval-steps", "100",
+             "--checkpoint-steps", "100", "--output-dir", str(out)],
+            env=env_with_venv(MLFLOW_TRACKING_URI=url), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        client = MlflowClient(url)
+        deadline = time.monotonic() + 120
+        run_id = None
+        while time.monotonic() < deadline:  # wait until training is logging steps, then pull the plug
+            runs = client.search_runs(["0"])
+            if runs and len(client.get_metric_history(runs[0].info.run_id, "train_loss")) >= 5:
+                run_id = runs[0].info.run_id
+                break
+            assert trainer.poll() is None, trainer.communicate()[1][-3000:]
+            time.sleep(0.3)
+        assert run_id, "training never logged a step"
+        stop(server)
+        stdout, stderr = trainer.communicate(timeout=400)
+    assert trainer.returncode == 1, stderr[-3000:]
+    assert "could not" in stderr and "training finished" in stdout
+    local = re.search(r"the model is saved at (\S+)", stdout).group(1)
+    assert f"model-{run_id}" in local
+    assert (out / "checkpoints" / run_id).is_dir()
+
+    # the server comes back (same backend store): upload the local copy into the same run
+    with mlflow_server(tmp_path) as (url, _):
+        proc = subprocess.run([sys.executable, "-m", "loraflow", "upload", local, "--registered-model-name", "saved"],
+                              env=env_with_venv(MLFLOW_TRACKING_URI=url), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"runs:/{run_id}/model" in proc.stdout
+        mlflow.set_tracking_uri(url)
+        try:
+            answer = mlflow.pyfunc.load_model("models:/saved/1").predict(["Question: What does a cat say?\nAnswer:"])
+        finally:
+            mlflow.set_tracking_uri(None)
+        assert answer["text"][0].strip()
