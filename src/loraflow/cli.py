@@ -201,5 +201,102 @@ def upload(local_dir: str, run_id: str | None, registered_model_name: str | None
     click.echo(f"loraflow: logged {local_dir} as {uri}")
 
 
+# ---------------------------------------------------------------------------------------------
+# Model registry: promote and roll back (loraflow.registry). Exit codes: 0 decided (promoted or
+# not), 1 registry error (unreachable, unknown model or version, not a loraflow model, metric
+# missing, unfinished run, nothing to roll back), 2 bad option, 3 rejected under --require-promotion.
+
+
+class _VersionType(click.ParamType):
+    """A model version number; an empty string (MLproject's "unset") means the newest version."""
+
+    name = "VERSION"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str | None:
+        from loraflow.registry import version_problem
+
+        if value is None or str(value).strip() == "":
+            return None
+        if version_problem(str(value)):
+            self.fail(f"{value!r} is not a version number: give a positive integer (e.g. 3), or leave it empty "
+                      "for the newest version", param, ctx)
+        return str(int(str(value).strip()))
+
+
+def _check_alias(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from loraflow.registry import alias_problem
+
+    if problem := alias_problem(value):
+        raise click.BadParameter(problem.replace("`alias` ", ""), ctx, param)
+    return value
+
+
+def _check_metric(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if not value.strip():
+        raise click.BadParameter("must name a metric of the training runs, e.g. eval_loss", ctx, param)
+    return value.strip()
+
+
+model_name_option = click.option("--model-name", required=True, help="The registered model (train with --registered-model-name).")
+alias_option = click.option("--alias", default="champion", show_default=True, callback=_check_alias,
+                            help="The alias served to users; the replaced version moves to `previous` "
+                                 "(`<alias>-previous` for other aliases).")
+
+
+@contextlib.contextmanager
+def registry_errors() -> Iterator[None]:
+    """A registry that cannot serve the request is an error (exit code 1), not a usage error."""
+    from loraflow.registry import RegistryError
+
+    # MLflow retries a dead server for minutes by default; the registry check should answer in seconds.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    try:
+        yield
+    except RegistryError as err:
+        raise click.ClickException(str(err)) from err
+
+
+@main.command()
+@model_name_option
+@click.option("--version", type=_VersionType(), default=None, help="The candidate version.  [default: the newest]")
+@click.option("--metric", default="eval_loss", show_default=True, callback=_check_metric,
+              help="Metric compared, read from each version's source run.")
+@click.option("--mode", type=click.Choice(["min", "max"]), default="min", show_default=True,
+              help="min: lower is better (a loss); max: higher is better.")
+@click.option("--min-delta", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="The smallest improvement over the champion that counts.")
+@alias_option
+@click.option("--require-promotion", is_flag=True,
+              help="Exit with code 3 when the candidate is rejected (for CI pipelines).")
+def promote(model_name: str, version: str | None, metric: str, mode: str, min_delta: float, alias: str,
+            require_promotion: bool) -> None:
+    """Give the alias to a version if it is healthy and beats the current champion on the metric.
+
+    The candidate must load through pyfunc and answer its logged input example with non-empty
+    text, and its source run must have FINISHED. Prints the decision in one line; exits 0 whether
+    or not the candidate was promoted (see --require-promotion).
+    """
+    from loraflow.registry import promote_if_better
+
+    with user_errors(), registry_errors():
+        decision = promote_if_better(model_name, version=version, metric=metric, mode=mode, min_delta=min_delta,
+                                     alias=alias)
+    click.echo(decision.summary())
+    if require_promotion and not decision.promoted and not decision.already_champion:
+        raise SystemExit(3)
+
+
+@main.command()
+@model_name_option
+@alias_option
+def rollback(model_name: str, alias: str) -> None:
+    """Undo the last promotion: the `previous` version takes the alias back (and they swap)."""
+    from loraflow.registry import rollback as rollback_alias
+
+    with user_errors(), registry_errors():
+        result = rollback_alias(model_name, alias=alias)
+    click.echo(result.summary())
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

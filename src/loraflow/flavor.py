@@ -34,6 +34,17 @@ applied; a mismatch raises an `MlflowException` naming both fingerprints instead
 producing different outputs. The adapter file's sha256 is recorded and checked too, so flipped
 bytes are caught even where safetensors would still parse them.
 
+Remote code (`trust_remote_code`): a base model whose config has an `auto_map` runs Python code
+shipped with it. Whether the model was trained with that permission is recorded as
+`base.trust_remote_code`, and an embedded base carries its `*.py` files. The record is *not* a
+permission: a model artifact is data, and data must not be able to grant itself code execution on
+the machine that loads it. So loading always re-states permission: `load_model(...,
+trust_remote_code=True)`, or the environment variable `LORAFLOW_TRUST_REMOTE_CODE=1` (the only way
+for `mlflow.pyfunc.load_model` and `mlflow models serve`, whose loaders take no such argument).
+Without it, a model recorded with `trust_remote_code: true` is refused before anything is loaded,
+with a message saying how to allow it; a model recorded without it is always loaded with
+`trust_remote_code=False`, so a tampered artifact (an `auto_map` added to its base) is refused too.
+
 Requirements: the model's requirements pin only third-party packages (mlflow, torch, transformers,
 peft, accelerate, safetensors, tokenizers), and the `loraflow` package itself is shipped with
 `code_paths` (under `code/loraflow/`). We chose this over pinning `loraflow==<version>` because
@@ -60,6 +71,7 @@ import yaml
 
 import mlflow
 from mlflow import pyfunc
+from mlflow.environment_variables import _MLFLOW_IS_IN_SERVING_ENVIRONMENT
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.models.model import MLMODEL_FILE_NAME
@@ -84,7 +96,8 @@ from mlflow.utils.model_utils import (
 )
 from mlflow.utils.requirements_utils import _get_pinned_requirement
 
-from loraflow.models import base_kind, load_base_model, resolve_base, resolved_revision
+from loraflow.errors import LoraflowError
+from loraflow.models import base_kind, load_base_model, remote_code_refused, resolve_base, resolved_revision
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -120,8 +133,15 @@ GENERATION_DEFAULTS: dict[str, Any] = {
 PYFUNC_DEFAULTS: dict[str, Any] = {
     "batch_size": 8,  # prompts per micro-batch; sorted by length so padding stays small
     "max_new_tokens_cap": 4096,  # larger requests are refused rather than tying up a server
+    # Served requests only (`mlflow models serve`): MLflow's scoring server (uvicorn) has no body
+    # size limit and keeps computing after its timeout answers 504, so the model refuses oversized
+    # requests with a 400 before tokenizing. In-process predict (batch-predict) is not limited.
+    "max_request_prompts": 256,
+    "max_request_chars": 1_000_000,
     "device": None,  # None: CUDA when available, else CPU
 }
+# Set to 1 to allow loading models whose base runs its own code (see "Remote code" above).
+TRUST_REMOTE_CODE_ENV = "LORAFLOW_TRUST_REMOTE_CODE"
 # Config keys that describe how a model was loaded or run, not what it is.
 VOLATILE_CONFIG_KEYS = ("transformers_version", "dtype", "torch_dtype", "use_cache")
 
@@ -321,7 +341,7 @@ def _copy_base_files(source: Path, target: Path) -> None:
         shutil.copy2(path, target / path.name)
 
 
-def _base_section(peft_model: "PeftModel", base_model: str, base_mode: str) -> dict[str, Any]:
+def _base_section(peft_model: "PeftModel", base_model: str, base_mode: str, trust_remote_code: bool) -> dict[str, Any]:
     """The `base` section of the flavor config. Checks everything before anything is written."""
     kind = base_kind(base_model)
     mode = _resolve_base_mode(kind, base_mode)
@@ -341,6 +361,7 @@ def _base_section(peft_model: "PeftModel", base_model: str, base_mode: str) -> d
         "dtype": str(base.dtype).removeprefix("torch."),
         "architectures": list(getattr(base.config, "architectures", None) or []),
         "fingerprint": base_fingerprint(base),
+        "trust_remote_code": bool(trust_remote_code),
     }
     if mode == "embedded":
         section["path"] = BASE_SUBPATH
@@ -369,6 +390,7 @@ def save_model(
     generation_defaults: dict[str, Any] | None = None,
     batch_size: int = PYFUNC_DEFAULTS["batch_size"],
     max_new_tokens_cap: int = PYFUNC_DEFAULTS["max_new_tokens_cap"],
+    trust_remote_code: bool = False,
 ) -> None:
     """Save a PEFT LoRA model, its tokenizer and its base model (embedded or referenced) to `path`.
 
@@ -390,6 +412,8 @@ def save_model(
         generation_defaults: defaults for the generation params (keys of `GENERATION_DEFAULTS`).
         batch_size: pyfunc micro-batch size.
         max_new_tokens_cap: the largest `max_new_tokens` pyfunc accepts.
+        trust_remote_code: whether the base model was loaded with code shipped with it; recorded
+            as `base.trust_remote_code` (loading such a model needs permission again).
 
     Raises:
         MlflowException: an invalid argument, a non-empty `path`, or a base model that cannot be
@@ -411,13 +435,15 @@ def save_model(
         raise _invalid(f"`batch_size` must be a positive integer, got {batch_size!r}")
     if not isinstance(max_new_tokens_cap, int) or max_new_tokens_cap < 1:
         raise _invalid(f"`max_new_tokens_cap` must be a positive integer, got {max_new_tokens_cap!r}")
+    if not isinstance(trust_remote_code, bool):
+        raise _invalid(f"`trust_remote_code` must be True or False, got {trust_remote_code!r}")
     generation_defaults = _validated_generation_defaults(generation_defaults, max_new_tokens_cap)
     adapter_config = peft_model.peft_config[peft_model.active_adapter]
     base_model = base_model or adapter_config.base_model_name_or_path
     if not base_model:
         raise _invalid("`base_model` is unknown: pass it, e.g. base_model='builtin:tiny'")
 
-    base_section = _base_section(peft_model, base_model, base_mode)
+    base_section = _base_section(peft_model, base_model, base_mode, trust_remote_code)
     source_dir = base_section.pop("source_dir", None)
     if source_dir is not None:
         _check_base_files(Path(source_dir))
@@ -505,14 +531,15 @@ def log_model(
     generation_defaults: dict[str, Any] | None = None,
     batch_size: int = PYFUNC_DEFAULTS["batch_size"],
     max_new_tokens_cap: int = PYFUNC_DEFAULTS["max_new_tokens_cap"],
+    trust_remote_code: bool = False,
     **kwargs: Any,
 ) -> "mlflow.models.model.ModelInfo":
     """Log a PEFT LoRA model to the active run (one is started if none is active).
 
     Args:
         peft_model, tokenizer, base_model, base_mode, generation_defaults, batch_size,
-        max_new_tokens_cap, signature, input_example, pip_requirements, extra_pip_requirements,
-        code_paths, metadata: as for `save_model`.
+        max_new_tokens_cap, trust_remote_code, signature, input_example, pip_requirements,
+        extra_pip_requirements, code_paths, metadata: as for `save_model`.
         name: the logged model's name (MLflow 3).
         registered_model_name: also register a version under this name.
         kwargs: passed to `mlflow.models.Model.log` (e.g. `params`, `tags`, `step`).
@@ -522,26 +549,47 @@ def log_model(
     """
     import loraflow.flavor
 
-    return Model.log(
-        artifact_path=None,
-        name=name,
-        flavor=loraflow.flavor,
-        registered_model_name=registered_model_name,
-        metadata=metadata,
-        peft_model=peft_model,
-        tokenizer=tokenizer,
-        base_model=base_model,
-        base_mode=base_mode,
-        signature=signature,
-        input_example=input_example,
-        pip_requirements=pip_requirements,
-        extra_pip_requirements=extra_pip_requirements,
-        code_paths=code_paths,
-        generation_defaults=generation_defaults,
-        batch_size=batch_size,
-        max_new_tokens_cap=max_new_tokens_cap,
-        **kwargs,
-    )
+    # MLflow checks the input example by loading the logged model through pyfunc in this process;
+    # the caller's permission for this model covers that load (and only for this call).
+    with _env(TRUST_REMOTE_CODE_ENV, "1" if trust_remote_code else None):
+        return Model.log(
+            artifact_path=None,
+            name=name,
+            flavor=loraflow.flavor,
+            registered_model_name=registered_model_name,
+            metadata=metadata,
+            peft_model=peft_model,
+            tokenizer=tokenizer,
+            base_model=base_model,
+            base_mode=base_mode,
+            signature=signature,
+            input_example=input_example,
+            pip_requirements=pip_requirements,
+            extra_pip_requirements=extra_pip_requirements,
+            code_paths=code_paths,
+            generation_defaults=generation_defaults,
+            batch_size=batch_size,
+            max_new_tokens_cap=max_new_tokens_cap,
+            trust_remote_code=trust_remote_code,
+            **kwargs,
+        )
+
+
+@contextmanager
+def _env(name: str, value: str | None) -> Iterator[None]:
+    """Set an environment variable for the duration of a block (None: leave it as it is)."""
+    if value is None:
+        yield
+        return
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 # ---------------------------------------------------------------------------------------------
@@ -575,7 +623,28 @@ def _verify_adapter_files(adapter_dir: Path, conf: dict[str, Any]) -> None:
             )
 
 
-def _load_base(path: Path, base: dict[str, Any]) -> "PreTrainedModel":
+def _remote_code_allowed(path: Path, base: dict[str, Any], trust_remote_code: bool | None) -> bool:
+    """Whether the base may run its own code: only if recorded *and* allowed again by the caller.
+
+    Raises:
+        MlflowException: the model was saved with `trust_remote_code` and the caller did not allow it.
+    """
+    if not base.get("trust_remote_code", False):
+        return False  # never run code the model did not record needing (a tampered artifact)
+    if trust_remote_code is None:
+        trust_remote_code = os.environ.get(TRUST_REMOTE_CODE_ENV, "").strip().lower() in ("1", "true", "yes")
+    if not trust_remote_code:
+        raise MlflowException(
+            f"the model at {str(path)!r} was trained with trust_remote_code=True: its base model "
+            f"{base.get('name')!r} runs Python code shipped with it. Loading it runs that code, so allow "
+            f"it explicitly: `loraflow.flavor.load_model(uri, trust_remote_code=True)`, or set "
+            f"{TRUST_REMOTE_CODE_ENV}=1 for `mlflow.pyfunc.load_model` and `mlflow models serve`",
+            INVALID_PARAMETER_VALUE,
+        )
+    return True
+
+
+def _load_base(path: Path, base: dict[str, Any], trust_remote_code: bool = False) -> "PreTrainedModel":
     """Load the base in the recorded dtype and check its fingerprint."""
     if base["mode"] == "embedded":
         source, revision = str(path / base["path"]), None
@@ -583,7 +652,15 @@ def _load_base(path: Path, base: dict[str, Any]) -> "PreTrainedModel":
         source, revision = base["name"], base.get("revision")
     where = f"{source}@{revision}" if revision else source
     try:
-        model = load_base_model(source, revision=revision, dtype=base["dtype"]).eval()
+        model = load_base_model(source, revision=revision, dtype=base["dtype"], trust_remote_code=trust_remote_code).eval()
+    except LoraflowError as e:
+        if base.get("trust_remote_code", False):
+            raise MlflowException(f"cannot load the {base['mode']} base model {where!r}: {e}") from e
+        raise MlflowException(
+            f"the {base['mode']} base model {where!r} wants to run its own code, but the model was saved with "
+            "trust_remote_code=False, so it is not run: the base is not the one the model was saved with. "
+            "Re-log the model (with trust_remote_code=True if its base really needs code)"
+        ) from e
     except Exception as e:
         raise MlflowException(f"cannot load the {base['mode']} base model {where!r}: {e}") from e
     actual = base_fingerprint(model)
@@ -605,10 +682,11 @@ def _apply_adapter(base: "PreTrainedModel", adapter_dir: Path, is_trainable: boo
         raise MlflowException(f"cannot load the adapter from {str(adapter_dir / ADAPTER_WEIGHTS_FILE)!r}: {e}") from e
 
 
-def _load_tokenizer(tokenizer_dir: Path) -> "PreTrainedTokenizerBase":
+def _load_tokenizer(tokenizer_dir: Path, trust_remote_code: bool = False) -> "PreTrainedTokenizerBase":
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    with remote_code_refused(str(tokenizer_dir)):
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -620,20 +698,22 @@ def _load_local(
     is_trainable: bool = False,
     device: "str | torch.device | None" = None,
     dtype: "torch.dtype | str | None" = None,
+    trust_remote_code: bool | None = None,
 ) -> LoadedModel:
     import torch
 
     conf = _flavor_conf(path)
+    allowed = _remote_code_allowed(path, conf["base"], trust_remote_code)  # before any code can run
     _add_code_from_conf_to_system_path(str(path), conf)
     adapter_dir = path / conf["adapter"]
     _verify_adapter_files(adapter_dir, conf)
-    base = _load_base(path, conf["base"])  # verified before the adapter touches it
+    base = _load_base(path, conf["base"], allowed)  # verified before the adapter touches it
     model = _apply_adapter(base, adapter_dir, is_trainable)
     if dtype is not None:
         model.to(dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     if device is not None:
         model.to(device)
-    return LoadedModel(model, _load_tokenizer(path / conf["tokenizer"]))
+    return LoadedModel(model, _load_tokenizer(path / conf["tokenizer"], allowed))
 
 
 def load_model(
@@ -642,6 +722,7 @@ def load_model(
     device: "str | torch.device | None" = None,
     dtype: "torch.dtype | str | None" = None,
     dst_path: str | None = None,
+    trust_remote_code: bool | None = None,
 ) -> LoadedModel:
     """Load a model saved by this flavor: the base (verified by fingerprint) plus the adapter.
 
@@ -651,16 +732,27 @@ def load_model(
         device: where to put the model; default: the CPU.
         dtype: cast the loaded model to this dtype; default: the base's saved dtype.
         dst_path: where to download the artifacts; default: a temporary directory.
+        trust_remote_code: allow a base recorded with `trust_remote_code` to run its code; default
+            (None): the `LORAFLOW_TRUST_REMOTE_CODE` environment variable, else not allowed. Never
+            turns remote code on for a model that did not record it.
 
     Returns:
         `LoadedModel(model, tokenizer)`: use `.model`/`.tokenizer` or unpack it.
 
     Raises:
-        MlflowException: a newer flavor version, a missing or corrupt adapter, or a base model that
-            cannot be loaded or does not match the recorded fingerprint.
+        MlflowException: a URI with no model, a newer flavor version, a missing or corrupt adapter,
+            a base that needs remote code that was not allowed, or a base model that cannot be
+            loaded or does not match the recorded fingerprint.
     """
-    local_path = _download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path)
-    return _load_local(Path(local_path), is_trainable=is_trainable, device=device, dtype=dtype)
+    try:
+        local_path = _download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise MlflowException(f"no loraflow model at {model_uri!r}: {e.message}", RESOURCE_DOES_NOT_EXIST) from e
+    return _load_local(
+        Path(local_path), is_trainable=is_trainable, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -842,10 +934,20 @@ def generate_texts(
 class _LoraflowPyfunc:
     """The pyfunc model: a DataFrame with a `prompt` column in, a DataFrame with `text` out."""
 
-    def __init__(self, loaded: LoadedModel, *, batch_size: int, max_new_tokens_cap: int):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        batch_size: int,
+        max_new_tokens_cap: int,
+        max_request_prompts: int = PYFUNC_DEFAULTS["max_request_prompts"],
+        max_request_chars: int = PYFUNC_DEFAULTS["max_request_chars"],
+    ):
         self.loaded = loaded
         self.batch_size = batch_size
         self.max_new_tokens_cap = max_new_tokens_cap
+        self.max_request_prompts = max_request_prompts
+        self.max_request_chars = max_request_chars
 
     def get_raw_model(self) -> LoadedModel:
         return self.loaded
@@ -853,21 +955,35 @@ class _LoraflowPyfunc:
     def predict(self, data: Any, params: dict[str, Any] | None = None) -> "pd.DataFrame":
         import pandas as pd
 
+        prompts = _prompts_from_input(data)
+        if _MLFLOW_IS_IN_SERVING_ENVIRONMENT.get():  # set by MLflow's scoring server
+            self._check_request_size(prompts)
         texts = generate_texts(
             self.loaded.model,
             self.loaded.tokenizer,
-            _prompts_from_input(data),
+            prompts,
             batch_size=self.batch_size,
             max_new_tokens_cap=self.max_new_tokens_cap,
             **(params or {}),
         )
         return pd.DataFrame({"text": texts})
 
+    def _check_request_size(self, prompts: list[str]) -> None:
+        problems = []
+        if len(prompts) > self.max_request_prompts:
+            problems.append(f"it holds {len(prompts)} prompts; the limit is {self.max_request_prompts} "
+                            "(model_config `max_request_prompts`)")
+        if (chars := sum(map(len, prompts))) > self.max_request_chars:
+            problems.append(f"its prompts total {chars} characters; the limit is {self.max_request_chars} "
+                            "(model_config `max_request_chars`)")
+        if problems:
+            raise _invalid("the request is too large: " + "; ".join(problems) + ". Split it into smaller requests")
+
 
 def _pyfunc_config(model_config: dict[str, Any] | None) -> dict[str, Any]:
     config = {**PYFUNC_DEFAULTS, **(model_config or {})}
     problems = [f"unknown model_config key `{k}`; known: {sorted(PYFUNC_DEFAULTS)}" for k in config if k not in PYFUNC_DEFAULTS]
-    for key in ("batch_size", "max_new_tokens_cap"):
+    for key in ("batch_size", "max_new_tokens_cap", "max_request_prompts", "max_request_chars"):
         if not isinstance(config[key], int) or isinstance(config[key], bool) or config[key] < 1:
             problems.append(f"model_config `{key}` must be a positive integer, got {config[key]!r}")
     if problems:
@@ -883,4 +999,10 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _Lora
     device = config["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = _load_local(Path(path), device=device)
     loaded.model.eval()
-    return _LoraflowPyfunc(loaded, batch_size=config["batch_size"], max_new_tokens_cap=config["max_new_tokens_cap"])
+    return _LoraflowPyfunc(
+        loaded,
+        batch_size=config["batch_size"],
+        max_new_tokens_cap=config["max_new_tokens_cap"],
+        max_request_prompts=config["max_request_prompts"],
+        max_request_chars=config["max_request_chars"],
+    )

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraflow.builtin import builtin_path, is_builtin
+from loraflow.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -31,13 +34,42 @@ def base_kind(name_or_path: str) -> str:
     return "local" if Path(os.path.expanduser(name_or_path)).is_dir() else "hub"
 
 
+@contextlib.contextmanager
+def remote_code_refused(name_or_path: str) -> Iterator[None]:
+    """Turn transformers' "needs custom code" refusal into an error naming the model and the option.
+
+    transformers raises a bare ValueError ("...contains custom code which must be executed...
+    pass the argument `trust_remote_code=True`") when a config's `auto_map` points at code shipped
+    with the model and `trust_remote_code` is False.
+
+    Raises:
+        ConfigError: the model needs remote code that was not allowed.
+    """
+    try:
+        yield
+    except ValueError as err:
+        if "trust_remote_code=True" not in str(err):
+            raise
+        raise ConfigError(
+            f"`base_model` {name_or_path!r} ships its own Python code (`auto_map` in its config), which "
+            "loraflow runs only when you allow it: pass --trust-remote-code (`trust_remote_code: true`) "
+            "after reading that code"
+        ) from err
+
+
 def load_config(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False):
-    """Load only `config.json` (no weights)."""
+    """Load only `config.json` (no weights).
+
+    Raises:
+        ConfigError: the config needs remote code and `trust_remote_code` is False.
+    """
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(
-        resolve_base(name_or_path), revision=revision, trust_remote_code=trust_remote_code
-    )
+    # bool(): transformers *prompts on stdin* when trust_remote_code is None and the model has code.
+    with remote_code_refused(name_or_path):
+        return AutoConfig.from_pretrained(
+            resolve_base(name_or_path), revision=revision, trust_remote_code=bool(trust_remote_code)
+        )
 
 
 def load_skeleton(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False):
@@ -49,8 +81,8 @@ def load_skeleton(name_or_path: str, *, revision: str | None = None, trust_remot
     from transformers import AutoModelForCausalLM
 
     config = load_config(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
-    with init_empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    with remote_code_refused(name_or_path), init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=bool(trust_remote_code))
     skeleton.tie_weights()  # as from_pretrained does, so tied matrices are counted once
     return skeleton
 
@@ -71,13 +103,17 @@ def load_base_model(
         dtype: torch dtype (or its name) to load the weights in; default: as saved, else fp32.
         device: where to put the model; default: stays on the CPU.
         trust_remote_code: run code shipped with the model. Off unless the user asks.
+
+    Raises:
+        ConfigError: the model needs remote code and `trust_remote_code` is False.
     """
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": bool(trust_remote_code)}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    model = AutoModelForCausalLM.from_pretrained(resolve_base(name_or_path), **kwargs)
+    with remote_code_refused(name_or_path):
+        model = AutoModelForCausalLM.from_pretrained(resolve_base(name_or_path), **kwargs)
     if device is not None:
         model.to(device)
     return model
@@ -89,9 +125,10 @@ def load_tokenizer(
     """Load the base model's tokenizer, with a pad token guaranteed (falls back to EOS)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        resolve_base(name_or_path), revision=revision, trust_remote_code=trust_remote_code
-    )
+    with remote_code_refused(name_or_path):
+        tokenizer = AutoTokenizer.from_pretrained(
+            resolve_base(name_or_path), revision=revision, trust_remote_code=bool(trust_remote_code)
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

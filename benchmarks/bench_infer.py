@@ -1,0 +1,125 @@
+"""3. Inference: the same trained adapter logged with loraflow and with `mlflow.transformers`.
+
+Setup (one child, untimed): load the base from the (offline) Hub cache so both flavors record a
+Hub reference, apply the adapter trained by the loraflow side of benchmark 1, log it with both
+flavors to a local sqlite store, and compute the reference outputs of the in-memory model
+(`generate` one prompt at a time, greedy, 32 new tokens).
+
+Timed (a fresh child per side, alternating): `mlflow.pyfunc.load_model(uri)`, one warm-up
+predict on one prompt, then `predict` on 64 prompts of mixed length with max_new_tokens=32,
+greedy. torch, transformers, peft and mlflow are imported before the load is timed, so load time
+is the flavor's own work, not the import of the frameworks both sides share.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import common, fixtures
+
+MAX_NEW_TOKENS = 32
+N_PROMPTS = 64
+
+
+def _tracking(root: Path) -> str:
+    import mlflow
+
+    uri = f"sqlite:///{root / 'infer.db'}"
+    mlflow.set_tracking_uri(uri)
+    name = "bench-infer"
+    if mlflow.get_experiment_by_name(name) is None:
+        mlflow.create_experiment(name, artifact_location=(root / "infer-artifacts").as_uri())
+    mlflow.set_experiment(name)
+    return uri
+
+
+def log_models(root: str) -> dict[str, Any]:
+    """Log the adapter with both flavors; return their URIs and the in-memory reference outputs."""
+    import mlflow
+    import pandas as pd
+    import torch
+    from peft import PeftModel
+
+    from loraflow import flavor
+    from loraflow.models import load_base_model, load_tokenizer
+
+    root_path = Path(root)
+    _tracking(root_path)
+    tokenizer = load_tokenizer(fixtures.HUB_REPO)
+    model = PeftModel.from_pretrained(fixtures.load_hub_base(), str(root_path / "adapter")).eval()
+    prompts = fixtures.prompts(root_path, N_PROMPTS)
+    reference = []
+    with torch.inference_mode():
+        for p in prompts:
+            ids = tokenizer(p, return_tensors="pt")
+            out = model.generate(**ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            reference.append(tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
+    # mlflow.transformers asks the Hub API for the repo's latest commit; offline, answer as the
+    # Hub would (the cache's commit), like the offline Hub cache stands in for the download.
+    import mlflow.transformers.flavor_config as transformers_flavor_config
+
+    transformers_flavor_config.get_latest_commit_for_repo = lambda repo: fixtures.HUB_COMMIT
+    with mlflow.start_run():
+        ours = flavor.log_model(model, "loraflow-model", tokenizer, base_model=fixtures.HUB_REPO, base_mode="reference")
+        builtin = mlflow.transformers.log_model(
+            transformers_model={"model": model, "tokenizer": tokenizer}, name="transformers-model",
+            task="text-generation", model_config={"max_new_tokens": MAX_NEW_TOKENS, "do_sample": False},
+            pip_requirements=["transformers", "peft", "torch"],  # skip requirement inference (it loads the model)
+        )
+    return {"loraflow_uri": ours.model_uri, "transformers_uri": builtin.model_uri, "prompts": prompts,
+            "reference": reference}
+
+
+def predict_side(root: str, flavor_name: str, uri: str, prompts: list[str]) -> dict[str, Any]:
+    """Load one logged model through pyfunc and time load + predict."""
+    import mlflow
+    import pandas as pd
+    import peft  # noqa: F401  (shared framework imports, outside the timed load)
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    _tracking(Path(root))
+    started = time.perf_counter()
+    model = mlflow.pyfunc.load_model(uri)
+    load_s = time.perf_counter() - started
+    if flavor_name == "loraflow":
+        def predict(ps):
+            return model.predict(pd.DataFrame({"prompt": ps}), params={"max_new_tokens": MAX_NEW_TOKENS})["text"].tolist()
+    else:  # max_new_tokens and greedy are in the logged model_config
+        def predict(ps):
+            return [str(t) for t in model.predict(ps)]
+    predict(prompts[:1])  # warm-up
+    started = time.perf_counter()
+    texts = predict(prompts)
+    predict_s = time.perf_counter() - started
+    return {"load_s": load_s, "predict_s": predict_s, "texts": texts}
+
+
+def run(root: Path, repeats: int, log=print) -> dict[str, Any]:
+    if not (root / "adapter").exists():
+        log("    (no adapter from benchmark 1: training one)")
+        common.run_child("bench_train", "loraflow_side", {"root": str(root), "save_adapter": True, "measure_peak": False})
+    setup = common.run_child("bench_infer", "log_models", {"root": str(root)}, timeout=1800)
+    prompts = setup["prompts"]
+
+    def side(name: str):
+        uri = setup[f"{name}_uri"]
+        return lambda i: common.run_child("bench_infer", "predict_side",
+                                          {"root": str(root), "flavor_name": name, "uri": uri, "prompts": prompts})
+
+    samples = common.alternate({"loraflow": side("loraflow"), "transformers": side("transformers")}, repeats, log)
+    out: dict[str, Any] = {"samples": samples, "reference": setup["reference"], "prompts": prompts}
+    for name, rows in samples.items():
+        texts = rows[0]["texts"]
+        out[name] = {
+            "prompts_per_s": common.median([N_PROMPTS / r["predict_s"] for r in rows]),
+            "predict_s": common.median([r["predict_s"] for r in rows]),
+            "load_s": common.median([r["load_s"] for r in rows]),
+            "matches_reference": sum(a == b for a, b in zip(texts, setup["reference"])),
+            "deterministic": all(r["texts"] == texts for r in rows),
+        }
+    return out

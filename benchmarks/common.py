@@ -1,0 +1,159 @@
+"""Shared benchmark helpers: machine facts, medians and ratios, one child process per measured side.
+
+Every measured side runs in its own fresh Python process (`run_child`), so its peak RSS
+(`ru_maxrss`) is its own and no side warms a cache for the other. Sides alternate A, B, A, B, ...
+and each comparison is reported as medians plus the ratio of medians.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+CHILD_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TQDM_DISABLE": "1",
+    "MLFLOW_ENABLE_ASYNC_LOGGING": "true",
+    "PYTHONWARNINGS": "ignore",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics.
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator else float("nan")
+
+
+def summarize(samples: list[dict[str, Any]], key: str) -> float:
+    return median([s[key] for s in samples])
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine and versions.
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    mem = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = f"{int(line.split()[1]) / 2**20:.1f} GiB"
+    except OSError:
+        pass
+    return {
+        "cpu": cpu_model(),
+        "logical cores": os.cpu_count(),
+        "torch threads": torch.get_num_threads(),
+        "memory": mem,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("loraflow", "torch", "transformers", "peft", "accelerate", "mlflow", "tokenizers"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def matmul_flops(n: int = 2048, repeats: int = 10) -> float:
+    """Measured dense fp32 matmul FLOP/s on this machine: the best of a few timed n x n products."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+# ---------------------------------------------------------------------------------------------
+# Child processes.
+
+
+def run_child(module: str, function: str, kwargs: dict[str, Any], *, timeout: float = 1800) -> dict[str, Any]:
+    """Run `benchmarks.<module>.<function>(**kwargs)` in a fresh interpreter and return its dict.
+
+    The child adds `peak_rss_mib` (its own ru_maxrss) to the result. Raises RuntimeError with the
+    child's stderr tail if it fails.
+    """
+    with tempfile.TemporaryDirectory(prefix="loraflow-bench-") as tmp:
+        out = Path(tmp) / "result.json"
+        args = [sys.executable, "-m", "benchmarks.common", module, function, json.dumps(kwargs), str(out)]
+        env = {**os.environ, **CHILD_ENV}
+        proc = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0 or not out.exists():
+            raise RuntimeError(f"{module}.{function} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        return json.loads(out.read_text())
+
+
+def alternate(sides: dict[str, Callable[[int], dict[str, Any]]], repeats: int, log: Callable[[str], None] = print):
+    """Run each side once per round, in A B / B A order by round, `repeats` rounds."""
+    names = list(sides)
+    results: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    for i in range(repeats):
+        order = names if i % 2 == 0 else names[::-1]
+        for name in order:
+            started = time.perf_counter()
+            results[name].append(sides[name](i))
+            log(f"    round {i + 1}/{repeats} {name}: {time.perf_counter() - started:.1f}s")
+    return results
+
+
+def _child_main() -> None:
+    import importlib
+
+    module, function, kwargs, out = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+    result = getattr(importlib.import_module(f"benchmarks.{module}"), function)(**kwargs)
+    result["peak_rss_mib"] = peak_rss_mib()
+    Path(out).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    _child_main()

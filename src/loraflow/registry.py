@@ -1,0 +1,579 @@
+"""Model-registry promotion: gate a registered version on health and metric, then move aliases.
+
+The rules (issue 5), in the order they are checked:
+
+1. The version exists, is READY, holds a loraflow model, and its source run FINISHED and was not
+   deleted (a failed, killed or deleted run is refused: its model may be half-trained or tampered with).
+2. The metric is read from the source run of the candidate and of the current champion.
+3. Metric gate: the candidate must beat the champion by at least `min_delta` (`is_better`); with no
+   champion, this gate is passed.
+4. Health gate (`health_check`): the version loads through pyfunc and answers its own logged input
+   example with non-empty text. It runs last because it is the expensive one.
+
+On promotion the old champion moves to `previous_alias(alias)` and the candidate takes `alias`; both
+versions are tagged `promotion.*`. On rejection only the candidate is tagged. Model version aliases
+are used, never the deprecated stages. Errors raise `RegistryError` (a `LoraflowError`), bad
+arguments `ConfigError`.
+
+Not atomic: the registry has no compare-and-set, so two promotions of the same model at the same
+moment can interleave. Run promotions of one model from one place (one CI job at a time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import math
+import re
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from loraflow.errors import ConfigError, LoraflowError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+
+CHAMPION = "champion"
+PREVIOUS = "previous"
+MODES = ("min", "max")
+TAG_PREFIX = "promotion."
+MAX_REASON_LENGTH = 500  # an exception text can be pages long; a tag should stay readable
+_ALIAS = re.compile(r"^[\w\-]+$")  # MLflow's rule for alias names
+_RESERVED_ALIAS = re.compile(r"^([vV]\d+|latest)$", re.IGNORECASE)
+
+
+class RegistryError(LoraflowError):
+    """The registry, a model name, a version or its source run cannot be used as asked."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of one `promote_if_better` call."""
+
+    promoted: bool
+    """True if `version` now holds `alias`."""
+    model_name: str
+    """The registered model."""
+    version: str
+    """The candidate version."""
+    alias: str
+    """The alias the candidate competed for (default `champion`)."""
+    metric: str
+    """The metric compared, read from each version's source run."""
+    candidate_value: float
+    """The candidate's value of `metric`."""
+    champion_version: str | None
+    """The version that held `alias` before the decision; None if none did."""
+    champion_value: float | None
+    """Its value of `metric`; None if there was no champion."""
+    reason: str
+    """Why, in words (also recorded in the `promotion.reason` tag)."""
+
+    @property
+    def already_champion(self) -> bool:
+        """The candidate held the alias already: nothing was decided or changed."""
+        return self.champion_version == self.version
+
+    def summary(self) -> str:
+        """One readable line, e.g. `promoted: demo version 3 is now @champion: eval_loss 1.2 < ...`."""
+        if self.promoted:
+            head = f"promoted: {self.model_name} version {self.version} is now @{self.alias}"
+        elif self.already_champion:
+            head = f"unchanged: {self.model_name} version {self.version} already is @{self.alias}"
+        else:
+            head = f"rejected: {self.model_name} version {self.version} was not promoted to @{self.alias}"
+        return f"{head}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class Rollback:
+    """The outcome of `rollback`: which version holds the alias now, and which one it replaced."""
+
+    model_name: str
+    """The registered model."""
+    alias: str
+    """The alias rolled back (default `champion`)."""
+    version: str
+    """The version that holds `alias` now (it held `previous_alias(alias)` before)."""
+    replaced_version: str | None
+    """The version that held `alias` before; it now holds `previous_alias(alias)`. None if none did."""
+
+    def summary(self) -> str:
+        """One readable line."""
+        previous = previous_alias(self.alias)
+        if self.replaced_version is None:
+            return f"rolled back: {self.model_name} version {self.version} is now @{self.alias} (no @{self.alias} before)"
+        return (f"rolled back: {self.model_name} version {self.version} is now @{self.alias}; "
+                f"version {self.replaced_version} is now @{previous}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure rules: argument checks and the metric comparison.
+
+
+def previous_alias(alias: str) -> str:
+    """Where the replaced holder of `alias` goes: `previous` for `champion`, else `<alias>-previous`.
+
+    A separate slot per alias keeps independent alias tracks (e.g. `champion` and `canary`) from
+    overwriting each other's rollback target.
+    """
+    return PREVIOUS if alias == CHAMPION else f"{alias}-previous"
+
+
+def alias_problem(alias: Any) -> str | None:
+    """What is wrong with `alias` as a promotion alias, or None if it can be used."""
+    if not isinstance(alias, str) or not _ALIAS.match(alias):
+        return (f"`alias` must be letters, digits, `_` or `-` (e.g. champion), got {alias!r}")
+    if _RESERVED_ALIAS.match(alias):
+        return f"`alias` {alias!r} is reserved by MLflow (`latest` and `v<number>` name versions); use e.g. champion"
+    if alias == PREVIOUS or alias.endswith("-previous"):
+        return f"`alias` {alias!r} is where promotion keeps the replaced version; promote to e.g. champion"
+    return None
+
+
+def version_problem(version: Any) -> str | None:
+    """What is wrong with `version` as a model version number, or None (None itself means newest)."""
+    if version is None or (isinstance(version, int) and not isinstance(version, bool) and version > 0):
+        return None
+    if isinstance(version, str) and re.fullmatch(r"[0-9]+", version.strip()) and int(version) > 0:
+        return None
+    return f"`version` must be a positive integer version number (e.g. 3), or empty for the newest; got {version!r}"
+
+
+def check_arguments(version: Any, metric: Any, mode: Any, min_delta: Any, alias: Any) -> None:
+    """Raise one `ConfigError` listing every bad argument of `promote_if_better`."""
+    problems = [p for p in (version_problem(version), alias_problem(alias)) if p]
+    if not isinstance(metric, str) or not metric.strip():
+        problems.append(f"`metric` must name a metric of the training runs (e.g. eval_loss), got {metric!r}")
+    if mode not in MODES:
+        close = difflib.get_close_matches(str(mode).lower(), MODES, n=1, cutoff=0.3)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        problems.append(f"`mode` must be min (lower is better) or max (higher is better), got {mode!r}.{hint}")
+    if (not isinstance(min_delta, (int, float)) or isinstance(min_delta, bool) or not math.isfinite(min_delta)
+            or min_delta < 0):
+        problems.append(f"`min_delta` must be a finite number >= 0 (the smallest improvement that counts), got {min_delta!r}")
+    if problems:
+        raise ConfigError(problems)
+
+
+def improvement(candidate: float, champion: float, mode: str) -> float:
+    """How much better the candidate is than the champion (negative: worse)."""
+    return champion - candidate if mode == "min" else candidate - champion
+
+
+def is_better(candidate: float, champion: float, mode: str = "min", min_delta: float = 0.0) -> bool:
+    """True if `candidate` beats `champion` by at least `min_delta` (and by more than nothing).
+
+    A NaN candidate is never better; any other candidate beats a NaN champion. An improvement that
+    equals `min_delta` up to float rounding counts (1.0 - 0.9 vs 0.1).
+    """
+    if math.isnan(candidate):
+        return False
+    if math.isnan(champion):
+        return True
+    gain = improvement(candidate, champion, mode)
+    if gain <= 0:
+        return False
+    return gain >= min_delta or math.isclose(gain, min_delta, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def _metric_reason(metric: str, mode: str, min_delta: float, candidate: float, champion: float,
+                   champion_version: str, better: bool) -> str:
+    sign = ("<" if mode == "min" else ">") if better else ("is not below" if mode == "min" else "is not above")
+    required = f" by at least {min_delta:g}" if min_delta else ""
+    if better:
+        return (f"{metric} {candidate:.6g} {sign} {champion:.6g} of version {champion_version}"
+                f"{required} (mode {mode}), and it passed the health check")
+    gain = improvement(candidate, champion, mode)
+    shortfall = f" (improvement {gain:.3g} < min_delta {min_delta:g})" if min_delta and gain > 0 else ""
+    return (f"{metric} {candidate:.6g} {sign} {champion:.6g} of champion version {champion_version}"
+            f"{required} (mode {mode}){shortfall}; the champion is unchanged")
+
+
+# ---------------------------------------------------------------------------------------------
+# Talking to the registry.
+
+
+@contextlib.contextmanager
+def _registry_calls(uri: str) -> Iterator[None]:
+    """Turn a lost connection, or any other refusal by the store, into a `RegistryError` naming the URI."""
+    from mlflow.exceptions import MlflowException
+
+    from loraflow.tracking import _is_connection_failure
+
+    try:
+        yield
+    except (MlflowException, OSError) as err:
+        if _is_connection_failure(err):
+            raise RegistryError(f"the model registry at {uri} cannot be reached ({err})") from err
+        if not isinstance(err, MlflowException):
+            raise
+        raise RegistryError(f"the model registry at {uri} refused the request ({err.error_code}: {err.message})") from err
+
+
+def connect(client: "MlflowClient | None" = None) -> "MlflowClient":
+    """An `MlflowClient` whose registry answers; fails within seconds, naming the URI, if it does not.
+
+    MLflow's own client retries a dead server for minutes; an HTTP registry is probed first with a
+    short timeout, then one cheap query proves the store (sqlite file, server) can be read.
+
+    Raises:
+        RegistryError: the registry or tracking store cannot be reached or read.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    from loraflow.tracking import TrackingUnreachable, check_reachable
+
+    if client is None:
+        uris = dict.fromkeys([mlflow.get_registry_uri(), mlflow.get_tracking_uri()])
+        for uri in uris:
+            try:
+                check_reachable(uri)
+            except TrackingUnreachable as err:
+                raise RegistryError(
+                    f"the model registry at {uri} cannot be reached ({err.__cause__ or err}). Start the server, or "
+                    "set MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI to a reachable store"
+                ) from err
+        client = MlflowClient()
+    uri = _registry_uri(client)
+    try:
+        client.search_registered_models(max_results=1)
+    except Exception as err:  # any store error here means the registry is unusable, not a bad request
+        raise RegistryError(f"the model registry at {uri} cannot be read ({type(err).__name__}: {err})") from err
+    return client
+
+
+def _registry_uri(client: "MlflowClient") -> str:
+    import mlflow
+
+    return getattr(client, "_registry_uri", None) or mlflow.get_registry_uri()
+
+
+def _registered_aliases(client: "MlflowClient", name: str) -> dict[str, str]:
+    """The model's aliases ({alias: version}); raises `RegistryError` for an unknown name."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        known = [m.name for m in client.search_registered_models(max_results=1000)]
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else (f" Registered models: {', '.join(sorted(known)[:20])}."
+                                                              if known else " No model is registered yet.")
+        raise RegistryError(
+            f"there is no registered model named {name!r} in {_registry_uri(client)}.{hint} "
+            "Train with -P registered_model_name=NAME (or --registered-model-name NAME) to create one"
+        ) from err
+    return {alias: str(version) for alias, version in (model.aliases or {}).items()}
+
+
+def _all_versions(client: "MlflowClient", name: str) -> list[str]:
+    versions = client.search_model_versions(f"name='{name}'", order_by=["version_number DESC"])
+    return sorted((str(v.version) for v in versions), key=int)
+
+
+def _model_version(client: "MlflowClient", name: str, version: str | None) -> "ModelVersion":
+    """The requested version (default: the newest); raises `RegistryError` for an unknown one."""
+    from mlflow.exceptions import MlflowException
+
+    if version is None:
+        newest = client.search_model_versions(f"name='{name}'", max_results=1, order_by=["version_number DESC"])
+        if not newest:
+            raise RegistryError(f"registered model {name!r} has no versions yet: train a candidate first")
+        return client.get_model_version(name, str(newest[0].version))
+    try:
+        return client.get_model_version(name, version)
+    except MlflowException as err:
+        if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        known = _all_versions(client, name)
+        raise RegistryError(
+            f"registered model {name!r} has no version {version}; its versions are {', '.join(known) or 'none'}"
+        ) from err
+
+
+def _require_loraflow_model(name: str, version: str) -> None:
+    """Read only the version's MLmodel file (not its weights) and check its flavors."""
+    from mlflow.models import Model
+
+    from loraflow.flavor import FLAVOR_NAME
+
+    try:
+        flavors = Model.load(f"models:/{name}/{version}").flavors
+    except Exception as err:  # missing or unreadable artifacts: the version cannot be judged
+        raise RegistryError(f"the MLmodel file of {name!r} version {version} cannot be read ({err})") from err
+    if FLAVOR_NAME not in flavors:
+        raise RegistryError(
+            f"{name!r} version {version} is not a loraflow model (its flavors: {', '.join(sorted(flavors))}); "
+            "only models logged by `loraflow train` or `loraflow.flavor.log_model` can be promoted"
+        )
+
+
+def _source_metric(client: "MlflowClient", model_version: "ModelVersion", metric: str, *,
+                   require_finished: bool) -> float:
+    """`metric` from the version's source run (its last logged value).
+
+    Raises:
+        RegistryError: no source run, a run that did not finish (when `require_finished`), or no
+            such metric in the run.
+    """
+    name, version = model_version.name, str(model_version.version)
+    if not model_version.run_id:
+        raise RegistryError(
+            f"{name!r} version {version} has no source run, so its `{metric}` cannot be read; "
+            "register versions from a training run (train with -P registered_model_name=NAME)"
+        )
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(model_version.run_id)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise RegistryError(
+            f"the source run {model_version.run_id} of {name!r} version {version} no longer exists, so its "
+            f"`{metric}` cannot be read"
+        ) from err
+    if require_finished and run.info.status != "FINISHED":
+        # Security: a FAILED or KILLED run may have logged a half-trained or tampered model.
+        raise RegistryError(
+            f"refusing to promote {name!r} version {version}: its source run {run.info.run_id} is "
+            f"{run.info.status}, not FINISHED; only versions from runs that finished successfully can be promoted"
+        )
+    if require_finished and run.info.lifecycle_stage == "deleted":
+        raise RegistryError(
+            f"refusing to promote {name!r} version {version}: its source run {run.info.run_id} was deleted; "
+            "restore the run (mlflow runs restore) if the model is still wanted"
+        )
+    metrics = run.data.metrics
+    if metric not in metrics:
+        close = difflib.get_close_matches(metric, list(metrics), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise RegistryError(
+            f"the source run {run.info.run_id} of {name!r} version {version} has no metric `{metric}`.{hint} "
+            f"Its metrics: {', '.join(sorted(metrics)) or 'none'}"
+        )
+    return float(metrics[metric])
+
+
+def _tag(client: "MlflowClient", name: str, version: str, tags: dict[str, Any]) -> None:
+    for key, value in tags.items():
+        if value is not None:
+            client.set_model_version_tag(name, version, TAG_PREFIX + key, str(value))
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------------------------
+# The health gate.
+
+
+def _texts(output: Any) -> list[Any]:
+    import pandas as pd
+
+    if isinstance(output, pd.DataFrame):
+        column = "text" if "text" in output.columns else output.columns[0]
+        return output[column].tolist()
+    if isinstance(output, (pd.Series, list, tuple)):
+        return list(output)
+    return [output]
+
+
+def _short(err: BaseException) -> str:
+    text = f"{type(err).__name__}: {err}".strip()
+    return text if len(text) <= MAX_REASON_LENGTH else text[: MAX_REASON_LENGTH - 3] + "..."
+
+
+def health_check(model_uri: str) -> str | None:
+    """Load a model through pyfunc and ask it its own logged input example.
+
+    Healthy means: the artifacts download, the model loads, it answers the input example (with the
+    example's params) without raising, and every answer has non-whitespace text.
+
+    Args:
+        model_uri: any model URI, e.g. `models:/NAME/3`.
+
+    Returns:
+        None if the model is healthy, else the reason it is not (one sentence).
+    """
+    import mlflow
+    from mlflow.models import Model
+
+    with tempfile.TemporaryDirectory(prefix="loraflow-health-") as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)
+        except Exception as err:
+            return f"its artifacts cannot be downloaded ({_short(err)})"
+        try:
+            meta = Model.load(local)
+            example = meta.load_input_example(local)
+            params = meta.load_input_example_params(local)
+        except Exception as err:
+            return f"its logged input example cannot be read ({_short(err)})"
+        if example is None:
+            return "it has no logged input example to check it against"
+        try:
+            model = mlflow.pyfunc.load_model(local)
+        except Exception as err:
+            return f"it does not load through pyfunc ({_short(err)})"
+        try:
+            texts = _texts(model.predict(example, params=params))
+        except Exception as err:
+            return f"it fails on its logged input example ({_short(err)})"
+        finally:
+            del model
+    if not texts:
+        return "it answered its logged input example with no rows"
+    empty = [i for i, text in enumerate(texts) if not isinstance(text, str) or not text.strip()]
+    if empty:
+        return (f"it answered {len(empty)} of {len(texts)} prompts of its logged input example with empty text "
+                f"(rows {empty[:5]})")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points.
+
+
+def promote_if_better(
+    model_name: str,
+    version: str | int | None = None,
+    metric: str = "eval_loss",
+    mode: str = "min",
+    min_delta: float = 0.0,
+    alias: str = CHAMPION,
+    client: "MlflowClient | None" = None,
+) -> Decision:
+    """Give `alias` to a version if it is healthy and beats the current holder on `metric`.
+
+    Args:
+        model_name: the registered model.
+        version: the candidate version; default (None or ""): the newest version.
+        metric: the metric to compare, read from each version's source run.
+        mode: `min` (lower is better, e.g. a loss) or `max` (higher is better).
+        min_delta: the smallest improvement that counts (>= 0).
+        alias: the alias to compete for; its replaced holder moves to `previous_alias(alias)`.
+        client: an `MlflowClient`; default: one for the current tracking and registry URIs.
+
+    Returns:
+        The `Decision`. A rejection is a decision, not an error.
+
+    Raises:
+        ConfigError: bad arguments (every one listed).
+        RegistryError: unreachable registry, unknown model or version, a version that is not a
+            loraflow model, a source run that did not finish or lacks `metric` (the candidate's or
+            the champion's).
+    """
+    version = None if version is None or str(version).strip() == "" else str(version).strip()
+    check_arguments(version, metric, mode, min_delta, alias)
+    version = None if version is None else str(int(version))  # "03" and 3 name version 3
+    client = connect(client)
+    uri = _registry_uri(client)
+    with _registry_calls(uri):
+        aliases = _registered_aliases(client, model_name)
+        candidate = _model_version(client, model_name, version)
+        version = str(candidate.version)
+        if candidate.status != "READY":
+            raise RegistryError(f"{model_name!r} version {version} is {candidate.status}, not READY; wait or re-register it")
+        _require_loraflow_model(model_name, version)
+        candidate_value = _source_metric(client, candidate, metric, require_finished=True)
+        champion_version = aliases.get(alias)
+        champion_value = None
+        if champion_version is not None and champion_version != version:
+            champion = client.get_model_version(model_name, champion_version)
+            champion_value = _source_metric(client, champion, metric, require_finished=False)
+
+        def decide(promoted: bool, reason: str) -> Decision:
+            return Decision(promoted, model_name, version, alias, metric, candidate_value, champion_version,
+                            champion_value, reason)
+
+        if champion_version == version:
+            return decide(False, f"it already holds @{alias}; nothing to do")
+        record = {"alias": alias, "metric": metric, "mode": mode, "min_delta": min_delta,
+                  "candidate_version": version, "candidate_value": repr(candidate_value),
+                  "champion_version": champion_version,
+                  "champion_value": None if champion_value is None else repr(champion_value)}
+
+        if champion_value is not None and not is_better(candidate_value, champion_value, mode, min_delta):
+            reason = _metric_reason(metric, mode, min_delta, candidate_value, champion_value, champion_version, False)
+            _tag(client, model_name, version, {**record, "decision": "rejected", "reason": reason, "time": _now()})
+            return decide(False, reason)
+
+        problem = health_check(f"models:/{model_name}/{version}")
+        if problem is not None:
+            reason = f"it failed the health check: {problem}; @{alias} is unchanged"
+            _tag(client, model_name, version, {**record, "decision": "rejected", "reason": reason, "time": _now()})
+            return decide(False, reason)
+
+        if champion_version is None:
+            reason = (f"there was no @{alias} yet, and it passed the health check "
+                      f"({metric} {candidate_value:.6g})")
+        else:
+            reason = _metric_reason(metric, mode, min_delta, candidate_value, champion_value, champion_version, True)
+            reason += f"; version {champion_version} is now @{previous_alias(alias)}"
+        # Previous first: if the second call fails, both aliases point at the old champion (safe).
+        if champion_version is not None:
+            client.set_registered_model_alias(model_name, previous_alias(alias), champion_version)
+        client.set_registered_model_alias(model_name, alias, version)
+        stamp = _now()
+        _tag(client, model_name, version, {**record, "decision": "promoted", "reason": reason, "time": stamp})
+        if champion_version is not None:
+            _tag(client, model_name, champion_version, {**record, "decision": "replaced", "replaced_by": version,
+                                                       "reason": reason, "time": stamp})
+        return decide(True, reason)
+
+
+def rollback(model_name: str, alias: str = CHAMPION, client: "MlflowClient | None" = None) -> Rollback:
+    """Swap `alias` and `previous_alias(alias)`: the previous holder takes the alias back.
+
+    Rolling back twice restores the state before the first rollback.
+
+    Args:
+        model_name: the registered model.
+        alias: the alias to roll back (default `champion`).
+        client: an `MlflowClient`; default: one for the current tracking and registry URIs.
+
+    Returns:
+        The `Rollback`: the version that holds `alias` now, and the one it replaced.
+
+    Raises:
+        ConfigError: a bad alias.
+        RegistryError: unreachable registry, unknown model, or no version holds `previous_alias(alias)`.
+    """
+    if problem := alias_problem(alias):
+        raise ConfigError(problem)
+    previous = previous_alias(alias)
+    client = connect(client)
+    with _registry_calls(_registry_uri(client)):
+        aliases = _registered_aliases(client, model_name)
+        restored = aliases.get(previous)
+        if restored is None:
+            raise RegistryError(
+                f"cannot roll back {model_name!r}: no version holds @{previous} (a promotion sets it when it "
+                f"replaces @{alias}); set one by hand with MlflowClient().set_registered_model_alias"
+            )
+        replaced = aliases.get(alias)
+        if replaced == restored:
+            raise RegistryError(f"cannot roll back {model_name!r}: @{alias} and @{previous} are both version {restored}")
+        client.set_registered_model_alias(model_name, alias, restored)
+        if replaced is None:
+            client.delete_registered_model_alias(model_name, previous)
+        else:
+            client.set_registered_model_alias(model_name, previous, replaced)
+        stamp = _now()
+        reason = f"rollback of @{alias}: version {restored} restored" + (
+            f", version {replaced} moved to @{previous}" if replaced else "")
+        _tag(client, model_name, restored, {"decision": "restored", "alias": alias, "reason": reason, "time": stamp})
+        if replaced is not None:
+            _tag(client, model_name, replaced, {"decision": "rolled_back", "alias": alias, "reason": reason,
+                                                "time": stamp})
+        return Rollback(model_name, alias, restored, replaced)

@@ -1,0 +1,131 @@
+"""Multi-process training: 2 CPU processes (gloo) under torchrun give one run, one model, the same loss.
+
+The 2-process run (batch 4 per process) is compared with a single-process run of the same global
+batch (8) and seed, both for one pass over the training data (18 optimizer steps).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from helpers import BIN, env_with_venv, free_port
+from mlflow import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+# 20 eval examples: batches of 8, 8 and 4, the last split 2 + 2 (a sharder that repeats or drops
+# examples to even out the processes would change the step-0 eval loss); 140 train examples: 18
+# steps of 8 (or 2 x 4) are one pass over the data in both runs.
+SETTINGS = ["--eval-fraction", "0.125", "--max-steps", "18", "--eval-steps", "100", "--r", "8", "--seed", "42"]
+
+# Final eval loss: both runs train on the same global batches (8 length-grouped examples per step,
+# split 4 + 4 across the processes), so they differ only in how the loss is averaged (the mean of
+# the two processes' token means vs one token mean over 8 examples) and in float reduction order.
+# Measured on the built-in model: 4.0262 (1 process) vs 4.0227 (2 processes), |diff| = 0.0035 nats.
+# The tolerance, 0.02 nats (0.5%), is ~6x that, and well below what real bugs cost here: planning
+# batches per process (2 x 4 different examples per step) 0.11, a scheduler stepped once per
+# process 0.17, and two processes that do not talk to each other make two runs.
+FINAL_EVAL_LOSS_TOLERANCE = 0.02
+
+
+def train(tmp_path: Path, name: str, launcher: list[str], batch_size: int) -> MlflowClient:
+    uri = f"sqlite:///{tmp_path / f'{name}.db'}"
+    proc = subprocess.run(
+        [*launcher, "loraflow", "train", *SETTINGS, "--batch-size", str(batch_size),
+         "--output-dir", str(tmp_path / f"{name}-outputs")],
+        env=env_with_venv(MLFLOW_TRACKING_URI=uri, MLFLOW_REGISTRY_URI=uri),
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return MlflowClient(uri)
+
+
+def only_run(client: MlflowClient):
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments)
+    assert len(runs) == 1, f"expected one MLflow run, got {len(runs)}: {[r.info.run_id for r in runs]}"
+    return runs[0]
+
+
+def eval_losses(client: MlflowClient, run_id: str) -> dict[int, float]:
+    history = client.get_metric_history(run_id, "eval_loss")
+    steps = [m.step for m in history]
+    assert len(steps) == len(set(steps)), f"eval_loss logged more than once per step: {sorted(steps)}"
+    return {m.step: m.value for m in history}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(single-process client, two-process client), each trained once for the module."""
+    tmp = tmp_path_factory.mktemp("multiprocess")
+    single = train(tmp, "single", [sys.executable, "-m"], batch_size=8)
+    torchrun = [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                "--master-port", str(free_port()), "-m", "--"]  # `--`: torchrun would take `--r` for its --rdzv-*
+    double = train(tmp, "double", torchrun, batch_size=4)
+    return single, double
+
+
+def test_two_processes_make_one_run_with_params_and_metrics_logged_once(runs):
+    _, double = runs
+    run = only_run(double)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["batch_size"] == "4" and run.data.params["max_steps"] == "18"
+    assert not [k for k in run.data.params if k.endswith("_resolved")], run.data.params
+    assert sorted(eval_losses(double, run.info.run_id)) == [0, 18]
+    assert len(double.get_metric_history(run.info.run_id, "train_loss")) == 18
+
+
+def test_two_processes_log_one_model_that_loads(runs):
+    _, double = runs
+    run = only_run(double)
+    models = double.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert len(models) == 1, [m.model_id for m in models]
+    mlflow.set_tracking_uri(double.tracking_uri)
+    try:
+        out = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model").predict(
+            pd.DataFrame({"prompt": ["Question: What does a cow say?\nAnswer:"]}), params={"max_new_tokens": 4}
+        )
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert len(out["text"]) == 1
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(runs):
+    single, double = runs
+    one = eval_losses(single, only_run(single).info.run_id)
+    two = eval_losses(double, only_run(double).info.run_id)
+    # Before training the model is the same, so this compares only the sharded evaluation: every
+    # eval example counted exactly once, token-weighted, summed across processes.
+    assert two[0] == pytest.approx(one[0], abs=1e-4)
+    assert abs(two[18] - one[18]) <= FINAL_EVAL_LOSS_TOLERANCE, (one, two)
+    assert two[18] < 0.8 * two[0]  # it did train
+
+
+def test_mlflow_run_distributed_entry_point(tmp_path):
+    """`mlflow run -e distributed -P nproc_per_node=2`: torchrun under MLflow's run, still one run."""
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    project = tmp_path / "project"
+    for name in files:
+        if (ROOT / name).is_file():
+            (project / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, project / name)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = subprocess.run(
+        [str(BIN / "mlflow"), "run", str(project), "-e", "distributed", "--env-manager", "local",
+         "-P", "nproc_per_node=2", "-P", "max_steps=2", "-P", "eval_steps=1", "-P", "batch_size=4"],
+        cwd=project, env=env_with_venv(MLFLOW_TRACKING_URI=uri),
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    client = MlflowClient(uri)
+    run = only_run(client)
+    assert run.info.status == "FINISHED"
+    assert sorted(eval_losses(client, run.info.run_id)) == [0, 1, 2]
+    assert len(client.search_logged_models(experiment_ids=[run.info.experiment_id])) == 1
