@@ -98,12 +98,17 @@ def resolve_checkpoint(resume_from: str, output_dir: str | Path) -> Path:
         LoraflowError: nothing resumable there, saying where it looked.
     """
     path = Path(resume_from)
-    if (path / STATE_FILE).is_file():
-        return path
-    for root in (path, run_dir(output_dir, resume_from)):
-        found = latest_checkpoint(root) if root.is_dir() else None
-        if found:
-            return found
+    try:
+        if (path / STATE_FILE).is_file():
+            return path
+        for root in (path, run_dir(output_dir, resume_from)):
+            found = latest_checkpoint(root) if root.is_dir() else None
+            if found:
+                return found
+    except OSError as err:  # e.g. ENAMETOOLONG: is_file/is_dir swallow only "not found"
+        raise LoraflowError(
+            f"`resume_from` {resume_from[:200]!r} cannot be read as a checkpoint folder: {err.strerror or err}"
+        ) from err
     raise LoraflowError(
         f"`resume_from` {resume_from!r}: no checkpoint found (looked in {path} and "
         f"{run_dir(output_dir, resume_from)}); pass a checkpoint folder or the run id of a run "

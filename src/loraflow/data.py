@@ -475,33 +475,24 @@ def pack_examples(lengths: list[int], max_seq_length: int, order: list[int]) -> 
     return rows
 
 
-def even_out(batches: list[list[int]], num_replicas: int) -> list[list[int]]:
-    """Make the number of batches a multiple of num_replicas without dropping or repeating items.
-
-    Split the biggest batches in two until the count is a multiple (batches stay within
-    batch_size). Only where there are too few items for that (e.g. batch_size 1, 3 examples,
-    2 processes), merge the smallest batches instead, so one batch holds a few extra examples.
-    Either way each replica gets the same number of batches and together they see every item
-    exactly once. Equal counts matter: a process that runs out early hangs the others.
-    """
-    batches = [list(b) for b in batches]
-    total = sum(map(len, batches))
-    if total < num_replicas:
+def _mergeable(batches: list[list[int]], parts: int) -> list[list[int]]:
+    """Merge any batch too small to split into `parts` into the smallest other one."""
+    if sum(map(len, batches)) < parts:
         raise DataError(
-            f"only {total} examples (or packed rows) for {num_replicas} processes; "
+            f"only {sum(map(len, batches))} examples (or packed rows) for {parts} processes; "
             "each process needs at least one: add data or use fewer processes"
         )
-    split = total >= math.ceil(len(batches) / num_replicas) * num_replicas
-    while len(batches) % num_replicas:
-        if split:
-            i = max(range(len(batches)), key=lambda k: len(batches[k]))
-            half = (len(batches[i]) + 1) // 2
-            batches[i : i + 1] = [batches[i][:half], batches[i][half:]]
-        else:
-            smallest, second = sorted(range(len(batches)), key=lambda k: len(batches[k]))[:2]
-            merged = batches[second] + batches[smallest]
-            batches = [b for k, b in enumerate(batches) if k not in (smallest, second)] + [merged]
+    batches = [list(b) for b in batches]
+    while len(batches) > 1 and min(map(len, batches)) < parts:
+        rest = batches.pop(min(range(len(batches)), key=lambda k: len(batches[k])))
+        batches[min(range(len(batches)), key=lambda k: len(batches[k]))] += rest
     return batches
+
+
+def _split(batch: list[int], parts: int) -> list[list[int]]:
+    """Contiguous parts of (nearly) equal size, none empty."""
+    bounds = [round(i * len(batch) / parts) for i in range(parts + 1)]
+    return [batch[bounds[i] : bounds[i + 1]] for i in range(parts)]
 
 
 class EpochBatchSampler:
@@ -522,12 +513,16 @@ class EpochBatchSampler:
         """All replicas' batches for `epoch`, before sharding."""
         import numpy as np
 
+        # Plan global batches (batch_size x replicas) and give each replica one part of each, so N
+        # processes x B see the same examples per optimizer step as 1 process x N*B.
+        size = self.batch_size * self.num_replicas
         if self.shuffle:
-            batches = length_grouped_batches(self.lengths, self.batch_size, np.random.default_rng([self.seed, epoch]))
+            batches = length_grouped_batches(self.lengths, size, np.random.default_rng([self.seed, epoch]))
         else:  # evaluation: keep the file's order
             n = len(self.lengths)
-            batches = [list(range(s, min(s + self.batch_size, n))) for s in range(0, n, self.batch_size)]
-        return even_out(batches, self.num_replicas)
+            batches = [list(range(s, min(s + size, n))) for s in range(0, n, size)]
+        parts = self.num_replicas
+        return [part for batch in _mergeable(batches, parts) for part in _split(batch, parts)]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -117,17 +117,17 @@ def load_model_and_tokenizer(lora: LoraSettings, settings: TrainSettings, explic
     from loraflow.models import load_base_model, load_tokenizer
 
     if settings.init_model:
-        return _continue_from(settings.init_model, lora, explicit)
+        return _continue_from(settings.init_model, lora, explicit, settings.trust_remote_code)
     tokenizer = load_tokenizer(settings.base_model, revision=settings.revision, trust_remote_code=settings.trust_remote_code)
     model = load_base_model(settings.base_model, revision=settings.revision, trust_remote_code=settings.trust_remote_code)
     return apply_lora(model, lora, log=False), tokenizer, lora
 
 
-def _continue_from(uri: str, requested: LoraSettings, explicit: set[str]):
+def _continue_from(uri: str, requested: LoraSettings, explicit: set[str], trust_remote_code: bool = False):
     """Load a logged model trainable; its LoRA settings win, and a conflicting request is an error."""
     from loraflow import flavor
 
-    loaded = flavor.load_model(uri, is_trainable=True)
+    loaded = flavor.load_model(uri, is_trainable=True, trust_remote_code=trust_remote_code)
     peft_config = loaded.model.peft_config["default"]
     names = [f.name for f in dataclasses.fields(LoraSettings)]
     from_model = lora_settings({n: _peft_value(getattr(peft_config, n)) for n in names if hasattr(peft_config, n)})
@@ -164,12 +164,14 @@ def total_steps(settings: TrainSettings, batches_per_epoch: int) -> int:
 def evaluate(model, loader, accelerator: "Accelerator") -> float:
     """Token-weighted mean loss over the eval set, reduced across processes."""
     import torch
+    from accelerate.utils import send_to_device
 
     model.eval()
     loss_sum = torch.zeros((), device=accelerator.device)
     token_count = torch.zeros((), device=accelerator.device)
     with torch.inference_mode():
         for batch in loader:
+            batch = send_to_device(batch, accelerator.device)
             labels = batch["labels"]
             n = (labels[:, 1:] != -100).sum()
             loss = model(**batch).loss
@@ -227,9 +229,12 @@ def fit(
         TrainingInterrupted: after SIGINT/SIGTERM, once a checkpoint is written.
     """
     import torch
+    from accelerate.utils import send_to_device
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
+    # Each process gets its own disjoint share of every global batch (data.make_dataloader shards
+    # them evenly, with no example dropped or repeated), so accelerate must not shard them again.
     def loader(examples, shuffle: bool):
         return data_lib.make_dataloader(
             examples,
@@ -239,6 +244,8 @@ def fit(
             seed=settings.seed,
             packing=settings.packing,
             max_seq_length=settings.max_seq_length,
+            num_replicas=accelerator.num_processes,
+            rank=accelerator.process_index,
         )
 
     train_loader, eval_loader = loader(data.train, True), loader(data.eval, False)
@@ -247,9 +254,9 @@ def fit(
         [p for p in model.parameters() if p.requires_grad], lr=settings.learning_rate, weight_decay=settings.weight_decay
     )
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(settings.warmup_ratio * steps), steps)
-    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, eval_loader, scheduler
-    )
+    # Only the model and optimizer go through accelerate: a prepared scheduler steps num_processes
+    # times per optimizer step (it assumes loaders it sharded itself), so this loop steps it once.
+    model, optimizer = accelerator.prepare(model, optimizer)
     state = ckpt.restore(resume, accelerator.unwrap_model(model), optimizer, scheduler) if resume else None
     history = {k: [tuple(p) for p in v] for k, v in state.history.items()} if state else {"train_loss": [], "eval_loss": []}
     checkpoints = ckpt.run_dir(settings.output_dir, run.run_id)
@@ -262,6 +269,8 @@ def fit(
 
     def save(step: int, epoch: int, consumed: int) -> Path:
         accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            return checkpoints
         position = ckpt.CheckpointState(step, epoch, consumed, run.run_id, flat_settings or {}, {k: list(map(list, v)) for k, v in history.items()})
         path = ckpt.save_checkpoint(checkpoints, position, accelerator.unwrap_model(model), optimizer, scheduler)
         logger.info("checkpoint written: %s", path)
@@ -274,10 +283,11 @@ def fit(
     tokens, started = 0, time.perf_counter()
     with stop_on_signals() as stop:
         while step < steps:
-            train_loader.set_epoch(epoch)
+            train_loader.batch_sampler.set_epoch(epoch)
             batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
             consumed, skip = skip, 0
             for batch in batches:
+                batch = send_to_device(batch, accelerator.device)
                 consumed += 1
                 with accelerator.accumulate(model):
                     loss = model(**batch).loss
@@ -285,11 +295,11 @@ def fit(
                     if accelerator.sync_gradients and settings.max_grad_norm:
                         accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
                     optimizer.step()
-                    scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 tokens += _real_tokens(batch, tokenizer.pad_token_id)
                 if not accelerator.sync_gradients:
                     continue
+                scheduler.step()
                 step += 1
                 step_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
                 rate = tokens * accelerator.num_processes / (time.perf_counter() - started)
@@ -344,7 +354,11 @@ def run_training(
 
     read_data(settings)  # fail on bad data before anything heavy (tokenizing needs the tokenizer)
     tracking.check_reachable()  # and on a dead tracking server, within seconds
+    import torch
+
     accelerator = Accelerator(
+        # Without a GPU, accelerate goes multi-process (gloo) only when told it runs on the CPU.
+        cpu=torch.accelerator.current_accelerator() is None,
         mixed_precision=mixed_precision(settings.precision), gradient_accumulation_steps=settings.grad_accum_steps
     )
     set_seed(settings.seed)
@@ -378,13 +392,15 @@ def _log_or_save_model(model, tokenizer, prepared: PreparedData, lora, settings,
     base_model = settings.base_model
     prompts = _example_prompts(prepared)
     info = run.log_model(model, tokenizer, base_model=base_model, base_mode=settings.base_mode,
-                         registered_model_name=settings.registered_model_name, input_example=prompts)
+                         registered_model_name=settings.registered_model_name, input_example=prompts,
+                         trust_remote_code=settings.trust_remote_code)
     if info is not None:
         result.model_uri = info.model_uri
         result.registered_version = run.tag_version(info, settings, lora, result.eval_loss_after)
         return
     local = Path(settings.output_dir) / f"model-{run.run_id or 'untracked'}"
-    flavor.save_model(model, str(local), tokenizer, base_model=base_model, base_mode=settings.base_mode)
+    flavor.save_model(model, str(local), tokenizer, base_model=base_model, base_mode=settings.base_mode,
+                      trust_remote_code=settings.trust_remote_code)
     result.ok, result.local_model_dir = False, str(local.resolve())
     logger.error("the model could not be logged to MLflow; it is saved locally at %s", result.local_model_dir)
 
