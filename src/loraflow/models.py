@@ -114,6 +114,8 @@ def load_base_model(
         kwargs["dtype"] = dtype
     with remote_code_refused(name_or_path):
         model = AutoModelForCausalLM.from_pretrained(resolve_base(name_or_path), **kwargs)
+    if base_kind(name_or_path) == "hub" and getattr(model.config, "_commit_hash", None) is None:
+        model.config._commit_hash = _cached_commit(name_or_path, revision)
     if device is not None:
         model.to(device)
     return model
@@ -132,6 +134,18 @@ def load_tokenizer(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _cached_commit(repo_id: str, revision: str | None) -> str | None:
+    """The commit a Hub download resolved to, read back from the local HF cache.
+
+    transformers 5 does not always set `config._commit_hash`; the cache path of config.json holds it.
+    """
+    from huggingface_hub import try_to_load_from_cache
+    from transformers.utils.hub import extract_commit_hash
+
+    cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    return extract_commit_hash(cached, None) if isinstance(cached, str) else None
 
 
 def resolved_revision(model: "PreTrainedModel") -> str | None:
