@@ -79,3 +79,19 @@ def stop(proc: subprocess.Popen) -> None:
             except ProcessLookupError:
                 pass
             proc.wait(timeout=15)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def project_copy(tmp_path: Path) -> Path:
+    """The project's tracked files in a temp dir, so `mlflow run` cannot write into the repo."""
+    import shutil
+
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    dest = tmp_path / "project"
+    for name in files:
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    return dest

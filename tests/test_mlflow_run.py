@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import mlflow
 import pytest
-from helpers import env_with_venv, mlflow_server
+from helpers import env_with_venv, mlflow_server, project_copy
 from mlflow import MlflowClient
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def project_copy(tmp_path: Path) -> Path:
-    """The project's tracked files, copied to a temp dir (the run must not write into the repo)."""
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    dest = tmp_path / "project"
-    for name in files:
-        if (ROOT / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, dest / name)
-    return dest
 
 
 def test_mlflow_run_main_entry_point_on_the_defaults(tmp_path):

@@ -6,7 +6,6 @@ batch (8) and seed, both for one pass over the training data (18 optimizer steps
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +13,9 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from helpers import BIN, env_with_venv, free_port
+from helpers import BIN, env_with_venv, free_port, project_copy
 from mlflow import MlflowClient
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 # 20 eval examples: batches of 8, 8 and 4, the last split 2 + 2 (a sharder that repeats or drops
@@ -110,12 +108,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(runs):
 
 def test_mlflow_run_distributed_entry_point(tmp_path):
     """`mlflow run -e distributed -P nproc_per_node=2`: torchrun under MLflow's run, still one run."""
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    project = tmp_path / "project"
-    for name in files:
-        if (ROOT / name).is_file():
-            (project / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, project / name)
+    project = project_copy(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = subprocess.run(
         [str(BIN / "mlflow"), "run", str(project), "-e", "distributed", "--env-manager", "local",

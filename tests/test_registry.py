@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import BIN, env_with_venv, free_port, mlflow_server, stop, wait_for_http
+from helpers import BIN, env_with_venv, free_port, mlflow_server, project_copy, stop, wait_for_http
 from hypothesis import given
 from hypothesis import strategies as st
 from mlflow import MlflowClient
@@ -40,7 +39,6 @@ from loraflow.registry import (
     rollback,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Question: What is LoRA?\nAnswer:"
 pytestmark = pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")
 
@@ -299,17 +297,6 @@ def test_an_unreachable_registry_fails_within_seconds(monkeypatch):
 
 # ---------------------------------------------------------------------------------------------
 # End to end: real training, `mlflow run`, a real `mlflow server`, `mlflow models serve`.
-
-
-def project_copy(tmp_path: Path) -> Path:
-    """The project's tracked files in a temp dir, so `mlflow run` cannot write into the repo."""
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    dest = tmp_path / "project"
-    for name in files:
-        if (ROOT / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, dest / name)
-    return dest
 
 
 @pytest.mark.slow
