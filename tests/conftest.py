@@ -33,6 +33,21 @@ def tiny_model(tiny_path):
     return load_base_model(tiny_path).eval()
 
 
+@pytest.fixture(scope="module")
+def base_model(tiny_path):
+    """One loaded base model per test module; tests take `model`, a deepcopy peft can wrap freely."""
+    from loraflow.models import load_base_model
+
+    return load_base_model(tiny_path).eval()
+
+
+@pytest.fixture
+def model(base_model):
+    import copy
+
+    return copy.deepcopy(base_model)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_path):
     from loraflow.models import load_tokenizer

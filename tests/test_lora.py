@@ -31,19 +31,6 @@ REPORT_KEYS = {
 }
 
 
-@pytest.fixture(scope="module")
-def base_model(tiny_path):
-    """One loaded base model per module; tests take a deepcopy so peft can wrap it freely."""
-    from loraflow.models import load_base_model
-
-    return load_base_model(tiny_path).eval()
-
-
-@pytest.fixture
-def model(base_model):
-    return copy.deepcopy(base_model)
-
-
 def unique_param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

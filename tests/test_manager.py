@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import sys
 
 import pytest
@@ -16,18 +15,6 @@ REPORT_KEYS = {
     "total_params", "trainable_params", "frozen_params", "lora_params",
     "projector_params", "other_trainable_params", "trainable_percentage",
 }
-
-
-@pytest.fixture(scope="module")
-def base_model(tiny_path):
-    from loraflow.models import load_base_model
-
-    return load_base_model(tiny_path).eval()
-
-
-@pytest.fixture
-def model(base_model):
-    return copy.deepcopy(base_model)
 
 
 def test_apply_lora_with_the_seed_config(model):
