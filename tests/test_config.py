@@ -384,7 +384,7 @@ def test_train_positive_integers(name, value):
     assert info.value.problems == [f"`{name}` must be a positive integer, got {value}"]
 
 
-@pytest.mark.parametrize("name", ["max_steps", "checkpoint_steps", "max_grad_norm", "weight_decay"])
+@pytest.mark.parametrize("name", ["max_steps", "checkpoint_steps", "max_grad_norm", "weight_decay", "micro_batch_tokens"])
 def test_train_non_negative(name):
     parse_settings({name: 0})
     with pytest.raises(ConfigError) as info:

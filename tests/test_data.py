@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import re
 import time
@@ -446,8 +445,9 @@ def test_batch_plans_cover_every_example_once_on_equal_shards(lengths, batch_siz
         assert sorted(i for batch in plan for i in batch) == list(range(len(lengths)))
         assert len(plan) % replicas == 0 and len(plan) // replicas == len(sampler)
         assert all(len(batch) >= 1 for batch in plan)
-        if len(lengths) >= math.ceil(len(lengths) / batch_size / replicas) * replicas:
-            assert all(len(batch) <= batch_size for batch in plan)  # only merged when it cannot split
+        leftover = len(lengths) % (batch_size * replicas)  # the last global batch, when it is short
+        if not 0 < leftover < replicas:  # only a last batch too small to split is merged into another
+            assert all(len(batch) <= batch_size for batch in plan)
     rows = data.pack_examples(lengths, 40, list(range(len(lengths))))
     assert [i for row in rows for i in row] == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in row) <= 40 for row in rows)
@@ -577,3 +577,46 @@ def test_right_padded_examples_match_unpadded(tiny_model, tiny_tokenizer, real_e
             n = int(mask.sum())
             ids = batch["input_ids"][row, :n].tolist()
             torch.testing.assert_close(logits[row, :n], _solo_logits(tiny_model, ids), atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Micro-batches.
+
+
+def _rows(part: dict) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) of each row without its padding."""
+    n = part["attention_mask"].sum(dim=1).tolist()
+    return [(part["input_ids"][i, :k].tolist(), part["labels"][i, :k].tolist()) for i, k in enumerate(n)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=12), budget=st.integers(1, 200))
+def test_split_batch_keeps_every_row_once_within_the_budget(lengths, budget):
+    batch = data.collate_padded([(ids, labels) for ids, labels in zip(*_id_label_rows(lengths))], pad_token_id=0)
+    parts = data.split_batch(batch, budget)
+    assert [row for part in parts for row in _rows(part)] == _rows(batch)
+    for part in parts:
+        rows, width = part["input_ids"].shape
+        assert rows >= 1
+        assert rows == 1 or rows * width <= budget  # one row longer than the budget still runs alone
+        assert width == int(part["attention_mask"].sum(dim=1).max())  # trimmed to its own longest row
+
+
+def _id_label_rows(lengths: list[int]) -> tuple[list[list[int]], list[list[int]]]:
+    ids = [[1] + [10 + i] * (n - 1) for i, n in enumerate(lengths)]
+    return ids, [[-100] + row[1:] for row in ids]
+
+
+def test_split_batch_returns_a_batch_within_the_budget_unchanged():
+    batch = data.collate_padded(list(zip(*_id_label_rows([5, 4, 3]))), pad_token_id=0)
+    assert data.split_batch(batch, 15) == [batch]
+
+
+def test_split_batch_cuts_packed_rows_and_keeps_use_cache():
+    loader = data.make_dataloader(fake_examples([5, 4, 3, 6, 2, 7]), 3, pad_token_id=0, shuffle=False, seed=0,
+                                  packing=True, max_seq_length=8)
+    batch = next(iter(loader))
+    parts = data.split_batch(batch, 8)
+    assert [p["input_ids"].shape[0] for p in parts] == [1] * batch["input_ids"].shape[0]
+    assert all(p["use_cache"] is False for p in parts)
+    torch.testing.assert_close(torch.cat([p["position_ids"] for p in parts]), batch["position_ids"])

@@ -7,6 +7,7 @@ import os
 
 import mlflow
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from loraflow import flavor
@@ -127,3 +128,40 @@ def test_continued_training_rejects_conflicting_lora_settings(tracking_uri, tmp_
     first = train(output_dir=str(tmp_path))
     with pytest.raises(ConfigError, match="`r` is 32 but init_model"):
         train(output_dir=str(tmp_path), init_model=first.model_uri, r="32")
+
+
+def _lora_grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_micro_batches_give_the_same_loss_and_gradients_as_one_pass(model, tiny_tokenizer):
+    from accelerate import Accelerator
+
+    from loraflow import data as data_lib
+    from loraflow.lora import apply_lora
+    from loraflow.config import lora_settings
+    from loraflow.train import forward_backward
+
+    peft_model = apply_lora(model, lora_settings({"r": 4, "lora_dropout": 0.0}), log=False).train()
+    texts = ["a short one", "a somewhat longer example sentence here", "mid length text", "x"]
+    rows = [tiny_tokenizer(t)["input_ids"] for t in texts]
+    batch = data_lib.collate_padded([(r, [-100] + r[1:]) for r in rows], tiny_tokenizer.pad_token_id)
+    accelerator = Accelerator(cpu=True)
+
+    whole = forward_backward(peft_model, batch, accelerator, None)
+    expected = _lora_grads(peft_model)
+    peft_model.zero_grad(set_to_none=True)
+    assert len(data_lib.split_batch(batch, 12)) > 1
+    split = forward_backward(peft_model, batch, accelerator, 12)
+
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
+    for name, grad in _lora_grads(peft_model).items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_auto_micro_batches_split_on_cpu_only():
+    from loraflow.train import CPU_MICRO_BATCH_TOKENS, micro_batch_budget
+
+    assert micro_batch_budget(0, torch.device("cpu")) == CPU_MICRO_BATCH_TOKENS
+    assert micro_batch_budget(0, torch.device("cuda")) is None
+    assert micro_batch_budget(300, torch.device("cuda")) == 300

@@ -78,8 +78,11 @@ class TrainSettings:
     packing: bool = _help("Pack several examples per row (no cross-example attention) instead of padding.", False)
     max_steps: int = _help("Optimizer steps to run; 0 means use `epochs`.", 60)
     epochs: float = _help("Passes over the training data, used when max_steps is 0.", 1.0)
-    batch_size: int = _help("Examples per micro-batch (per process).", 8)
-    grad_accum_steps: int = _help("Micro-batches accumulated per optimizer step.", 1)
+    batch_size: int = _help("Examples per batch (per process); see micro_batch_tokens.", 8)
+    grad_accum_steps: int = _help("Batches accumulated per optimizer step.", 1)
+    micro_batch_tokens: int = _help(
+        "Run each batch in parts of at most this many padded tokens, accumulating their gradients (same "
+        "update, less activation memory). 0: auto (1024 on CPU, no split on GPU).", 0)
     learning_rate: float = _help("Peak AdamW learning rate.", 2e-3)
     weight_decay: float = _help("AdamW weight decay.", 0.0)
     warmup_ratio: float = _help("Share of steps spent in linear warmup, 0 <= x < 1; then cosine decay.", 0.1)
@@ -259,7 +262,7 @@ def _train_rules(s: dict[str, Any]) -> list[str]:
     for name in ("max_seq_length", "batch_size", "grad_accum_steps", "eval_steps"):
         if name in s and s[name] <= 0:
             problems.append(f"`{name}` must be a positive integer, got {s[name]}")
-    for name in ("max_steps", "checkpoint_steps", "max_grad_norm", "weight_decay"):
+    for name in ("max_steps", "checkpoint_steps", "max_grad_norm", "weight_decay", "micro_batch_tokens"):
         if name in s and s[name] < 0:
             problems.append(f"`{name}` must be >= 0, got {s[name]}")
     if "learning_rate" in s and not 0 < s["learning_rate"] < 1:

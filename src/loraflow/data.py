@@ -585,6 +585,34 @@ def collate_packed(rows: list[list[tuple[list[int], list[int]]]], pad_token_id: 
     }
 
 
+def split_batch(batch: dict[str, Any], max_tokens: int) -> list[dict[str, Any]]:
+    """Cut a collated batch into row ranges of at most `max_tokens` padded tokens each.
+
+    Rows are taken in order (length-grouped batches come longest first), each part holds at least
+    one row, and a padded part is trimmed to its own longest row, so splitting also drops padding.
+    Non-tensor entries (`use_cache`) are kept as they are in every part.
+    """
+    import torch
+
+    rows = batch["input_ids"].shape[0]
+    mask = batch.get("attention_mask")
+    lengths = mask.sum(dim=1).tolist() if mask is not None else [batch["input_ids"].shape[1]] * rows
+    parts, start = [], 0
+    while start < rows:
+        end, width = start + 1, lengths[start]
+        while end < rows and (end + 1 - start) * max(width, lengths[end]) <= max_tokens:
+            width = max(width, lengths[end])
+            end += 1
+        parts.append((start, end, int(width)))
+        start = end
+    if len(parts) == 1:
+        return [batch]
+    return [
+        {k: (v[s:e, :w] if mask is not None else v[s:e]) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        for s, e, w in parts
+    ]
+
+
 def make_dataloader(
     data: TokenizedExamples,
     batch_size: int,

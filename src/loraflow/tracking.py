@@ -19,6 +19,11 @@ logger = logging.getLogger(__name__)
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 REACHABILITY_TIMEOUT_S = 5.0
+# MLflow's async logging thread polls its queue with a 1 s timeout, so each flush and end_run
+# stalls up to a second. With a buffering window it waits on an event that flushing sets instead
+# (and writes one batch per window). Used only where the user has not set it.
+ASYNC_BUFFER_ENV = "MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS"
+ASYNC_BUFFER_SECONDS = "1"
 
 
 class TrackingUnreachable(LoraflowError):
@@ -145,16 +150,19 @@ class RunLogger:
 
         `run_id` re-opens an earlier run (resuming from its checkpoint).
         """
-        import mlflow
-
-        if not enabled:
+        if not enabled:  # never imports mlflow: a run with tracking off does not pay for it
             yield cls(None, enabled=False)
             return
+        import mlflow
+
         check_reachable()
         owned = mlflow.active_run() is None
         run = mlflow.start_run(run_id=run_id) if owned else mlflow.active_run()
         logger_ = cls(run.info.run_id, enabled=True)
         status = "FAILED"
+        set_buffer = ASYNC_BUFFER_ENV not in os.environ
+        if set_buffer:
+            os.environ[ASYNC_BUFFER_ENV] = ASYNC_BUFFER_SECONDS
         try:
             yield logger_
             status = "FINISHED"
@@ -165,6 +173,8 @@ class RunLogger:
             logger_._guard("flush async logging", mlflow.flush_async_logging)
             if owned:
                 logger_._guard("end the run", lambda: mlflow.end_run(status=status))
+            if set_buffer:
+                os.environ.pop(ASYNC_BUFFER_ENV, None)
 
     def _guard(self, what: str, call, *args: Any, **kwargs: Any) -> Any:
         if not self.enabled:
@@ -185,6 +195,8 @@ class RunLogger:
 
     def log_settings(self, lora: LoraSettings, train: Any) -> None:
         """Every resolved setting as a param, and the whole config as `config.yaml`."""
+        if not self.enabled:
+            return
         import mlflow
 
         resolved = {"lora": to_dict(lora), "train": to_dict(train)}
@@ -193,6 +205,8 @@ class RunLogger:
 
     def log_metrics(self, metrics: Mapping[str, float | int], step: int | None) -> None:
         """Log metrics asynchronously (per-step logging must not slow training)."""
+        if not self.enabled:
+            return
         import mlflow
 
         values = {k: float(v) for k, v in metrics.items()}
@@ -200,6 +214,8 @@ class RunLogger:
 
     def log_datasets(self, train_frame, eval_frame, train_source: str, eval_source: str) -> None:
         """The train and eval sets as MLflow dataset inputs, with source path and digest."""
+        if not self.enabled:
+            return
         import mlflow
 
         def log(frame, source: str, name: str, context: str) -> None:
@@ -212,6 +228,8 @@ class RunLogger:
 
     def log_loss_curve(self, history: Mapping[str, list[tuple[int, float]]]) -> None:
         """A loss-curve figure: train loss per step and eval loss at each evaluation."""
+        if not self.enabled:
+            return
         import mlflow
 
         self._guard("log the loss curve", lambda: mlflow.log_figure(loss_curve_figure(history), "loss_curve.png"))

@@ -32,6 +32,7 @@ from loraflow.errors import ConfigError
 
 if TYPE_CHECKING:
     import pandas as pd
+    import torch
     from accelerate import Accelerator
 
     from loraflow import tracking
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MODEL_ARTIFACT = "model"
+CPU_MICRO_BATCH_TOKENS = 1024  # auto micro-batch size on CPU (see micro_batch_budget)
 
 
 @dataclass
@@ -249,6 +251,7 @@ def fit(
         )
 
     train_loader, eval_loader = loader(data.train, True), loader(data.eval, False)
+    budget = micro_batch_budget(settings.micro_batch_tokens, accelerator.device)
     steps = total_steps(settings, len(train_loader))
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=settings.learning_rate, weight_decay=settings.weight_decay
@@ -290,8 +293,7 @@ def fit(
                 batch = send_to_device(batch, accelerator.device)
                 consumed += 1
                 with accelerator.accumulate(model):
-                    loss = model(**batch).loss
-                    accelerator.backward(loss)
+                    loss = forward_backward(model, batch, accelerator, budget)
                     if accelerator.sync_gradients and settings.max_grad_norm:
                         accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
                     optimizer.step()
@@ -321,6 +323,44 @@ def fit(
     bar.close()
     after = record_eval(step)
     return before, after, history
+
+
+def micro_batch_budget(micro_batch_tokens: int, device: "torch.device") -> int | None:
+    """Tokens per micro-batch: the setting, or for 0 (auto) 1024 on CPU and no limit elsewhere.
+
+    On CPU, time per token is flat from a few hundred tokens per forward pass up, while
+    activation memory grows with every token: small micro-batches cost nothing and bound the peak.
+    On a GPU, larger forward passes are faster, so auto never splits there.
+    """
+    if micro_batch_tokens:
+        return micro_batch_tokens
+    return CPU_MICRO_BATCH_TOKENS if device.type == "cpu" else None
+
+
+def forward_backward(model, batch: dict, accelerator: "Accelerator", max_tokens: int | None) -> "torch.Tensor":
+    """Forward and backward over one batch, in micro-batches of at most `max_tokens` tokens.
+
+    Each part's mean loss is weighted by its share of the batch's label tokens, so the summed
+    gradients are the gradient of the whole batch's mean loss (the same update as one pass).
+    Returns that mean loss, detached. Gradients sync across processes only on the last part.
+    """
+    parts = data_lib.split_batch(batch, max_tokens) if max_tokens else [batch]
+    counts = [int((part["labels"][:, 1:] != data_lib.IGNORE_INDEX).sum()) for part in parts]
+    total = sum(counts)
+    if len(parts) == 1 or total == 0:
+        loss = model(**batch).loss
+        accelerator.backward(loss)
+        return loss.detach()
+    loss_sum = None
+    for i, (part, count) in enumerate(zip(parts, counts)):
+        if count == 0:  # nothing to learn from (its mean loss would be 0/0)
+            continue
+        last = i == len(parts) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            loss = model(**part).loss * (count / total)
+            accelerator.backward(loss)
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+    return loss_sum
 
 
 def _real_tokens(batch: dict, pad_token_id: int) -> int:

@@ -1,0 +1,46 @@
+"""RunLogger: what a run records, and what tracking costs when it is off."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import mlflow
+from mlflow import MlflowClient
+
+from loraflow import tracking
+
+
+def test_tracking_off_never_imports_mlflow():
+    code = (
+        "import sys\n"
+        "from loraflow import tracking\n"
+        "with tracking.RunLogger.start(enabled=False) as run:\n"
+        "    run.log_metrics({'train_loss': 1.0}, 1)\n"
+        "    run.log_loss_curve({'train_loss': [(1, 1.0)], 'eval_loss': []})\n"
+        "    run.log_datasets(None, None, 'a', 'b')\n"
+        "assert 'mlflow' not in sys.modules, 'mlflow was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_async_metrics_are_all_written_and_the_buffer_setting_is_scoped(tracking_uri, monkeypatch):
+    monkeypatch.delenv(tracking.ASYNC_BUFFER_ENV, raising=False)
+    with tracking.RunLogger.start() as run:
+        assert os.environ[tracking.ASYNC_BUFFER_ENV] == tracking.ASYNC_BUFFER_SECONDS
+        for step in range(1, 26):
+            run.log_metrics({"train_loss": 1.0 / step}, step)
+    assert tracking.ASYNC_BUFFER_ENV not in os.environ
+    history = MlflowClient().get_metric_history(run.run_id, "train_loss")
+    assert sorted(m.step for m in history) == list(range(1, 26))
+    assert mlflow.get_run(run.run_id).info.status == "FINISHED"
+
+
+def test_a_buffer_setting_the_user_chose_is_kept(tracking_uri, monkeypatch):
+    monkeypatch.setenv(tracking.ASYNC_BUFFER_ENV, "5")
+    with tracking.RunLogger.start() as run:
+        run.log_metrics({"train_loss": 1.0}, 1)
+        assert os.environ[tracking.ASYNC_BUFFER_ENV] == "5"
+    assert os.environ[tracking.ASYNC_BUFFER_ENV] == "5"
