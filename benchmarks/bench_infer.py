@@ -96,7 +96,14 @@ def predict_side(root: str, flavor_name: str, uri: str, prompts: list[str]) -> d
     started = time.perf_counter()
     texts = predict(prompts)
     predict_s = time.perf_counter() - started
-    return {"load_s": load_s, "predict_s": predict_s, "texts": texts}
+    return {"load_s": load_s, "predict_s": predict_s, "texts": texts, "model": _describe(model, flavor_name)}
+
+
+def _describe(model, flavor_name: str) -> dict[str, Any]:
+    """What the loaded pyfunc model runs: its torch module's class and parameter dtypes."""
+    impl = model._model_impl  # the flavor's pyfunc wrapper
+    module = impl.loaded.model if flavor_name == "loraflow" else impl.pipeline.model
+    return {"class": type(module).__name__, "dtypes": sorted({str(p.dtype) for p in module.parameters()})}
 
 
 def run(root: Path, repeats: int, log=print) -> dict[str, Any]:
@@ -115,11 +122,22 @@ def run(root: Path, repeats: int, log=print) -> dict[str, Any]:
     out: dict[str, Any] = {"samples": samples, "reference": setup["reference"], "prompts": prompts}
     for name, rows in samples.items():
         texts = rows[0]["texts"]
+        continuations = [continuation(t, p) for t, p in zip(texts, prompts)]
         out[name] = {
             "prompts_per_s": common.median([N_PROMPTS / r["predict_s"] for r in rows]),
             "predict_s": common.median([r["predict_s"] for r in rows]),
             "load_s": common.median([r["load_s"] for r in rows]),
-            "matches_reference": sum(a == b for a, b in zip(texts, setup["reference"])),
+            "continuations": continuations,
+            "full_text": sum(t != c for t, c in zip(texts, continuations)),
+            "matches_reference": sum(a == b for a, b in zip(continuations, setup["reference"])),
+            "matches_reference_as_returned": sum(a == b for a, b in zip(texts, setup["reference"])),
             "deterministic": all(r["texts"] == texts for r in rows),
         }
     return out
+
+
+def continuation(text: str, prompt: str) -> str:
+    """The generated part of an output: the built-in text-generation pipeline returns the prompt
+    followed by the continuation (`return_full_text` defaults to True), while the reference (and
+    loraflow) hold the continuation only. Compare like with like: drop a leading copy of the prompt."""
+    return text[len(prompt):] if text.startswith(prompt) else text

@@ -202,9 +202,15 @@ def _infer_section(r: dict) -> list[str]:
         "flavor a list of strings (its documented text-generation input) with max_new_tokens/greedy in its model_config.",
         f"Load time excludes importing torch/transformers/peft/mlflow (both sides import them first).",
         "",
-        f"Outputs against the in-memory PeftModel (`generate` per prompt, greedy): loraflow {lf['matches_reference']}/{n} "
-        f"identical, mlflow.transformers {tf['matches_reference']}/{n} identical. Same outputs on every repeat: "
-        f"loraflow {lf['deterministic']}, mlflow.transformers {tf['deterministic']}.",
+        f"Outputs against the in-memory PeftModel (`generate` per prompt, greedy, continuation only): loraflow "
+        f"{lf['matches_reference']}/{n} identical, mlflow.transformers {tf['matches_reference']}/{n} identical. "
+        f"The built-in text-generation pipeline returns the prompt followed by the continuation "
+        f"(`return_full_text` defaults to True; {tf['full_text']}/{n} of its outputs started with their prompt), so "
+        "its outputs are compared after dropping that prompt (as returned, without stripping: loraflow "
+        f"{lf['matches_reference_as_returned']}/{n}, mlflow.transformers {tf['matches_reference_as_returned']}/{n}). "
+        f"Same outputs on every repeat: loraflow {lf['deterministic']}, mlflow.transformers {tf['deterministic']}.",
+        "",
+        _builtin_fidelity(r),
         "",
         *_first_mismatch(r),
         "Per run: loraflow " + _samples(r["samples"]["loraflow"], ["load_s", "predict_s"]),
@@ -213,10 +219,25 @@ def _infer_section(r: dict) -> list[str]:
     ]
 
 
+def _builtin_fidelity(r: dict) -> str:
+    """Whether the built-in flavor changed the outputs here (the issue reports it changing logits)."""
+    tf, n = r["transformers"], len(r["reference"])
+    models = {name: r["samples"][name][0]["model"] for name in ("loraflow", "transformers")}
+    loaded = " and ".join(f"{k} a `{v['class']}` in {'/'.join(v['dtypes'])}" for k, v in models.items())
+    if tf["matches_reference"] == n:
+        verdict = (f"Not here: its greedy continuations equal the in-memory model's on all {n} prompts; what separates "
+                   "it from loraflow is speed and its full-text output")
+    else:
+        verdict = (f"Yes here: {n - tf['matches_reference']}/{n} of its continuations differ from the in-memory "
+                   "model's (first mismatch below)")
+    return (f"Does the built-in flavor change the outputs (the issue reports it changing logits)? {verdict}. "
+            f"Loaded through pyfunc, the models run are: {loaded}.")
+
+
 def _first_mismatch(r: dict) -> list[str]:
     out = []
     for name in ("loraflow", "transformers"):
-        texts = r["samples"][name][0]["texts"]
+        texts = r[name]["continuations"]  # the generated part, as the reference holds
         for i, (got, want) in enumerate(zip(texts, r["reference"])):
             if got != want:
                 out += [f"First {name} mismatch, prompt {i}: got {got[:80]!r}, in-memory {want[:80]!r}", ""]

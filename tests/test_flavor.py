@@ -99,6 +99,24 @@ def test_fingerprint_is_the_same_with_and_without_peft_wrappers(tiny_model):
     assert flavor.base_fingerprint(wrapped) != before
 
 
+def test_models_saved_with_the_sequential_fingerprint_still_load_and_are_checked(saved, peft_model):
+    base = peft_model.get_base_model()
+    old = flavor.base_fingerprint(base, scheme="sha256")
+    assert old.startswith("sha256:") and old != flavor.base_fingerprint(base)
+    doc = mlmodel(saved)
+    doc["flavors"]["loraflow"]["base"]["fingerprint"] = old  # as loraflow before `sha256-tensors` wrote it
+    write_mlmodel(saved, doc)
+    assert flavor.load_model(str(saved)).model is not None
+    doc["flavors"]["loraflow"]["base"]["fingerprint"] = "sha256:" + "0" * 64
+    write_mlmodel(saved, doc)
+    with pytest.raises(MlflowException, match="does not match"):
+        flavor.load_model(str(saved))
+    doc["flavors"]["loraflow"]["base"]["fingerprint"] = "blake3:" + "0" * 64
+    write_mlmodel(saved, doc)
+    with pytest.raises(MlflowException, match="unknown base fingerprint scheme 'blake3'.*upgrade loraflow"):
+        flavor.load_model(str(saved))
+
+
 def test_saved_artifact_layout_and_flavor_config(saved, peft_model):
     conf = mlmodel(saved)["flavors"]["loraflow"]
     assert conf["flavor_version"] == flavor.FLAVOR_VERSION
@@ -118,6 +136,37 @@ def test_saved_artifact_layout_and_flavor_config(saved, peft_model):
     assert not any(r.startswith("loraflow") for r in requirements)  # shipped as code instead
     pickles = [p for p in saved.rglob("*") if p.suffix in (".bin", ".pkl", ".pickle", ".pt", ".pth")]
     assert pickles == []
+    shipped = sorted(p.name for p in (saved / "code" / "loraflow").iterdir())
+    assert shipped == sorted(flavor.LOADER_MODULES)  # no training code, tests, caches or resources
+
+
+def test_the_saved_model_loads_where_loraflow_is_not_installed(saved, tmp_path):
+    """Only the shipped `code/loraflow` is importable: loading and predicting must not need more."""
+    import subprocess
+    import sys
+
+    src = str(Path(flavor.__file__).resolve().parent.parent)  # the installed (editable) package's root
+    script = f"""
+import sys
+sys.path = [p for p in sys.path if p != {src!r}]
+import importlib.util
+assert importlib.util.find_spec("loraflow") is None, "loraflow is still importable"
+import mlflow.pyfunc
+model = mlflow.pyfunc.load_model({str(saved)!r})
+print(model.predict(["Hello"], params={{"max_new_tokens": 3}})["text"].tolist())
+code = {str(saved / "code" / "loraflow")!r}
+outside = [n for n, m in sys.modules.items() if n.split(".")[0] == "loraflow" and not m.__file__.startswith(code)]
+assert not outside, outside
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_a_referenced_builtin_base_ships_the_resources_to_rebuild_it(tmp_path, peft_model, tiny_tokenizer):
+    path = tmp_path / "model"
+    flavor.save_model(peft_model, path, tiny_tokenizer, base_model="builtin:tiny", base_mode="reference")
+    assert (path / "code" / "loraflow" / "resources" / "corpus.txt").is_file()
+    assert not (path / "base").exists()
 
 
 def test_modules_to_save_weights_are_in_the_adapter_file(saved):
@@ -273,12 +322,12 @@ def test_reference_to_a_changed_base_fails_naming_both_fingerprints(tmp_path, pe
     with pytest.raises(MlflowException, match="does not match") as err:
         flavor.load_model(str(path))
     message = err.value.message
-    assert recorded in message and message.count("sha256:") == 2 and str(base_copy) in message
+    assert recorded in message and message.count(f"{flavor.FINGERPRINT_SCHEME}:") == 2 and str(base_copy) in message
 
 
 def test_embedded_base_with_modified_weights_fails(saved):
     _perturb_safetensors(saved / "base" / "model.safetensors")
-    with pytest.raises(MlflowException, match="does not match.*expected sha256:"):
+    with pytest.raises(MlflowException, match=f"does not match.*expected {flavor.FINGERPRINT_SCHEME}:"):
         flavor.load_model(str(saved))
 
 

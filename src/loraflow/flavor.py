@@ -17,7 +17,7 @@ Layout of a saved model (no pickle anywhere: safetensors, JSON and YAML only)::
     tokenizer/         the tokenizer's `save_pretrained`
     base/              embedded mode only: the base model's config.json, generation_config.json
                        and *.safetensors, copied from its local directory
-    code/loraflow/     this package (see "Requirements" below)
+    code/loraflow/     the modules of this package that loading imports (see "Requirements" below)
 
 The base model is stored in one of two modes:
 
@@ -29,8 +29,11 @@ The base model is stored in one of two modes:
 Base fingerprint: `sha256` over the base model's normalised config and every base weight tensor's
 name, dtype, shape and bytes (sorted by name, tied tensors once), computed from the in-memory model
 with peft's wrappers stripped, so `base_fingerprint(base) == base_fingerprint(get_peft_model(base))`.
-On load the base is loaded in the recorded dtype and fingerprinted again before the adapter is
-applied; a mismatch raises an `MlflowException` naming both fingerprints instead of silently
+Each tensor's bytes are hashed on their own, in parallel threads (scheme `sha256-tensors`; models
+saved before record the sequential scheme `sha256`, which is still verified). On load the base is
+loaded in the recorded dtype and its tensors are captured for fingerprinting before the adapter is
+applied; they are hashed while the adapter and tokenizer load, and a mismatch raises an
+`MlflowException` naming both fingerprints (before the model is returned) instead of silently
 producing different outputs. The adapter file's sha256 is recorded and checked too, so flipped
 bytes are caught even where safetensors would still parse them.
 
@@ -47,10 +50,12 @@ with a message saying how to allow it; a model recorded without it is always loa
 
 Requirements: the model's requirements pin only third-party packages (mlflow, torch, transformers,
 peft, accelerate, safetensors, tokenizers), and the `loraflow` package itself is shipped with
-`code_paths` (under `code/loraflow/`). We chose this over pinning `loraflow==<version>` because
-loraflow is usually installed editable from a checkout, so such a pin would not resolve on PyPI in a
-fresh serving environment; shipping the code also guarantees that the loader that reads a model is
-the code that wrote it (MLflow puts `code/` first on `sys.path` before importing the loader module).
+`code_paths` (under `code/loraflow/`: only the modules loading imports, `LOADER_MODULES`, plus the
+builtin resources for a referenced `builtin:*` base). We chose this over pinning
+`loraflow==<version>` because loraflow is usually installed editable from a checkout, so such a pin
+would not resolve on PyPI in a fresh serving environment; shipping the code also guarantees that the
+loader that reads a model is the code that wrote it (MLflow puts `code/` first on `sys.path` before
+importing the loader module).
 Importing `loraflow` needs only the standard library, so no other pins are needed for it.
 """
 
@@ -63,6 +68,8 @@ import logging
 import numbers
 import os
 import shutil
+import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Literal, NamedTuple
@@ -131,7 +138,7 @@ GENERATION_DEFAULTS: dict[str, Any] = {
 # Settings of the served model itself (pyfunc `model_config`; override with
 # `mlflow.pyfunc.load_model(uri, model_config={...})`).
 PYFUNC_DEFAULTS: dict[str, Any] = {
-    "batch_size": 8,  # prompts per micro-batch; sorted by length so padding stays small
+    "batch_size": 32,  # prompts per micro-batch; sorted by length so padding stays small
     "max_new_tokens_cap": 4096,  # larger requests are refused rather than tying up a server
     # Served requests only (`mlflow models serve`): MLflow's scoring server (uvicorn) has no body
     # size limit and keeps computing after its timeout answers 504, so the model refuses oversized
@@ -142,6 +149,9 @@ PYFUNC_DEFAULTS: dict[str, Any] = {
 }
 # Set to 1 to allow loading models whose base runs its own code (see "Remote code" above).
 TRUST_REMOTE_CODE_ENV = "LORAFLOW_TRUST_REMOTE_CODE"
+# How `base_fingerprint` hashes: what `save_model` records, and every scheme a load can verify.
+FINGERPRINT_SCHEME = "sha256-tensors"
+FINGERPRINT_SCHEMES = ("sha256-tensors", "sha256")
 # Config keys that describe how a model was loaded or run, not what it is.
 VOLATILE_CONFIG_KEYS = ("transformers_version", "dtype", "torch_dtype", "use_cache")
 
@@ -194,24 +204,64 @@ def _normalized_config(model: "PreTrainedModel") -> dict[str, Any]:
     return {k: v for k, v in config.items() if not k.startswith("_") and k not in VOLATILE_CONFIG_KEYS}
 
 
-def base_fingerprint(model: "torch.nn.Module") -> str:
-    """`sha256:<hex>` of the base model's config and weights; a PeftModel gives its base's.
+def base_fingerprint(model: "torch.nn.Module", scheme: str | None = None) -> str:
+    """`<scheme>:<hex>` of the base model's config and weights; a PeftModel gives its base's.
 
     Hashes the normalised config (volatile keys such as `_name_or_path` and `transformers_version`
-    dropped) and each base tensor's name, dtype, shape and bytes, in name order.
+    dropped) and each base tensor's name, dtype, shape and bytes, in name order. `scheme` (default
+    `FINGERPRINT_SCHEME`): `sha256-tensors` hashes each tensor's bytes on its own, in parallel
+    threads, then the names, dtypes, shapes and those digests in order; `sha256` (models saved by
+    earlier versions) hashes everything in one sequential stream.
     """
+    return _fingerprint(_fingerprint_inputs(model), scheme or FINGERPRINT_SCHEME)
+
+
+class _FingerprintInputs(NamedTuple):
+    config: bytes
+    tensors: list[tuple[str, "torch.Tensor"]]
+    """(`name|dtype|shape`, the tensor's bytes as a flat uint8 CPU tensor), sorted by name."""
+
+
+def _fingerprint_inputs(model: "torch.nn.Module") -> _FingerprintInputs:
+    """What a fingerprint hashes, taken from the model now: hashing it later (in another thread)
+    sees these tensors even if the model's modules are wrapped or moved meanwhile."""
     import torch
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    digest = hashlib.sha256()
-    digest.update(json.dumps(_normalized_config(base), sort_keys=True, default=str).encode())
+    config = json.dumps(_normalized_config(base), sort_keys=True, default=str).encode()
+    tensors = []
     for name, tensor in sorted(_base_tensors(base).items()):
         if tensor.device.type == "meta":
             raise MlflowException(f"cannot fingerprint `{name}`: its weights are on the meta device (offloaded)")
-        digest.update(f"\n{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
-        flat = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        digest.update(memoryview(flat.numpy()))
-    return "sha256:" + digest.hexdigest()
+        header = f"{name}|{tensor.dtype}|{tuple(tensor.shape)}"
+        tensors.append((header, tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)))
+    return _FingerprintInputs(config, tensors)
+
+
+def _fingerprint(inputs: _FingerprintInputs, scheme: str) -> str:
+    digest = hashlib.sha256(inputs.config)
+    if scheme == "sha256":
+        for header, flat in inputs.tensors:
+            digest.update(f"\n{header}\n".encode())
+            digest.update(memoryview(flat.numpy()))
+    elif scheme == "sha256-tensors":
+        # hashlib releases the GIL on large buffers, so tensors hash on every core at once
+        workers = max(1, min(len(inputs.tensors), os.cpu_count() or 1, 8))
+        with ThreadPoolExecutor(workers, thread_name_prefix="loraflow-fingerprint") as pool:
+            digests = pool.map(lambda t: hashlib.sha256(memoryview(t[1].numpy())).digest(), inputs.tensors)
+            for (header, _), tensor_digest in zip(inputs.tensors, digests):
+                digest.update(f"\n{header}\n".encode())
+                digest.update(tensor_digest)
+    else:
+        raise _unknown_scheme(scheme)
+    return f"{scheme}:{digest.hexdigest()}"
+
+
+def _unknown_scheme(scheme: str) -> MlflowException:
+    return MlflowException(
+        f"unknown base fingerprint scheme {scheme!r} (known: {', '.join(FINGERPRINT_SCHEMES)}): "
+        "the model was saved by a newer loraflow; upgrade loraflow"
+    )
 
 
 def _file_sha256(path: Path) -> str:
@@ -369,8 +419,24 @@ def _base_section(peft_model: "PeftModel", base_model: str, base_mode: str, trus
     return section
 
 
-def _loraflow_package_dir() -> str:
-    return str(Path(__file__).resolve().parent)
+# The modules loading a model imports: the package's `__init__` and what it imports, then this
+# module and its imports (`_load_pyfunc` imports nothing else from loraflow). Only these are
+# shipped, not the whole package (training code, caches), so artifacts stay small.
+LOADER_MODULES = ("__init__.py", "errors.py", "config.py", "manager.py", "builtin.py", "models.py", "flavor.py")
+# Data files `builtin.py` builds `builtin:*` bases from: shipped with a model that references one.
+BUILTIN_RESOURCES = "resources"
+
+
+def _stage_loader_package(target: Path, with_builtin_resources: bool) -> str:
+    """Copy the loader's modules into `target/loraflow` (for `code_paths`); return that directory."""
+    source = Path(__file__).resolve().parent
+    package = target / "loraflow"
+    package.mkdir(parents=True)
+    for name in LOADER_MODULES:
+        shutil.copy2(source / name, package / name)
+    if with_builtin_resources:
+        shutil.copytree(source / BUILTIN_RESOURCES, package / BUILTIN_RESOURCES)
+    return str(package)
 
 
 def save_model(
@@ -456,7 +522,11 @@ def save_model(
     tokenizer.save_pretrained(str(path / TOKENIZER_SUBPATH))
     if source_dir is not None:
         _copy_base_files(Path(source_dir), path / BASE_SUBPATH)
-    code_dir_subpath = _validate_and_copy_code_paths([*(code_paths or []), _loraflow_package_dir()], str(path))
+    with tempfile.TemporaryDirectory(prefix="loraflow-code-") as staging:
+        # a referenced builtin base is rebuilt on load, from the bundled resources
+        builtin_reference = base_section["kind"] == "builtin" and base_section["mode"] == "reference"
+        loader_package = _stage_loader_package(Path(staging), with_builtin_resources=builtin_reference)
+        code_dir_subpath = _validate_and_copy_code_paths([*(code_paths or []), loader_package], str(path))
 
     # 2. MLmodel: signature, example, pyfunc and loraflow flavors.
     if mlflow_model is None:
@@ -644,8 +714,11 @@ def _remote_code_allowed(path: Path, base: dict[str, Any], trust_remote_code: bo
     return True
 
 
-def _load_base(path: Path, base: dict[str, Any], trust_remote_code: bool = False) -> "PreTrainedModel":
-    """Load the base in the recorded dtype and check its fingerprint."""
+def _load_base(path: Path, base: dict[str, Any], trust_remote_code: bool = False) -> tuple["PreTrainedModel", str]:
+    """Load the base in the recorded dtype; return it and where it came from (for messages).
+
+    Its fingerprint is not checked here: see `_verify_base`.
+    """
     if base["mode"] == "embedded":
         source, revision = str(path / base["path"]), None
     else:
@@ -663,14 +736,31 @@ def _load_base(path: Path, base: dict[str, Any], trust_remote_code: bool = False
         ) from e
     except Exception as e:
         raise MlflowException(f"cannot load the {base['mode']} base model {where!r}: {e}") from e
-    actual = base_fingerprint(model)
+    return model, where
+
+
+def _start_base_fingerprint(model: "PreTrainedModel", expected: str) -> "Future[str]":
+    """Capture the base's tensors now (before the adapter wraps its modules) and hash them in a
+    background thread, in the scheme of the `expected` fingerprint."""
+    scheme = expected.split(":", 1)[0]
+    if scheme not in FINGERPRINT_SCHEMES:
+        raise _unknown_scheme(scheme)
+    inputs = _fingerprint_inputs(model)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="loraflow-fingerprint")
+    try:
+        return pool.submit(_fingerprint, inputs, scheme)
+    finally:
+        pool.shutdown(wait=False)  # the submitted hash still runs to the end
+
+
+def _verify_base(fingerprint: "Future[str]", base: dict[str, Any], where: str) -> None:
+    actual = fingerprint.result()
     if actual != base["fingerprint"]:
         raise MlflowException(
             f"base model {where!r} does not match the one the adapter was trained on: its fingerprint "
             f"is {actual}, expected {base['fingerprint']}. Point the model at the original base "
             "weights (same files, same revision), or re-log the model with base_mode='embedded'"
         )
-    return model
 
 
 def _apply_adapter(base: "PreTrainedModel", adapter_dir: Path, is_trainable: bool) -> "PeftModel":
@@ -707,13 +797,22 @@ def _load_local(
     _add_code_from_conf_to_system_path(str(path), conf)
     adapter_dir = path / conf["adapter"]
     _verify_adapter_files(adapter_dir, conf)
-    base = _load_base(path, conf["base"], allowed)  # verified before the adapter touches it
-    model = _apply_adapter(base, adapter_dir, is_trainable)
+    base, where = _load_base(path, conf["base"], allowed)
+    # The base's tensors are captured before the adapter touches it and hashed meanwhile; nothing
+    # is returned before the fingerprint matches.
+    fingerprint = _start_base_fingerprint(base, conf["base"]["fingerprint"])
+    try:
+        model = _apply_adapter(base, adapter_dir, is_trainable)
+        tokenizer = _load_tokenizer(path / conf["tokenizer"], allowed)
+    except Exception:
+        _verify_base(fingerprint, conf["base"], where)  # a different base explains a failure best
+        raise
+    _verify_base(fingerprint, conf["base"], where)
     if dtype is not None:
         model.to(dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     if device is not None:
         model.to(device)
-    return LoadedModel(model, _load_tokenizer(path / conf["tokenizer"], allowed))
+    return LoadedModel(model, tokenizer)
 
 
 def load_model(
