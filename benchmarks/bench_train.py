@@ -145,10 +145,23 @@ def loraflow_side(root: str, tracking_uri: str | None = None, measure_peak: bool
         "wall_s": wall,
         "store_setup_s": store_setup_s,
         "tokens": sum(map(len, data["train"])),
+        "computed_tokens": _computed_tokens(prepared.train, settings, tokenizer.pad_token_id, accelerator.device),
         "eval_loss": eval_loss(model, data["eval"], tokenizer.pad_token_id),
         "matmul_flops": peak,
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def _computed_tokens(examples, settings, pad_token_id: int, device) -> int:
+    """Tokens `fit` made the model compute in its first epoch, padding included: the same batches
+    (same seed) cut into the same micro-batches."""
+    from loraflow import data as data_lib
+    from loraflow.train import micro_batch_budget
+
+    budget = micro_batch_budget(settings.micro_batch_tokens, device)
+    loader = data_lib.make_dataloader(examples, settings.batch_size, pad_token_id=pad_token_id, shuffle=True,
+                                      seed=settings.seed)
+    return sum(p["input_ids"].numel() for b in loader for p in (data_lib.split_batch(b, budget) if budget else [b]))
 
 
 def baseline_side(root: str) -> dict[str, Any]:
@@ -185,7 +198,14 @@ def baseline_side(root: str) -> dict[str, Any]:
         disable_tqdm=True, use_cpu=True, dataloader_pin_memory=False,
     )
     dataset = [{"input_ids": ids} for ids in data["train"]]
-    collator = DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False)
+    pad_to_longest = DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False)
+    computed = []  # tokens each batch makes the model compute, padding included
+
+    def collator(features):
+        batch = pad_to_longest(features)
+        computed.append(batch["input_ids"].numel())
+        return batch
+
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[Timer()])
     started = time.perf_counter()
     trainer.train()
@@ -194,6 +214,7 @@ def baseline_side(root: str) -> dict[str, Any]:
         "train_s": Timer.end - Timer.start,
         "wall_s": wall,
         "tokens": sum(map(len, data["train"])),
+        "computed_tokens": sum(computed[: work.steps]),  # the Trainer may collate one batch ahead
         "eval_loss": eval_loss(model, data["eval"], tokenizer.pad_token_id),
         "torch_threads": torch.get_num_threads(),
     }
@@ -219,6 +240,8 @@ def run(root: Path, repeats: int, log=print) -> dict[str, Any]:
             "peak_rss_mib": common.median([r["peak_rss_mib"] for r in rows]),
             "eval_loss": common.median([r["eval_loss"] for r in rows]),
             "train_s": common.median([r["train_s"] for r in rows]),
+            "computed_tokens": rows[0]["computed_tokens"],
+            "us_per_computed_token": common.median([1e6 * r["train_s"] / r["computed_tokens"] for r in rows]),
         }
     from loraflow.models import load_tokenizer
 
