@@ -1017,14 +1017,15 @@ def generate_texts(
     if settings["do_sample"]:  # passing these to greedy search only makes transformers warn
         kwargs.update(temperature=float(settings["temperature"]), top_p=float(settings["top_p"]))
     device = next(model.parameters()).device
-    if _static_cache_pays(model, device):
-        kwargs["cache_implementation"] = "static"
+    static_cache = _static_cache_pays(model, device)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     texts: list[str] = [""] * len(encoded)
     with torch.inference_mode(), _seeded(settings["seed"] if settings["do_sample"] else None, device):
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             input_ids, attention_mask = _left_pad([encoded[i] for i in batch], tokenizer.pad_token_id, device)
+            if static_cache:  # sized for this batch: `cache_implementation="static"` would keep the largest ever
+                kwargs["past_key_values"] = _static_cache(model, input_ids.shape[1] + settings["max_new_tokens"])
             output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
             decoded = tokenizer.batch_decode(output[:, input_ids.shape[1]:], skip_special_tokens=True)
             for i, text in zip(batch, decoded):
@@ -1041,6 +1042,14 @@ def _static_cache_pays(model: "torch.nn.Module", device: "torch.device") -> bool
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return device.type == "cpu" and bool(getattr(base, "_can_compile_fullgraph", False))
+
+
+def _static_cache(model: "torch.nn.Module", length: int) -> Any:
+    """A fresh static KV cache of `length` positions (one per `generate` call, so concurrent
+    requests never share one, and a long request never enlarges the caches of later ones)."""
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=length)
 
 
 class _LoraflowPyfunc:
