@@ -106,9 +106,22 @@ def test_kill_9_resumes_from_the_last_complete_checkpoint(tmp_path):
             "--checkpoint-steps", "5", "--batch-size", "4", "--output-dir", str(out)]
     proc = subprocess.Popen(args, env=env_with_venv(MLFLOW_TRACKING_URI=uri), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
+    def reached_step_10() -> bool:
+        # any complete checkpoint at step >= 10: step-000010 itself lives only until step 20 is
+        # written (the last two are kept), which a fast run can do between two polls
+        runs = list((out / "checkpoints").glob("*"))
+        latest = ckpt.latest_checkpoint(runs[0]) if runs else None
+        try:
+            if latest is None or ckpt.read_state(latest).step < 10:
+                return False
+        except FileNotFoundError:  # rotated away between listing and reading: look again
+            return False
+        # metrics are logged asynchronously: kill only once the step-0 evaluation has landed
+        return bool(MlflowClient(uri).get_metric_history(runs[0].name, "eval_loss"))
+
     try:
         deadline = time.monotonic() + 180
-        while not list(out.glob("checkpoints/*/step-000010")) and time.monotonic() < deadline:
+        while not reached_step_10() and time.monotonic() < deadline:
             assert proc.poll() is None, "training exited before writing two checkpoints"
             time.sleep(0.2)
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -165,3 +166,39 @@ def test_auto_micro_batches_split_on_cpu_only():
     assert micro_batch_budget(0, torch.device("cpu")) == CPU_MICRO_BATCH_TOKENS
     assert micro_batch_budget(0, torch.device("cuda")) is None
     assert micro_batch_budget(300, torch.device("cuda")) == 300
+
+
+def test_a_micro_batch_without_label_tokens_is_skipped_and_the_last_real_one_syncs(model, tiny_tokenizer, monkeypatch):
+    from accelerate import Accelerator
+
+    from loraflow import data as data_lib
+    from loraflow.config import lora_settings
+    from loraflow.lora import apply_lora
+    from loraflow.train import forward_backward
+
+    peft_model = apply_lora(model, lora_settings({"r": 4, "lora_dropout": 0.0}), log=False).train()
+    rows = [tiny_tokenizer(t)["input_ids"] for t in ["one example sentence to learn", "a prompt only"]]
+    batch = data_lib.collate_padded([(rows[0], [-100] + rows[0][1:]), (rows[1], [-100] * len(rows[1]))],
+                                    tiny_tokenizer.pad_token_id)
+    accelerator = Accelerator(cpu=True)
+    synced = []  # for each backward: did it run outside no_sync (the one that syncs across processes)?
+    inside = {"no_sync": False}
+
+    @contextlib.contextmanager
+    def no_sync(m):
+        inside["no_sync"] = True
+        yield
+        inside["no_sync"] = False
+
+    backward = accelerator.backward
+    monkeypatch.setattr(accelerator, "no_sync", no_sync)
+    monkeypatch.setattr(accelerator, "backward", lambda loss: (synced.append(not inside["no_sync"]), backward(loss)))
+
+    whole = forward_backward(peft_model, batch, accelerator, None)
+    peft_model.zero_grad(set_to_none=True)
+    synced.clear()
+    assert len(data_lib.split_batch(batch, 8)) == 2
+    split = forward_backward(peft_model, batch, accelerator, 8)
+
+    assert synced == [True]  # the label-less last part was dropped; the real one ran and synced
+    assert torch.isfinite(split) and torch.allclose(split, whole, rtol=1e-5)

@@ -21,7 +21,8 @@ MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 REACHABILITY_TIMEOUT_S = 5.0
 # MLflow's async logging thread polls its queue with a 1 s timeout, so each flush and end_run
 # stalls up to a second. With a buffering window it waits on an event that flushing sets instead
-# (and writes one batch per window). Used only where the user has not set it.
+# and writes one batch per window (MLflow reads whole seconds; a process killed with SIGKILL loses
+# at most the last window). Used only where the user has not set it.
 ASYNC_BUFFER_ENV = "MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS"
 ASYNC_BUFFER_SECONDS = "1"
 

@@ -351,12 +351,12 @@ def forward_backward(model, batch: dict, accelerator: "Accelerator", max_tokens:
         loss = model(**batch).loss
         accelerator.backward(loss)
         return loss.detach()
+    # A part with no label tokens has nothing to learn from (its mean loss is 0/0): drop it before
+    # choosing the last part, which must run, because its backward is the one that syncs.
+    kept = [(part, count) for part, count in zip(parts, counts) if count]
     loss_sum = None
-    for i, (part, count) in enumerate(zip(parts, counts)):
-        if count == 0:  # nothing to learn from (its mean loss would be 0/0)
-            continue
-        last = i == len(parts) - 1
-        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+    for i, (part, count) in enumerate(kept):
+        with contextlib.nullcontext() if i == len(kept) - 1 else accelerator.no_sync(model):
             loss = model(**part).loss * (count / total)
             accelerator.backward(loss)
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
