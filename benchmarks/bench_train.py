@@ -114,7 +114,7 @@ def loraflow_side(root: str, tracking_uri: str | None = None, measure_peak: bool
     def examples(rows):
         return data_lib.TokenizedExamples(rows, [[-100] + r[1:] for r in rows])
 
-
+    # no tables: both sides get the same token ids (fit never reads the frames)
     prepared = train.PreparedData(None, None, examples(data["train"]), examples(data["eval"]), "bench", "bench")
     store_setup_s = None
     if tracking_uri:  # imported outside the clock, and only here: the untracked side never loads mlflow
