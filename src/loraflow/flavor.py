@@ -1025,7 +1025,7 @@ def generate_texts(
             batch = order[start : start + batch_size]
             input_ids, attention_mask = _left_pad([encoded[i] for i in batch], tokenizer.pad_token_id, device)
             if static_cache:  # sized for this batch: `cache_implementation="static"` would keep the largest ever
-                kwargs["past_key_values"] = _static_cache(model, input_ids.shape[1] + settings["max_new_tokens"])
+                kwargs["cache"] = _static_cache(model, input_ids.shape[1] + settings["max_new_tokens"])
             output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
             decoded = tokenizer.batch_decode(output[:, input_ids.shape[1]:], skip_special_tokens=True)
             for i, text in zip(batch, decoded):
