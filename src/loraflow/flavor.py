@@ -984,7 +984,7 @@ def generate_texts(
     """Generate a continuation for each prompt, in input order.
 
     Prompts are tokenized once, sorted by length into micro-batches of `batch_size`, padded on the
-    left and run under `torch.inference_mode()`. `params` are generation settings
+    left and run under `torch.inference_mode()` (on CPU with a static KV cache, `_static_cache_pays`). `params` are generation settings
     (`GENERATION_DEFAULTS` keys). Returns only the generated text, without the prompt.
 
     Raises:
@@ -1024,7 +1024,7 @@ def generate_texts(
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             input_ids, attention_mask = _left_pad([encoded[i] for i in batch], tokenizer.pad_token_id, device)
-            if static_cache:  # sized for this batch: `cache_implementation="static"` would keep the largest ever
+            if static_cache:  # sized for this batch (cache_implementation="static" keeps the largest ever)
                 kwargs["cache"] = _static_cache(model, input_ids.shape[1] + settings["max_new_tokens"])
             output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
             decoded = tokenizer.batch_decode(output[:, input_ids.shape[1]:], skip_special_tokens=True)
