@@ -345,9 +345,9 @@ def forward_backward(model, batch: dict, accelerator: "Accelerator", max_tokens:
     Returns that mean loss, detached. Gradients sync across processes only on the last part.
     """
     parts = data_lib.split_batch(batch, max_tokens) if max_tokens else [batch]
-    counts = [int((part["labels"][:, 1:] != data_lib.IGNORE_INDEX).sum()) for part in parts]
+    counts = [int((part["labels"][:, 1:] != data_lib.IGNORE_INDEX).sum()) for part in parts] if len(parts) > 1 else []
     total = sum(counts)
-    if len(parts) == 1 or total == 0:
+    if total == 0:  # one part (the common case: nothing to weigh), or no label tokens at all
         loss = model(**batch).loss
         accelerator.backward(loss)
         return loss.detach()
