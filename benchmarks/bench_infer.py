@@ -8,7 +8,9 @@ flavors to a local sqlite store, and compute the reference outputs of the in-mem
 Timed (a fresh child per side, alternating): `mlflow.pyfunc.load_model(uri)`, one warm-up
 predict on one prompt, then `predict` on 64 prompts of mixed length with max_new_tokens=32,
 greedy. torch, transformers, peft and mlflow are imported before the load is timed, so load time
-is the flavor's own work, not the import of the frameworks both sides share.
+is the flavor's own work, not the import of the frameworks both sides share. Load times are small
+and noisy, so more fresh children (alternating) time the load alone; the reported load time is the
+median over all of a side's loads.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from benchmarks import common, fixtures
 
 MAX_NEW_TOKENS = 32
 N_PROMPTS = 64
+LOADS_PER_REPEAT = 3  # load-only rounds per repeat: load times are small and noisy, so take more
 
 
 def _tracking(root: Path) -> str:
@@ -74,18 +77,26 @@ def log_models(root: str) -> dict[str, Any]:
             "reference": reference}
 
 
-def predict_side(root: str, flavor_name: str, uri: str, prompts: list[str]) -> dict[str, Any]:
-    """Load one logged model through pyfunc and time load + predict."""
+def load_side(root: str, uri: str) -> dict[str, Any]:
+    """Time `mlflow.pyfunc.load_model(uri)` in this fresh process (the frameworks imported first)."""
     import mlflow
-    import pandas as pd
-    import peft  # noqa: F401  (shared framework imports, outside the timed load)
+    import pandas  # noqa: F401  (shared framework imports, outside the timed load)
+    import peft  # noqa: F401
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
     _tracking(Path(root))
     started = time.perf_counter()
     model = mlflow.pyfunc.load_model(uri)
-    load_s = time.perf_counter() - started
+    return {"load_s": time.perf_counter() - started, "model": model}
+
+
+def predict_side(root: str, flavor_name: str, uri: str, prompts: list[str]) -> dict[str, Any]:
+    """Load one logged model through pyfunc and time load + predict."""
+    import pandas as pd
+
+    loaded = load_side(root, uri)
+    model, load_s = loaded["model"], loaded["load_s"]
     if flavor_name == "loraflow":
         def predict(ps):
             return model.predict(pd.DataFrame({"prompt": ps}), params={"max_new_tokens": MAX_NEW_TOKENS})["text"].tolist()
@@ -97,6 +108,11 @@ def predict_side(root: str, flavor_name: str, uri: str, prompts: list[str]) -> d
     texts = predict(prompts)
     predict_s = time.perf_counter() - started
     return {"load_s": load_s, "predict_s": predict_s, "texts": texts, "model": _describe(model, flavor_name)}
+
+
+def load_side_result(root: str, uri: str) -> dict[str, Any]:
+    """`load_side` without the model (what a load-only child returns)."""
+    return {"load_s": load_side(root, uri)["load_s"]}
 
 
 def _describe(model, flavor_name: str) -> dict[str, Any]:
@@ -118,15 +134,22 @@ def run(root: Path, repeats: int, log=print) -> dict[str, Any]:
         return lambda i: common.run_child("bench_infer", "predict_side",
                                           {"root": str(root), "flavor_name": name, "uri": uri, "prompts": prompts})
 
+    def load_only(name: str):
+        uri = setup[f"{name}_uri"]
+        return lambda i: common.run_child("bench_infer", "load_side_result", {"root": str(root), "uri": uri})
+
     samples = common.alternate({"loraflow": side("loraflow"), "transformers": side("transformers")}, repeats, log)
-    out: dict[str, Any] = {"samples": samples, "reference": setup["reference"], "prompts": prompts}
+    loads = common.alternate({"loraflow": load_only("loraflow"), "transformers": load_only("transformers")},
+                             repeats * LOADS_PER_REPEAT, log)
+    out: dict[str, Any] = {"samples": samples, "loads": loads, "reference": setup["reference"], "prompts": prompts}
     for name, rows in samples.items():
         texts = rows[0]["texts"]
         continuations = [continuation(t, p) for t, p in zip(texts, prompts)]
         out[name] = {
             "prompts_per_s": common.median([N_PROMPTS / r["predict_s"] for r in rows]),
             "predict_s": common.median([r["predict_s"] for r in rows]),
-            "load_s": common.median([r["load_s"] for r in rows]),
+            "load_s": common.median([r["load_s"] for r in rows + loads[name]]),
+            "load_n": len(rows + loads[name]),
             "continuations": continuations,
             "full_text": sum(t != c for t, c in zip(texts, continuations)),
             "matches_reference": sum(a == b for a, b in zip(continuations, setup["reference"])),

@@ -217,7 +217,10 @@ def _infer_section(r: dict) -> list[str]:
         f"Workload: `mlflow.pyfunc.load_model(uri)`, one warm-up predict on one prompt, then predict on {n} prompts of "
         "4-96 tokens, max_new_tokens=32, greedy. loraflow gets a DataFrame with a `prompt` column; the built-in "
         "flavor a list of strings (its documented text-generation input) with max_new_tokens/greedy in its model_config.",
-        f"Load time excludes importing torch/transformers/peft/mlflow (both sides import them first).",
+        "Load time excludes importing torch/transformers/peft/mlflow (both sides import them first); it is the "
+        f"median of {lf['load_n']} fresh-process loads per side (the predict runs', then load-only runs, alternating). "
+        "loraflow's includes checking the base's fingerprint (sha256 of every base tensor: the stored tensors are "
+        "hashed from the safetensors files while `from_pretrained` loads them); the built-in flavor checks nothing.",
         "",
         f"Outputs against the in-memory PeftModel (`generate` per prompt, greedy, continuation only): loraflow "
         f"{lf['matches_reference']}/{n} identical, mlflow.transformers {tf['matches_reference']}/{n} identical. "
@@ -233,6 +236,9 @@ def _infer_section(r: dict) -> list[str]:
         "Per run: loraflow " + _samples(r["samples"]["loraflow"], ["load_s", "predict_s"]),
         "",
         "Per run: mlflow.transformers " + _samples(r["samples"]["transformers"], ["load_s", "predict_s"]),
+        "",
+        "Load-only runs, load_s: loraflow " + ", ".join(f"{x['load_s']:.2f}" for x in r["loads"]["loraflow"])
+        + " | mlflow.transformers " + ", ".join(f"{x['load_s']:.2f}" for x in r["loads"]["transformers"]),
     ]
 
 

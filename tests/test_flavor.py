@@ -117,6 +117,62 @@ def test_models_saved_with_the_sequential_fingerprint_still_load_and_are_checked
         flavor.load_model(str(saved))
 
 
+def test_digests_of_the_stored_tensors_are_those_of_the_loaded_ones(tiny_path, tiny_model):
+    stored = flavor.stored_tensor_digests([Path(tiny_path) / "model.safetensors"])
+    inputs = flavor._fingerprint_inputs(tiny_model)
+    assert {header for header, _ in inputs.tensors} <= set(stored)  # every loaded tensor is found stored
+    assert flavor._fingerprint(inputs, "sha256-tensors", stored) == flavor.base_fingerprint(tiny_model)
+
+
+def test_a_sharded_base_is_hashed_from_every_shard_its_index_names(tmp_path, tiny_model):
+    tiny_model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    base = {"mode": "reference", "kind": "local", "name": str(tmp_path / "sharded")}
+    assert flavor._base_weight_files(tmp_path, base) == shards
+    inputs = flavor._fingerprint_inputs(tiny_model)
+    stored = flavor.stored_tensor_digests(shards, workers=2)
+    assert {header for header, _ in inputs.tensors} <= set(stored)
+    assert flavor._fingerprint(inputs, "sha256-tensors", stored) == flavor.base_fingerprint(tiny_model)
+
+
+def test_loading_takes_every_base_digest_from_the_files_hashed_while_it_loaded(saved, monkeypatch):
+    calls = []
+    fingerprint = flavor._fingerprint
+
+    def spy(inputs, scheme, known=None):
+        calls.append(sum(header not in (known or {}) for header, _ in inputs.tensors))
+        return fingerprint(inputs, scheme, known)
+
+    monkeypatch.setattr(flavor, "_fingerprint", spy)
+    assert flavor.load_model(str(saved)).model is not None
+    assert calls == [0]  # one fingerprint, and no loaded tensor had to be hashed itself
+
+
+def test_stored_bytes_that_differ_from_the_loaded_tensors_never_pass_or_fail_wrongly(saved, monkeypatch):
+    """If loading changed a tensor's values, the file's digest is not the loaded tensor's: a
+    mismatch then re-hashes what was loaded before judging, in both directions."""
+    stored_tensor_digests = flavor.stored_tensor_digests
+    wrong = lambda files, workers=1: {h: b"\0" * 32 for h in stored_tensor_digests(files, workers)}  # noqa: E731
+    monkeypatch.setattr(flavor, "stored_tensor_digests", wrong)
+    assert flavor.load_model(str(saved)).model is not None  # the loaded tensors match: loads
+    _perturb_safetensors(saved / "base" / "model.safetensors")
+    with pytest.raises(MlflowException, match="does not match"):
+        flavor.load_model(str(saved))
+
+
+def test_a_directory_without_the_flavor_is_refused_by_name(saved, tmp_path):
+    empty = tmp_path / "empty-dir"
+    empty.mkdir()
+    with pytest.raises(MlflowException, match="no MLmodel file in"):
+        flavor.load_model(str(empty))
+    doc = mlmodel(saved)
+    del doc["flavors"]["loraflow"]
+    write_mlmodel(saved, doc)
+    with pytest.raises(MlflowException, match='has no "loraflow" flavor'):
+        flavor.load_model(str(saved))
+
+
 def test_saved_artifact_layout_and_flavor_config(saved, peft_model):
     conf = mlmodel(saved)["flavors"]["loraflow"]
     assert conf["flavor_version"] == flavor.FLAVOR_VERSION
@@ -157,6 +213,26 @@ print(model.predict(["Hello"], params={{"max_new_tokens": 3}})["text"].tolist())
 code = {str(saved / "code" / "loraflow")!r}
 outside = [n for n, m in sys.modules.items() if n.split(".")[0] == "loraflow" and not m.__file__.startswith(code)]
 assert not outside, outside
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_after_a_pyfunc_load_the_rest_of_an_installed_loraflow_still_imports(saved, tmp_path):
+    """MLflow puts the model's partial `code/loraflow` first on `sys.path`: the package's other
+    modules (training, the LoRAManager) must still import from the installed loraflow."""
+    import subprocess
+    import sys
+
+    script = f"""
+import mlflow.pyfunc
+mlflow.pyfunc.load_model({str(saved)!r})
+import loraflow.flavor, loraflow.train
+from loraflow import LoRAManager
+code = {str(saved / "code" / "loraflow")!r}
+assert loraflow.flavor.__file__.startswith(code), loraflow.flavor.__file__
+assert not loraflow.train.__file__.startswith(code), loraflow.train.__file__
+assert LoRAManager.__module__ == "loraflow.manager"
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,17 +1,46 @@
-"""loraflow: LoRA fine-tuning of causal LMs as an MLflow Project, with a lossless MLflow flavor."""
+"""loraflow: LoRA fine-tuning of causal LMs as an MLflow Project, with a lossless MLflow flavor.
 
-from loraflow.config import LoraSettings, TrainSettings, lora_settings, parse_settings
-from loraflow.errors import ConfigError, DataError, LoraflowError
-from loraflow.manager import LoRAManager
+The names below are imported on first use (PEP 562), so `import loraflow.flavor` (what
+`mlflow.pyfunc.load_model` does) loads only the flavor's own modules.
+"""
 
-__all__ = [
-    "ConfigError",
-    "DataError",
-    "LoRAManager",
-    "LoraSettings",
-    "LoraflowError",
-    "TrainSettings",
-    "lora_settings",
-    "parse_settings",
-]
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import TYPE_CHECKING, Any
+
+# A logged model ships only the modules loading needs, under its `code/loraflow`, which MLflow puts
+# first on `sys.path`. Extending `__path__` lets the rest of the package (training, tracking) still
+# import from an installed loraflow in that process, instead of failing as a missing module.
+__path__ = pkgutil.extend_path(__path__, __name__)
+
+if TYPE_CHECKING:
+    from loraflow.config import LoraSettings, TrainSettings, lora_settings, parse_settings
+    from loraflow.errors import ConfigError, DataError, LoraflowError
+    from loraflow.manager import LoRAManager
+
+_EXPORTS = {
+    "ConfigError": "loraflow.errors",
+    "DataError": "loraflow.errors",
+    "LoraflowError": "loraflow.errors",
+    "LoRAManager": "loraflow.manager",
+    "LoraSettings": "loraflow.config",
+    "TrainSettings": "loraflow.config",
+    "lora_settings": "loraflow.config",
+    "parse_settings": "loraflow.config",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'loraflow' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this hook
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

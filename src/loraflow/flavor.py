@@ -31,11 +31,15 @@ name, dtype, shape and bytes (sorted by name, tied tensors once), computed from 
 with peft's wrappers stripped, so `base_fingerprint(base) == base_fingerprint(get_peft_model(base))`.
 Each tensor's bytes are hashed on their own, in parallel threads (scheme `sha256-tensors`; models
 saved before record the sequential scheme `sha256`, which is still verified). On load the base is
-loaded in the recorded dtype and its tensors are captured for fingerprinting before the adapter is
-applied; they are hashed while the adapter and tokenizer load, and a mismatch raises an
-`MlflowException` naming both fingerprints (before the model is returned) instead of silently
-producing different outputs. The adapter file's sha256 is recorded and checked too, so flipped
-bytes are caught even where safetensors would still parse them.
+loaded in the recorded dtype, and a mismatch raises an `MlflowException` naming both fingerprints
+(before the model is returned) instead of silently producing different outputs. Verifying costs
+little time: safetensors stores a tensor's bytes exactly as a CPU tensor holds them, so the stored
+tensors are hashed straight from the base's files, on the cores `from_pretrained` leaves free, while
+it loads them; each loaded tensor whose name, dtype and shape match a stored one takes that digest,
+and any other is hashed from memory. Only if that fingerprint does not match is every loaded tensor
+hashed itself before judging, so a loader that changed values on the way cannot fail a good base.
+The adapter file's sha256 is recorded and checked too, so flipped bytes are caught even where
+safetensors would still parse them.
 
 Remote code (`trust_remote_code`): a base model whose config has an `auto_map` runs Python code
 shipped with it. Whether the model was trained with that permission is recorded as
@@ -55,7 +59,8 @@ builtin resources for a referenced `builtin:*` base). We chose this over pinning
 `loraflow==<version>` because loraflow is usually installed editable from a checkout, so such a pin
 would not resolve on PyPI in a fresh serving environment; shipping the code also guarantees that the
 loader that reads a model is the code that wrote it (MLflow puts `code/` first on `sys.path` before
-importing the loader module).
+importing the loader module). The package's `__path__` is extended (`pkgutil.extend_path`), so in
+a process that also has loraflow installed, its other modules (training, tracking) still import.
 Importing `loraflow` needs only the standard library, so no other pins are needed for it.
 """
 
@@ -65,12 +70,14 @@ import difflib
 import hashlib
 import json
 import logging
+import mmap
 import numbers
 import os
 import shutil
 import tempfile
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Literal, NamedTuple
 
@@ -97,7 +104,6 @@ from mlflow.utils.environment import (
 from mlflow.utils.file_utils import get_total_file_size, write_to
 from mlflow.utils.model_utils import (
     _add_code_from_conf_to_system_path,
-    _get_flavor_configuration,
     _validate_and_copy_code_paths,
     _validate_and_prepare_target_save_path,
 )
@@ -152,6 +158,12 @@ TRUST_REMOTE_CODE_ENV = "LORAFLOW_TRUST_REMOTE_CODE"
 # How `base_fingerprint` hashes: what `save_model` records, and every scheme a load can verify.
 FINGERPRINT_SCHEME = "sha256-tensors"
 FINGERPRINT_SCHEMES = ("sha256-tensors", "sha256")
+# safetensors dtype codes (the format's spec) as torch names them in a tensor's fingerprint header
+SAFETENSORS_DTYPES = {
+    "F64": "torch.float64", "F32": "torch.float32", "F16": "torch.float16", "BF16": "torch.bfloat16",
+    "I64": "torch.int64", "I32": "torch.int32", "I16": "torch.int16", "I8": "torch.int8", "U8": "torch.uint8",
+    "BOOL": "torch.bool",
+}
 # Config keys that describe how a model was loaded or run, not what it is.
 VOLATILE_CONFIG_KEYS = ("transformers_version", "dtype", "torch_dtype", "use_cache")
 
@@ -222,6 +234,10 @@ class _FingerprintInputs(NamedTuple):
     """(`name|dtype|shape`, the tensor's bytes as a flat uint8 CPU tensor), sorted by name."""
 
 
+def _tensor_header(name: str, dtype: Any, shape: Any) -> str:
+    return f"{name}|{dtype}|{tuple(shape)}"
+
+
 def _fingerprint_inputs(model: "torch.nn.Module") -> _FingerprintInputs:
     """What a fingerprint hashes, taken from the model now: hashing it later (in another thread)
     sees these tensors even if the model's modules are wrapped or moved meanwhile."""
@@ -233,28 +249,126 @@ def _fingerprint_inputs(model: "torch.nn.Module") -> _FingerprintInputs:
     for name, tensor in sorted(_base_tensors(base).items()):
         if tensor.device.type == "meta":
             raise MlflowException(f"cannot fingerprint `{name}`: its weights are on the meta device (offloaded)")
-        header = f"{name}|{tensor.dtype}|{tuple(tensor.shape)}"
+        header = _tensor_header(name, tensor.dtype, tensor.shape)
         tensors.append((header, tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)))
     return _FingerprintInputs(config, tensors)
 
 
-def _fingerprint(inputs: _FingerprintInputs, scheme: str) -> str:
+def _fingerprint(inputs: _FingerprintInputs, scheme: str, known: dict[str, bytes] | None = None) -> str:
+    """`<scheme>:<hex>` of `inputs`. `known` (scheme `sha256-tensors` only): tensor digests already
+    computed, by `name|dtype|shape` header; a tensor with a matching header is not hashed again."""
     digest = hashlib.sha256(inputs.config)
     if scheme == "sha256":
         for header, flat in inputs.tensors:
             digest.update(f"\n{header}\n".encode())
             digest.update(memoryview(flat.numpy()))
     elif scheme == "sha256-tensors":
+        known = known or {}
+        todo = [(header, flat) for header, flat in inputs.tensors if header not in known]
         # hashlib releases the GIL on large buffers, so tensors hash on every core at once
-        workers = max(1, min(len(inputs.tensors), os.cpu_count() or 1, 8))
+        workers = max(1, min(len(todo), os.cpu_count() or 1, 8))
         with ThreadPoolExecutor(workers, thread_name_prefix="loraflow-fingerprint") as pool:
-            digests = pool.map(lambda t: hashlib.sha256(memoryview(t[1].numpy())).digest(), inputs.tensors)
-            for (header, _), tensor_digest in zip(inputs.tensors, digests):
-                digest.update(f"\n{header}\n".encode())
-                digest.update(tensor_digest)
+            digests = pool.map(lambda flat: hashlib.sha256(memoryview(flat.numpy())).digest(), (f for _, f in todo))
+            hashed = dict(zip((header for header, _ in todo), digests))
+        for header, _ in inputs.tensors:
+            digest.update(f"\n{header}\n".encode())
+            digest.update(known[header] if header in known else hashed[header])
     else:
         raise _unknown_scheme(scheme)
     return f"{scheme}:{digest.hexdigest()}"
+
+
+def _scheme_of(fingerprint: str) -> str:
+    scheme = fingerprint.split(":", 1)[0]
+    if scheme not in FINGERPRINT_SCHEMES:
+        raise _unknown_scheme(scheme)
+    return scheme
+
+
+def stored_tensor_digests(files: list[Path], workers: int = 1) -> dict[str, bytes]:
+    """sha256 of each tensor's bytes as stored in these safetensors files, by the `name|dtype|shape`
+    header a loaded tensor with those bytes has in a `sha256-tensors` fingerprint.
+
+    safetensors stores each tensor's bytes contiguously, little-endian, exactly as a CPU tensor holds
+    them, so these digests are those of the loaded tensors whenever loading keeps the name, dtype,
+    shape and values. Hashing them from the file can therefore start before the model is loaded.
+    Tensors of a dtype not in `SAFETENSORS_DTYPES`, and names stored more than once, are left out.
+    """
+    jobs: list[tuple[str, str, int, int, int]] = []  # (name, header, file index, start, end)
+    for index, file in enumerate(files):
+        with open(file, "rb") as f:
+            header_size = int.from_bytes(f.read(8), "little")
+            layout = json.loads(f.read(header_size))
+        for name, info in layout.items():
+            if name != "__metadata__" and info["dtype"] in SAFETENSORS_DTYPES:
+                begin, end = info["data_offsets"]
+                header = _tensor_header(name, SAFETENSORS_DTYPES[info["dtype"]], info["shape"])
+                jobs.append((name, header, index, 8 + header_size + begin, 8 + header_size + end))
+    counts = Counter(name for name, *_ in jobs)
+    jobs = [job for job in jobs if counts[job[0]] == 1]
+    with ExitStack() as stack:
+        maps = [stack.enter_context(_mapped(file)) for file in files]
+        with ThreadPoolExecutor(max(1, workers), thread_name_prefix="loraflow-fingerprint") as pool:
+            digests = pool.map(lambda job: _range_sha256(maps[job[2]], job[3], job[4]), jobs)
+            return {header: digest for (_, header, *_), digest in zip(jobs, digests)}
+
+
+def _base_weight_files(path: Path, base: dict[str, Any]) -> list[Path]:
+    """The safetensors files `from_pretrained` reads for this base, as far as they are local now."""
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+    if base["mode"] == "embedded" or base["kind"] != "hub":
+        root = path / base["path"] if base["mode"] == "embedded" else Path(resolve_base(base["name"]))
+
+        def locate(name: str) -> Path | None:
+            return root / name
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        def locate(name: str) -> Path | None:
+            found = try_to_load_from_cache(base["name"], name, revision=base.get("revision"))
+            return Path(found) if isinstance(found, str) else None
+
+    index = locate(SAFE_WEIGHTS_INDEX_NAME)
+    if index is not None and index.is_file():
+        files = [locate(shard) for shard in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    else:
+        files = [locate(SAFE_WEIGHTS_NAME)]
+    return [file for file in files if file is not None and file.is_file()]
+
+
+def _start_stored_digests(path: Path, base: dict[str, Any]) -> "Future[dict[str, bytes]]":
+    """Hash the base's stored tensors in the background while `from_pretrained` loads them, on all
+    cores but the one loading. Only a shortcut: whatever fails here, the loaded tensors are hashed."""
+    try:  # here, not in the background: a `builtin:*` base is built on first use, once
+        files = _base_weight_files(path, base)
+    except Exception as e:  # the load itself reports a base it cannot find
+        _logger.debug("not hashing the base's files ahead of loading: %s", e)
+        files = []
+
+    def run() -> dict[str, bytes]:
+        try:
+            return stored_tensor_digests(files, workers=min(8, (os.cpu_count() or 2) - 1))
+        except Exception as e:
+            _logger.debug("not hashing the base's files ahead of loading: %s", e)
+            return {}
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="loraflow-fingerprint")
+    try:
+        return pool.submit(run)
+    finally:
+        pool.shutdown(wait=False)  # the submitted work still runs to the end
+
+
+@contextmanager
+def _mapped(file: Path) -> Iterator[mmap.mmap]:
+    with open(file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        yield mapped
+
+
+def _range_sha256(mapped: mmap.mmap, start: int, end: int) -> bytes:
+    with memoryview(mapped) as whole, whole[start:end] as view:  # no copy; released before unmapping
+        return hashlib.sha256(view).digest()
 
 
 def _unknown_scheme(scheme: str) -> MlflowException:
@@ -419,10 +533,10 @@ def _base_section(peft_model: "PeftModel", base_model: str, base_mode: str, trus
     return section
 
 
-# The modules loading a model imports: the package's `__init__` and what it imports, then this
-# module and its imports (`_load_pyfunc` imports nothing else from loraflow). Only these are
+# The modules loading a model imports: the package's `__init__` (which imports nothing eagerly),
+# this module and its imports (`_load_pyfunc` imports nothing else from loraflow). Only these are
 # shipped, not the whole package (training code, caches), so artifacts stay small.
-LOADER_MODULES = ("__init__.py", "errors.py", "config.py", "manager.py", "builtin.py", "models.py", "flavor.py")
+LOADER_MODULES = ("__init__.py", "errors.py", "builtin.py", "models.py", "flavor.py")
 # Data files `builtin.py` builds `builtin:*` bases from: shipped with a model that references one.
 BUILTIN_RESOURCES = "resources"
 
@@ -667,7 +781,15 @@ def _env(name: str, value: str | None) -> Iterator[None]:
 
 
 def _flavor_conf(path: Path) -> dict[str, Any]:
-    conf = _get_flavor_configuration(model_path=str(path), flavor_name=FLAVOR_NAME)
+    # Read as `mlflow.models.Model.load` does, with libyaml's parser where PyYAML has it (10x faster).
+    try:
+        with open(path / MLMODEL_FILE_NAME, encoding="utf-8") as f:
+            doc = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except FileNotFoundError as e:
+        raise MlflowException(f"no MLmodel file in {str(path)!r}: not an MLflow model", RESOURCE_DOES_NOT_EXIST) from e
+    conf = (doc.get("flavors") or {}).get(FLAVOR_NAME) if isinstance(doc, dict) else None
+    if not isinstance(conf, dict):
+        raise MlflowException(f'the model at {str(path)!r} has no "{FLAVOR_NAME}" flavor', RESOURCE_DOES_NOT_EXIST)
     version = conf.get("flavor_version")
     if not isinstance(version, int) or version > FLAVOR_VERSION:
         raise MlflowException(
@@ -739,16 +861,28 @@ def _load_base(path: Path, base: dict[str, Any], trust_remote_code: bool = False
     return model, where
 
 
-def _start_base_fingerprint(model: "PreTrainedModel", expected: str) -> "Future[str]":
-    """Capture the base's tensors now (before the adapter wraps its modules) and hash them in a
-    background thread, in the scheme of the `expected` fingerprint."""
-    scheme = expected.split(":", 1)[0]
-    if scheme not in FINGERPRINT_SCHEMES:
-        raise _unknown_scheme(scheme)
+def _start_base_fingerprint(
+    model: "PreTrainedModel", expected: str, stored: "Future[dict[str, bytes]] | None" = None
+) -> "Future[str]":
+    """Capture the base's tensors now (before the adapter wraps its modules) and fingerprint them in
+    a background thread, in the scheme of the `expected` fingerprint.
+
+    `stored`: digests of the tensors as stored in the base's files (`_start_stored_digests`); a
+    loaded tensor with the same name, dtype and shape takes its digest from there. Should the result
+    not match, every loaded tensor is hashed itself before a mismatch is reported, so a loader that
+    changed values on the way (the file is not what is in memory) is never mistaken for a match.
+    """
+    scheme = _scheme_of(expected)
     inputs = _fingerprint_inputs(model)
+
+    def run() -> str:
+        known = stored.result() if stored is not None else {}
+        actual = _fingerprint(inputs, scheme, known)
+        return _fingerprint(inputs, scheme) if actual != expected and known else actual
+
     pool = ThreadPoolExecutor(1, thread_name_prefix="loraflow-fingerprint")
     try:
-        return pool.submit(_fingerprint, inputs, scheme)
+        return pool.submit(run)
     finally:
         pool.shutdown(wait=False)  # the submitted hash still runs to the end
 
@@ -797,10 +931,13 @@ def _load_local(
     _add_code_from_conf_to_system_path(str(path), conf)
     adapter_dir = path / conf["adapter"]
     _verify_adapter_files(adapter_dir, conf)
+    # The base's stored tensors are hashed while it loads; the loaded ones are captured before the
+    # adapter touches it and fingerprinted meanwhile. Nothing is returned before it matches.
+    stored = None
+    if _scheme_of(conf["base"]["fingerprint"]) == "sha256-tensors":
+        stored = _start_stored_digests(path, conf["base"])
     base, where = _load_base(path, conf["base"], allowed)
-    # The base's tensors are captured before the adapter touches it and hashed meanwhile; nothing
-    # is returned before the fingerprint matches.
-    fingerprint = _start_base_fingerprint(base, conf["base"]["fingerprint"])
+    fingerprint = _start_base_fingerprint(base, conf["base"]["fingerprint"], stored)
     try:
         model = _apply_adapter(base, adapter_dir, is_trainable)
         tokenizer = _load_tokenizer(path / conf["tokenizer"], allowed)
