@@ -1121,8 +1121,9 @@ def generate_texts(
     """Generate a continuation for each prompt, in input order.
 
     Prompts are tokenized once, sorted by length into micro-batches of `batch_size`, padded on the
-    left and run under `torch.inference_mode()` (on CPU with a static KV cache, `_static_cache_pays`). `params` are generation settings
-    (`GENERATION_DEFAULTS` keys). Returns only the generated text, without the prompt.
+    left and run under `torch.inference_mode()` (on CPU with a static KV cache, see
+    `_static_cache_pays`). `params` are generation settings (`GENERATION_DEFAULTS` keys). Returns
+    only the generated text, without the prompt.
 
     Raises:
         MlflowException: (INVALID_PARAMETER_VALUE) an invalid param, an empty prompt or one that
