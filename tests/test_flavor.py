@@ -149,9 +149,10 @@ def test_loading_takes_every_base_digest_from_the_files_hashed_while_it_loaded(s
     assert calls == [0]  # one fingerprint, and no loaded tensor had to be hashed itself
 
 
-def test_stored_bytes_that_differ_from_the_loaded_tensors_never_pass_or_fail_wrongly(saved, monkeypatch):
+def test_stored_digests_that_do_not_match_are_rechecked_on_the_loaded_tensors(saved, monkeypatch):
     """If loading changed a tensor's values, the file's digest is not the loaded tensor's: a
-    mismatch then re-hashes what was loaded before judging, in both directions."""
+    mismatch then re-hashes what was loaded before judging, so a good base still loads and a
+    changed one is still refused."""
     stored_tensor_digests = flavor.stored_tensor_digests
     wrong = lambda files, workers=1: {h: b"\0" * 32 for h in stored_tensor_digests(files, workers)}  # noqa: E731
     monkeypatch.setattr(flavor, "stored_tensor_digests", wrong)

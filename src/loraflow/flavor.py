@@ -37,7 +37,7 @@ little time: safetensors stores a tensor's bytes exactly as a CPU tensor holds t
 tensors are hashed straight from the base's files, on the cores `from_pretrained` leaves free, while
 it loads them; each loaded tensor whose name, dtype and shape match a stored one takes that digest,
 and any other is hashed from memory. Only if that fingerprint does not match is every loaded tensor
-hashed itself before judging, so a loader that changed values on the way cannot fail a good base.
+hashed itself before judging, so a good base is never refused for how its files store it.
 The adapter file's sha256 is recorded and checked too, so flipped bytes are caught even where
 safetensors would still parse them.
 
@@ -868,9 +868,10 @@ def _start_base_fingerprint(
     a background thread, in the scheme of the `expected` fingerprint.
 
     `stored`: digests of the tensors as stored in the base's files (`_start_stored_digests`); a
-    loaded tensor with the same name, dtype and shape takes its digest from there. Should the result
-    not match, every loaded tensor is hashed itself before a mismatch is reported, so a loader that
-    changed values on the way (the file is not what is in memory) is never mistaken for a match.
+    loaded tensor with the same name, dtype and shape takes its digest from there, which relies on
+    `from_pretrained` keeping a safetensors tensor's bytes when it keeps its name, dtype and shape
+    (converting loaders rename, reshape or recast). Should the result not match, every loaded tensor
+    is hashed itself before a mismatch is reported, so a good base is never refused for its files.
     """
     scheme = _scheme_of(expected)
     inputs = _fingerprint_inputs(model)
