@@ -79,7 +79,7 @@ from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, NamedTuple
 
 import yaml
 
@@ -353,9 +353,14 @@ def _start_stored_digests(path: Path, base: dict[str, Any]) -> "Future[dict[str,
             _logger.debug("not hashing the base's files ahead of loading: %s", e)
             return {}
 
+    return _in_background(run)
+
+
+def _in_background(work: Callable[[], Any]) -> Future:
+    """Start `work` in its own thread now; its Future gives the result (or raises its error)."""
     pool = ThreadPoolExecutor(1, thread_name_prefix="loraflow-fingerprint")
     try:
-        return pool.submit(run)
+        return pool.submit(work)
     finally:
         pool.shutdown(wait=False)  # the submitted work still runs to the end
 
@@ -881,11 +886,7 @@ def _start_base_fingerprint(
         actual = _fingerprint(inputs, scheme, known)
         return _fingerprint(inputs, scheme) if actual != expected and known else actual
 
-    pool = ThreadPoolExecutor(1, thread_name_prefix="loraflow-fingerprint")
-    try:
-        return pool.submit(run)
-    finally:
-        pool.shutdown(wait=False)  # the submitted hash still runs to the end
+    return _in_background(run)
 
 
 def _verify_base(fingerprint: "Future[str]", base: dict[str, Any], where: str) -> None:
