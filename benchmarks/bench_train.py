@@ -17,6 +17,7 @@ over the fixed eval set).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,27 @@ def flops_per_run(work: fixtures.Workload, vocab: int, lengths: list[int]) -> di
     attention = sum(6 * layers * d * t * t for t in lengths)
     return {"n_frozen": n_frozen, "n_trainable": n_trainable, "tokens": tokens, "flops": dense + attention,
             "attention_share": attention / (dense + attention)}
+
+
+def padding_spread(work: fixtures.Workload, draws: int = 2000) -> dict[str, float]:
+    """How much padding random batching computes for this workload's length distribution.
+
+    Simulates `draws` fresh datasets (lengths uniform in [min_len, max_len], as `fixtures.build`
+    draws them) shuffled into batches of `batch_size`, each padded to its longest example, as the
+    baseline's collator does. Returns the median and 5th/95th percentiles of computed / real tokens:
+    the speed-up that skipping all padding gives over such a baseline at equal time per token.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    usable = work.train_examples - work.train_examples % work.batch_size
+    ratios = []
+    for _ in range(draws):
+        lengths = rng.integers(work.min_len, work.max_len + 1, usable)
+        batches = rng.permutation(lengths).reshape(-1, work.batch_size)
+        ratios.append(batches.max(axis=1).sum() * work.batch_size / lengths.sum())
+    p5, median, p95 = np.percentile(ratios, [5, 50, 95])
+    return {"median": float(median), "p5": float(p5), "p95": float(p95)}
 
 
 class _TimingRunLogger:
@@ -253,4 +275,6 @@ def run(root: Path, repeats: int, log=print) -> dict[str, Any]:
     out["achieved_flops"] = common.median([flops["flops"] / r["train_s"] for r in rows])
     out["matmul_flops"] = common.median([r["matmul_flops"] for r in rows])
     out["efficiency_each"] = [flops["flops"] / r["train_s"] / r["matmul_flops"] for r in rows]
+    out["padding_spread"] = padding_spread(work)
+    out["padding_spread_12_steps"] = padding_spread(dataclasses.replace(work, train_examples=12 * work.batch_size))
     return out

@@ -235,6 +235,8 @@ def fit(
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
+    from loraflow import dropout as lora_dropout
+
     # Each process gets its own disjoint share of every global batch (data.make_dataloader shards
     # them evenly, with no example dropped or repeated), so accelerate must not shard them again.
     def loader(examples, shuffle: bool):
@@ -284,7 +286,10 @@ def fit(
     model.train()
     bar = tqdm(total=steps, initial=step, desc="training", unit="step", disable=not accelerator.is_local_main_process)
     tokens, started = 0, time.perf_counter()
-    with stop_on_signals() as stop:
+    # on CPU, LoRA dropout draws its masks the cheaper way while training (see loraflow.dropout)
+    unwrapped = accelerator.unwrap_model(model)
+    dropouts = lora_dropout.on_cpu(unwrapped) if accelerator.device.type == "cpu" else contextlib.nullcontext()
+    with stop_on_signals() as stop, dropouts:
         while step < steps:
             train_loader.batch_sampler.set_epoch(epoch)
             batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
