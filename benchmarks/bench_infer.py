@@ -10,7 +10,8 @@ predict on one prompt, then `predict` on 64 prompts of mixed length with max_new
 greedy. torch, transformers, peft and mlflow are imported before the load is timed, so load time
 is the flavor's own work, not the import of the frameworks both sides share. Load times are small
 and noisy, so more fresh children (alternating) time the load alone; the reported load time is the
-median over all of a side's loads.
+median over all of a side's loads. Those load-only rounds also time loraflow with its base digest
+cache off, reported apart (the base is then hashed during every load).
 """
 
 from __future__ import annotations
@@ -77,8 +78,14 @@ def log_models(root: str) -> dict[str, Any]:
             "reference": reference}
 
 
-def load_side(root: str, uri: str) -> dict[str, Any]:
-    """Time `mlflow.pyfunc.load_model(uri)` in this fresh process (the frameworks imported first)."""
+def load_side(root: str, uri: str, digest_cache: bool = True) -> dict[str, Any]:
+    """Time `mlflow.pyfunc.load_model(uri)` in this fresh process (the frameworks imported first).
+
+    `digest_cache=False` turns loraflow's base digest cache off (`LORAFLOW_DIGEST_CACHE=0`), so the
+    base is hashed during the load, as on a machine loading it for the first time.
+    """
+    if not digest_cache:
+        os.environ["LORAFLOW_DIGEST_CACHE"] = "0"  # by name: importing loraflow here would precompile it
     import mlflow
     import pandas  # noqa: F401  (shared framework imports, outside the timed load)
     import peft  # noqa: F401
@@ -110,9 +117,9 @@ def predict_side(root: str, flavor_name: str, uri: str, prompts: list[str]) -> d
     return {"load_s": load_s, "predict_s": predict_s, "texts": texts, "model": _describe(model, flavor_name)}
 
 
-def load_side_result(root: str, uri: str) -> dict[str, Any]:
+def load_side_result(root: str, uri: str, digest_cache: bool = True) -> dict[str, Any]:
     """`load_side` without the model (what a load-only child returns)."""
-    return {"load_s": load_side(root, uri)["load_s"]}
+    return {"load_s": load_side(root, uri, digest_cache)["load_s"]}
 
 
 def _describe(model, flavor_name: str) -> dict[str, Any]:
@@ -134,14 +141,19 @@ def run(root: Path, repeats: int, log=print) -> dict[str, Any]:
         return lambda i: common.run_child("bench_infer", "predict_side",
                                           {"root": str(root), "flavor_name": name, "uri": uri, "prompts": prompts})
 
-    def load_only(name: str):
+    def load_only(name: str, digest_cache: bool = True):
         uri = setup[f"{name}_uri"]
-        return lambda i: common.run_child("bench_infer", "load_side_result", {"root": str(root), "uri": uri})
+        return lambda i: common.run_child("bench_infer", "load_side_result",
+                                          {"root": str(root), "uri": uri, "digest_cache": digest_cache})
 
     samples = common.alternate({"loraflow": side("loraflow"), "transformers": side("transformers")}, repeats, log)
-    loads = common.alternate({"loraflow": load_only("loraflow"), "transformers": load_only("transformers")},
+    loads = common.alternate({"loraflow": load_only("loraflow"), "transformers": load_only("transformers"),
+                              "loraflow_uncached": load_only("loraflow", digest_cache=False)},
                              repeats * LOADS_PER_REPEAT, log)
-    out: dict[str, Any] = {"samples": samples, "loads": loads, "reference": setup["reference"], "prompts": prompts}
+    uncached = loads.pop("loraflow_uncached")
+    out: dict[str, Any] = {"samples": samples, "loads": loads, "reference": setup["reference"], "prompts": prompts,
+                           "uncached_load_s": common.median([r["load_s"] for r in uncached]),
+                           "uncached_loads": uncached}
     for name, rows in samples.items():
         texts = rows[0]["texts"]
         continuations = [continuation(t, p) for t, p in zip(texts, prompts)]

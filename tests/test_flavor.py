@@ -11,9 +11,10 @@ import pytest
 import torch
 import yaml
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, ErrorCode
 
-from loraflow import flavor
+from loraflow import flavor, generation, saving
 
 PROMPTS = [
     "Question: What is the capital?\nAnswer:",
@@ -56,6 +57,7 @@ def _artifacts_in_tmp_and_cpu_only(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a sqlite store puts artifacts under ./mlruns: keep them out of the repo
     # pyfunc picks CUDA when it can; exactness is compared against the in-memory model on the CPU.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(flavor, "_digest_cache_dir", lambda: tmp_path / "digest-cache")
 
 
 def base_args(mode: str, tiny_path: str) -> dict:
@@ -154,12 +156,116 @@ def test_stored_digests_that_do_not_match_are_rechecked_on_the_loaded_tensors(sa
     mismatch then re-hashes what was loaded before judging, so a good base still loads and a
     changed one is still refused."""
     stored_tensor_digests = flavor.stored_tensor_digests
-    wrong = lambda files, workers=1: {h: b"\0" * 32 for h in stored_tensor_digests(files, workers)}  # noqa: E731
+    wrong = lambda files, workers=1, cache=False: {h: b"\0" * 32 for h in stored_tensor_digests(files, workers)}  # noqa: E731
     monkeypatch.setattr(flavor, "stored_tensor_digests", wrong)
     assert flavor.load_model(str(saved)).model is not None  # the loaded tensors match: loads
     _perturb_safetensors(saved / "base" / "model.safetensors")
     with pytest.raises(MlflowException, match="does not match"):
         flavor.load_model(str(saved))
+
+
+@pytest.fixture
+def referenced(tmp_path, peft_model, tiny_tokenizer, tiny_path, monkeypatch):
+    """A model referencing a local copy of the base; returns (model dir, the copy's weights file)."""
+    monkeypatch.setattr(flavor, "_RACY_NS", 0)  # the copy was just written (see the racy test below)
+    base_copy = tmp_path / "base-copy"
+    shutil.copytree(tiny_path, base_copy)
+    path = tmp_path / "model"
+    flavor.save_model(peft_model, path, tiny_tokenizer, base_model=str(base_copy), base_mode="reference")
+    return path, base_copy / "model.safetensors"
+
+
+@pytest.fixture
+def hashed_files(monkeypatch) -> list[Path]:
+    """The weight files hashed from disk (each is memory-mapped only to be hashed)."""
+    opened: list[Path] = []
+    mapped = flavor._mapped
+
+    def spy(file):
+        opened.append(Path(file))
+        return mapped(file)
+
+    monkeypatch.setattr(flavor, "_mapped", spy)
+    return opened
+
+
+def cache_entries(tmp_path: Path) -> list[Path]:
+    return sorted((tmp_path / "digest-cache").glob("*.json"))
+
+
+def test_a_referenced_base_is_hashed_once_then_its_digests_come_from_the_cache(referenced, hashed_files, tmp_path):
+    path, weights = referenced
+    assert flavor.load_model(str(path)).model is not None
+    assert hashed_files == [weights] and len(cache_entries(tmp_path)) == 1
+    hashed_files.clear()
+    assert flavor.load_model(str(path)).model is not None
+    assert hashed_files == []
+
+
+def _flip_first_stored_byte(file: Path) -> None:
+    """Change one byte of the first tensor's data in place: same file, same size."""
+    with open(file, "r+b") as f:
+        data_start = 8 + int.from_bytes(f.read(8), "little")
+        f.seek(data_start)
+        byte = f.read(1)
+        f.seek(data_start)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+
+def test_a_base_changed_in_place_is_refused_even_with_its_old_modification_time(referenced, hashed_files):
+    """Only the change time shows this change (same inode and size, mtime set back): still caught."""
+    import os
+
+    path, weights = referenced
+    flavor.load_model(str(path))  # records the digests
+    before = weights.stat()
+    _flip_first_stored_byte(weights)
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = weights.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+    hashed_files.clear()
+    with pytest.raises(MlflowException, match="does not match"):
+        flavor.load_model(str(path))
+    assert hashed_files == [weights]
+
+
+def test_an_embedded_base_is_never_cached(saved, tmp_path, hashed_files, monkeypatch):
+    """MLflow hands every load a fresh copy of the artifact: its base is hashed every time."""
+    monkeypatch.setattr(flavor, "_RACY_NS", 0)  # would be recorded, were it not embedded
+    for _ in range(2):
+        assert flavor.load_model(str(saved)).model is not None
+    assert len(hashed_files) == 2 and cache_entries(tmp_path) == []
+
+
+def test_the_digest_cache_can_be_turned_off(referenced, hashed_files, tmp_path, monkeypatch):
+    monkeypatch.setenv(flavor.DIGEST_CACHE_ENV, "0")
+    path, weights = referenced
+    for _ in range(2):
+        assert flavor.load_model(str(path)).model is not None
+    assert hashed_files == [weights, weights] and cache_entries(tmp_path) == []
+
+
+def test_an_unreadable_cache_entry_is_hashed_over(referenced, hashed_files, tmp_path):
+    path, weights = referenced
+    flavor.load_model(str(path))
+    (entry,) = cache_entries(tmp_path)
+    entry.write_text("{not json")
+    hashed_files.clear()
+    assert flavor.load_model(str(path)).model is not None
+    assert hashed_files == [weights] and flavor._cached_file_digests(weights) is not None  # rewritten
+
+
+def test_a_file_changed_just_before_it_is_hashed_is_not_recorded(tmp_path, tiny_path):
+    """A change in the same clock tick as the hashing would not show: such digests are not kept,
+    even with the modification time set back (the change time cannot be)."""
+    import os
+
+    weights = tmp_path / "model.safetensors"
+    shutil.copy(Path(tiny_path) / "model.safetensors", weights)
+    os.utime(weights, ns=(0, 0))
+    digests = flavor.stored_tensor_digests([weights], cache=True)
+    assert digests == flavor.stored_tensor_digests([Path(tiny_path) / "model.safetensors"])
+    assert cache_entries(tmp_path) == []
 
 
 def test_a_directory_without_the_flavor_is_refused_by_name(saved, tmp_path):
@@ -194,7 +300,7 @@ def test_saved_artifact_layout_and_flavor_config(saved, peft_model):
     pickles = [p for p in saved.rglob("*") if p.suffix in (".bin", ".pkl", ".pickle", ".pt", ".pth")]
     assert pickles == []
     shipped = sorted(p.name for p in (saved / "code" / "loraflow").iterdir())
-    assert shipped == sorted(flavor.LOADER_MODULES)  # no training code, tests, caches or resources
+    assert shipped == sorted(saving.LOADER_MODULES)  # no training code, tests, caches or resources
 
 
 def test_the_saved_model_loads_where_loraflow_is_not_installed(saved, tmp_path):
@@ -266,7 +372,7 @@ def test_auto_mode_defaults(tmp_path, peft_model, tiny_tokenizer, tiny_path):
     flavor.save_model(peft_model, tmp_path / "m", tiny_tokenizer)
     base = mlmodel(tmp_path / "m")["flavors"]["loraflow"]["base"]
     assert (base["mode"], base["kind"]) == ("embedded", "local")
-    assert flavor._resolve_base_mode("hub", "auto") == "reference"
+    assert saving._resolve_base_mode("hub", "auto") == "reference"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,7 +408,7 @@ def test_pyfunc_round_trip_is_exact(mode, peft_model, tiny_tokenizer, tiny_path,
     served = mlflow.pyfunc.load_model(info.model_uri)
     got = served.predict(pd.DataFrame({"prompt": PROMPTS}), params=params)
     assert list(got.columns) == ["text"] and len(got) == len(PROMPTS)
-    expected = flavor.generate_texts(peft_model, tiny_tokenizer, PROMPTS, batch_size=2, **params)
+    expected = generation.generate_texts(peft_model, tiny_tokenizer, PROMPTS, batch_size=2, max_new_tokens_cap=64, **params)
     assert got["text"].tolist() == expected
 
     # 2. pyfunc with micro-batch size 1 vs plain `generate` on one unpadded prompt at a time: an
@@ -326,7 +432,13 @@ def test_logged_signature_has_params_schema_and_input_example(peft_model, tiny_t
     assert params == {"max_new_tokens": 16, "temperature": 1.0, "top_p": 1.0, "do_sample": False,
                       "repetition_penalty": 1.0, "seed": 0}
     assert info.signature.outputs.input_names() == ["text"]
-    assert info.saved_input_example_info is not None
+    # The default example is read back as it was logged, and is a request the model answers.
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri))
+    meta = Model.load(local)
+    example, example_params = meta.load_input_example(local), meta.load_input_example_params(local)
+    assert (example, example_params) == flavor.default_input_example()
+    texts = mlflow.pyfunc.load_model(info.model_uri).predict(example, params=example_params)["text"].tolist()
+    assert len(texts) == 1 and isinstance(texts[0], str)
 
 
 def test_max_new_tokens_param_changes_the_output_length(saved, tiny_tokenizer):

@@ -13,7 +13,7 @@ import pytest
 from helpers import BIN, env_with_venv, free_port, stop, wait_for_http
 from test_flavor import PROMPTS, base_args, make_peft_model
 
-from loraflow import flavor
+from loraflow import flavor, generation
 
 pytestmark = [
     pytest.mark.slow,
@@ -43,7 +43,7 @@ def test_served_model_answers_like_pyfunc(mode, tmp_path, monkeypatch, tiny_mode
     expected = mlflow.pyfunc.load_model(info.model_uri).predict(pd.DataFrame({"prompt": PROMPTS}), params=params)
     expected = expected["text"].tolist()
     # Exact against the in-memory model too, through the same batching (see test_flavor for why).
-    assert expected == flavor.generate_texts(peft_model, tiny_tokenizer, PROMPTS, batch_size=2, **params)
+    assert expected == generation.generate_texts(peft_model, tiny_tokenizer, PROMPTS, batch_size=2, max_new_tokens_cap=64, **params)
 
     port = free_port()
     log = open(tmp_path / "serve.log", "wb")

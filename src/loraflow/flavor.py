@@ -2,8 +2,9 @@
 
 Shaped like MLflow's own flavor modules (`mlflow/spacy/__init__.py`, `mlflow/lightgbm/__init__.py`):
 `FLAVOR_NAME`, `get_default_pip_requirements`, `save_model`, `log_model`, `load_model`, plus the
-private `_load_pyfunc` that `mlflow.pyfunc.load_model` and `mlflow models serve` call. torch,
-transformers and peft are imported inside functions, so importing this module stays cheap.
+private `_load_pyfunc` that `mlflow.pyfunc.load_model` and `mlflow models serve` call (saving is
+implemented in `loraflow.saving`, generation in `loraflow.generation`). torch, transformers and peft
+are imported inside functions, so importing this module stays cheap.
 
 Why a custom flavor: `mlflow.transformers` round-trips a LoRA model on a local base with different
 logits and reloads the adapter frozen. This one reloads the exact weights (max abs logit diff 0.0 in
@@ -38,8 +39,11 @@ tensors are hashed straight from the base's files, on the cores `from_pretrained
 it loads them; each loaded tensor whose name, dtype and shape match a stored one takes that digest,
 and any other is hashed from memory. Only if that fingerprint does not match is every loaded tensor
 hashed itself before judging, so a good base is never refused for how its files store it.
-The adapter file's sha256 is recorded and checked too, so flipped bytes are caught even where
-safetensors would still parse them.
+A base outside the artifact (a Hub cache, a local directory) is hashed once: its files' digests are
+kept in a cache under `$LORAFLOW_HOME/digests`, valid while each file's path, size, inode and
+modification and change times stay as they were (as Git's index trusts them; `LORAFLOW_DIGEST_CACHE=0`
+turns the cache off). The adapter file's sha256 is recorded and checked too, so flipped bytes are
+caught even where safetensors would still parse them.
 
 Remote code (`trust_remote_code`): a base model whose config has an `auto_map` runs Python code
 shipped with it. Whether the model was trained with that permission is recorded as
@@ -54,63 +58,44 @@ with a message saying how to allow it; a model recorded without it is always loa
 
 Requirements: the model's requirements pin only third-party packages (mlflow, torch, transformers,
 peft, accelerate, safetensors, tokenizers), and the `loraflow` package itself is shipped with
-`code_paths` (under `code/loraflow/`: only the modules loading imports, `LOADER_MODULES`, plus the
-builtin resources for a referenced `builtin:*` base). We chose this over pinning
-`loraflow==<version>` because loraflow is usually installed editable from a checkout, so such a pin
-would not resolve on PyPI in a fresh serving environment; shipping the code also guarantees that the
-loader that reads a model is the code that wrote it (MLflow puts `code/` first on `sys.path` before
-importing the loader module). The package's `__path__` is extended (`pkgutil.extend_path`), so in
-a process that also has loraflow installed, its other modules (training, tracking) still import.
-Importing `loraflow` needs only the standard library, so no other pins are needed for it.
+`code_paths` (under `code/loraflow/`: only the modules a loaded model imports,
+`saving.LOADER_MODULES`, plus the builtin resources for a referenced `builtin:*` base). We chose
+this over pinning `loraflow==<version>` because loraflow is usually installed editable from a
+checkout, so such a pin would not resolve on PyPI in a fresh serving environment; shipping the code
+also guarantees that the loader that reads a model is the code that wrote it (MLflow puts `code/`
+first on `sys.path` before importing the loader module). The package's `__path__` is extended
+(`pkgutil.extend_path`), so in a process that also has loraflow installed, its other modules
+(training, tracking) still import. Importing `loraflow` needs only the standard library, so no other
+pins are needed for it.
 """
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import logging
 import mmap
-import numbers
 import os
-import shutil
 import tempfile
+import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
 
 import yaml
 
-import mlflow
-from mlflow import pyfunc
 from mlflow.environment_variables import _MLFLOW_IS_IN_SERVING_ENVIRONMENT
 from mlflow.exceptions import MlflowException
-from mlflow.models import Model, ModelSignature
 from mlflow.models.model import MLMODEL_FILE_NAME
-from mlflow.models.utils import _save_example
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
 from mlflow.tracking.artifact_utils import _download_artifact_from_uri
-from mlflow.utils.environment import (
-    _CONDA_ENV_FILE_NAME,
-    _CONSTRAINTS_FILE_NAME,
-    _PYTHON_ENV_FILE_NAME,
-    _REQUIREMENTS_FILE_NAME,
-    _process_pip_requirements,
-    _PythonEnv,
-    _validate_env_arguments,
-)
-from mlflow.utils.file_utils import get_total_file_size, write_to
-from mlflow.utils.model_utils import (
-    _add_code_from_conf_to_system_path,
-    _validate_and_copy_code_paths,
-    _validate_and_prepare_target_save_path,
-)
-from mlflow.utils.requirements_utils import _get_pinned_requirement
+from mlflow.utils.model_utils import _add_code_from_conf_to_system_path
 
+from loraflow.builtin import cache_root
 from loraflow.errors import LoraflowError
-from loraflow.models import base_kind, load_base_model, remote_code_refused, resolve_base, resolved_revision
+from loraflow.models import load_base_model, remote_code_refused, resolve_base
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -126,21 +111,7 @@ TOKENIZER_SUBPATH = "tokenizer"
 BASE_SUBPATH = "base"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
-# What an embedded base copies from its directory: config, weights, and any remote code. Never
-# pickled `.bin` checkpoints (the model format holds no pickle).
-BASE_FILE_PATTERNS = ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json", "*.py")
 
-BaseMode = Literal["auto", "embedded", "reference"]
-
-# Generation settings a request may pass as `params`; their defaults become the params schema.
-GENERATION_DEFAULTS: dict[str, Any] = {
-    "max_new_tokens": 64,
-    "temperature": 1.0,
-    "top_p": 1.0,
-    "do_sample": False,
-    "repetition_penalty": 1.0,
-    "seed": 0,
-}
 # Settings of the served model itself (pyfunc `model_config`; override with
 # `mlflow.pyfunc.load_model(uri, model_config={...})`).
 PYFUNC_DEFAULTS: dict[str, Any] = {
@@ -168,6 +139,20 @@ SAFETENSORS_DTYPES = {
 VOLATILE_CONFIG_KEYS = ("transformers_version", "dtype", "torch_dtype", "use_cache")
 
 _logger = logging.getLogger(__name__)
+
+
+# The writing half of the flavor lives in `loraflow.saving`: loading never needs it, so a served
+# model neither ships nor compiles it. Its public names are reachable here too (PEP 562), where
+# MLflow's flavor API has them (`Model.log` calls `flavor.save_model`).
+_SAVING_NAMES = ("save_model", "log_model", "get_default_pip_requirements", "default_signature", "default_input_example")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SAVING_NAMES:
+        from loraflow import saving
+
+        return getattr(saving, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class LoadedModel(NamedTuple):
@@ -285,7 +270,7 @@ def _scheme_of(fingerprint: str) -> str:
     return scheme
 
 
-def stored_tensor_digests(files: list[Path], workers: int = 1) -> dict[str, bytes]:
+def stored_tensor_digests(files: list[Path], workers: int = 1, cache: bool = False) -> dict[str, bytes]:
     """sha256 of each tensor's bytes as stored in these safetensors files, by the `name|dtype|shape`
     header a loaded tensor with those bytes has in a `sha256-tensors` fingerprint.
 
@@ -293,24 +278,89 @@ def stored_tensor_digests(files: list[Path], workers: int = 1) -> dict[str, byte
     them, so these digests are those of the loaded tensors whenever loading keeps the name, dtype,
     shape and values. Hashing them from the file can therefore start before the model is loaded.
     Tensors of a dtype not in `SAFETENSORS_DTYPES`, and names stored more than once, are left out.
+    With `cache`, a file's digests come from the digest cache while the file is unchanged
+    (`_cached_file_digests`), and are recorded there once hashed.
     """
-    jobs: list[tuple[str, str, int, int, int]] = []  # (name, header, file index, start, end)
-    for index, file in enumerate(files):
-        with open(file, "rb") as f:
-            header_size = int.from_bytes(f.read(8), "little")
-            layout = json.loads(f.read(header_size))
-        for name, info in layout.items():
-            if name != "__metadata__" and info["dtype"] in SAFETENSORS_DTYPES:
-                begin, end = info["data_offsets"]
-                header = _tensor_header(name, SAFETENSORS_DTYPES[info["dtype"]], info["shape"])
-                jobs.append((name, header, index, 8 + header_size + begin, 8 + header_size + end))
-    counts = Counter(name for name, *_ in jobs)
-    jobs = [job for job in jobs if counts[job[0]] == 1]
-    with ExitStack() as stack:
-        maps = [stack.enter_context(_mapped(file)) for file in files]
-        with ThreadPoolExecutor(max(1, workers), thread_name_prefix="loraflow-fingerprint") as pool:
-            digests = pool.map(lambda job: _range_sha256(maps[job[2]], job[3], job[4]), jobs)
-            return {header: digest for (_, header, *_), digest in zip(jobs, digests)}
+    per_file = [_file_digests(file, workers, cache) for file in files]
+    counts = Counter(name for digests in per_file for name in digests)
+    return {header: digest for digests in per_file for name, (header, digest) in digests.items() if counts[name] == 1}
+
+
+def _file_digests(file: Path, workers: int, cache: bool) -> dict[str, tuple[str, bytes]]:
+    """{tensor name: (header, sha256 of its stored bytes)} for one safetensors file."""
+    if cache and (cached := _cached_file_digests(file)) is not None:
+        return cached
+    identity, started_ns = _file_identity(file), time.time_ns()  # before reading: a later change shows
+    with open(file, "rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        layout = json.loads(f.read(header_size))
+    jobs = [  # (name, header, start, end)
+        (name, _tensor_header(name, SAFETENSORS_DTYPES[info["dtype"]], info["shape"]),
+         8 + header_size + info["data_offsets"][0], 8 + header_size + info["data_offsets"][1])
+        for name, info in layout.items()
+        if name != "__metadata__" and info["dtype"] in SAFETENSORS_DTYPES
+    ]
+    with _mapped(file) as mapped, ThreadPoolExecutor(max(1, workers), thread_name_prefix="loraflow-fingerprint") as pool:
+        digests = list(pool.map(lambda job: _range_sha256(mapped, job[2], job[3]), jobs))
+    result = {name: (header, digest) for (name, header, *_), digest in zip(jobs, digests)}
+    if cache:
+        _record_file_digests(file, identity, started_ns, result)
+    return result
+
+
+# The digest cache: the stored-tensor digests of base weight files that live outside a model
+# artifact (a Hub cache, a local directory, a built-in base), so that loading such a model again does
+# not hash its whole base again. Like Git's index, an entry holds only while the file's path, size,
+# inode and modification and change times are those it had when it was hashed (the change time
+# cannot be set back by `touch`); an entry for a file modified within `_RACY_NS` of being hashed is
+# never written, as a change in the same clock tick would not show. Whatever the cache says, a
+# fingerprint that does not match is rechecked on the loaded tensors themselves (`_start_base_fingerprint`).
+DIGEST_CACHE_ENV = "LORAFLOW_DIGEST_CACHE"  # set to 0 to hash every base on every load
+_RACY_NS = 2_000_000_000
+
+
+def _digest_cache_enabled() -> bool:
+    return os.environ.get(DIGEST_CACHE_ENV, "1").strip().lower() not in ("0", "false", "no")
+
+
+def _digest_cache_dir() -> Path:
+    return cache_root() / "digests"
+
+
+def _file_identity(file: Path) -> dict[str, Any]:
+    st = file.stat()
+    return {"path": str(file.resolve()), "size": st.st_size, "dev": st.st_dev, "ino": st.st_ino,
+            "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+
+
+def _digest_cache_entry(file: Path) -> Path:
+    return _digest_cache_dir() / (hashlib.sha256(str(file.resolve()).encode()).hexdigest()[:32] + ".json")
+
+
+def _cached_file_digests(file: Path) -> dict[str, tuple[str, bytes]] | None:
+    """The cached digests of `file`, or None when there is no entry or the file has changed since."""
+    try:
+        entry = json.loads(_digest_cache_entry(file).read_text())
+        if entry["identity"] != _file_identity(file):
+            return None
+        return {name: (header, bytes.fromhex(digest)) for name, (header, digest) in entry["digests"].items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _record_file_digests(file: Path, identity: dict[str, Any], started_ns: int,
+                         digests: dict[str, tuple[str, bytes]]) -> None:
+    if identity["mtime_ns"] >= started_ns - _RACY_NS or identity["ctime_ns"] >= started_ns - _RACY_NS:
+        return  # changed too recently to tell a later change in the same clock tick apart
+    entry = {"identity": identity, "digests": {name: [header, d.hex()] for name, (header, d) in digests.items()}}
+    target = _digest_cache_entry(file)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=target.parent, suffix=".tmp", delete=False) as f:
+            json.dump(entry, f)
+        os.replace(f.name, target)  # atomic: a concurrent reader sees the old entry or the new one
+    except OSError as e:
+        _logger.debug("could not record the digests of %s: %s", file, e)
 
 
 def _base_weight_files(path: Path, base: dict[str, Any]) -> list[Path]:
@@ -339,16 +389,19 @@ def _base_weight_files(path: Path, base: dict[str, Any]) -> list[Path]:
 
 def _start_stored_digests(path: Path, base: dict[str, Any]) -> "Future[dict[str, bytes]]":
     """Hash the base's stored tensors in the background while `from_pretrained` loads them, on all
-    cores but the one loading. Only a shortcut: whatever fails here, the loaded tensors are hashed."""
+    cores but the one loading (or take them from the digest cache, for a base outside the artifact).
+    Only a shortcut: whatever fails here, the loaded tensors are hashed."""
     try:  # here, not in the background: a `builtin:*` base is built on first use, once
         files = _base_weight_files(path, base)
     except Exception as e:  # the load itself reports a base it cannot find
         _logger.debug("not hashing the base's files ahead of loading: %s", e)
         files = []
 
+    cache = base["mode"] != "embedded" and _digest_cache_enabled()  # an embedded base is a fresh copy
+
     def run() -> dict[str, bytes]:
         try:
-            return stored_tensor_digests(files, workers=min(8, (os.cpu_count() or 2) - 1))
+            return stored_tensor_digests(files, workers=min(8, (os.cpu_count() or 2) - 1), cache=cache)
         except Exception as e:
             _logger.debug("not hashing the base's files ahead of loading: %s", e)
             return {}
@@ -389,396 +442,6 @@ def _file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return "sha256:" + digest.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------
-# Requirements and signature.
-
-
-def get_default_pip_requirements() -> list[str]:
-    """Third-party pins of a saved model. `loraflow` itself travels with `code_paths` (see the
-    module docstring for why)."""
-    packages = ["mlflow", "torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers"]
-    return [_get_pinned_requirement(p) for p in packages]
-
-
-def _validated_generation_defaults(
-    overrides: dict[str, Any] | None, max_new_tokens_cap: int = PYFUNC_DEFAULTS["max_new_tokens_cap"]
-) -> dict[str, Any]:
-    overrides = dict(overrides or {})
-    unknown = [k for k in overrides if k not in GENERATION_DEFAULTS]
-    if unknown:
-        raise _invalid(
-            f"`generation_defaults` has unknown keys {unknown}; known: {sorted(GENERATION_DEFAULTS)}"
-        )
-    defaults = {**GENERATION_DEFAULTS, **overrides}
-    _generation_settings(defaults, max_new_tokens_cap=max_new_tokens_cap)
-    return defaults
-
-
-def default_signature(
-    generation_defaults: dict[str, Any] | None = None, max_new_tokens_cap: int = PYFUNC_DEFAULTS["max_new_tokens_cap"]
-) -> ModelSignature:
-    """Input: one string column; output `text` (string); and a params schema for generation.
-
-    Without a params schema MLflow silently drops the params of a request. The input column is
-    left unnamed on purpose: MLflow's schema enforcement turns a list of strings or a single string
-    into a DataFrame with column `0` and would reject it against a named `prompt` column; `predict`
-    then reads the `prompt` column, or that single unnamed column, and rejects anything else.
-    """
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-
-    d = _validated_generation_defaults(generation_defaults, max_new_tokens_cap)
-    return ModelSignature(
-        inputs=Schema([ColSpec("string")]),
-        outputs=Schema([ColSpec("string", "text")]),
-        params=ParamSchema([
-            ParamSpec("max_new_tokens", "long", int(d["max_new_tokens"])),
-            ParamSpec("temperature", "double", float(d["temperature"])),
-            ParamSpec("top_p", "double", float(d["top_p"])),
-            ParamSpec("do_sample", "boolean", bool(d["do_sample"])),
-            ParamSpec("repetition_penalty", "double", float(d["repetition_penalty"])),
-            ParamSpec("seed", "long", int(d["seed"])),
-        ]),
-    )
-
-
-def default_input_example() -> tuple["pd.DataFrame", dict[str, Any]]:
-    """A small example request; short `max_new_tokens` keeps MLflow's log-time validation quick."""
-    import pandas as pd
-
-    return pd.DataFrame({"prompt": ["Question: What is LoRA?\nAnswer:"]}), {"max_new_tokens": 8}
-
-
-# ---------------------------------------------------------------------------------------------
-# Saving.
-
-
-def _lora_settings(peft_model: "PeftModel") -> dict[str, Any]:
-    config = peft_model.peft_config[peft_model.active_adapter].to_dict()
-
-    def plain(value: Any) -> Any:  # YAML-safe: sets sorted, enums as their value
-        if isinstance(value, (set, frozenset, list, tuple)):
-            items = [plain(v) for v in value]
-            return sorted(items) if isinstance(value, (set, frozenset)) else items
-        return getattr(value, "value", value)
-
-    keys = ("peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules",
-            "modules_to_save", "bias", "use_rslora", "use_dora", "fan_in_fan_out")
-    return {k: plain(config.get(k)) for k in keys if k in config}
-
-
-def _resolve_base_mode(kind: str, base_mode: str) -> str:
-    if base_mode not in ("auto", "embedded", "reference"):
-        raise _invalid(f"`base_mode` must be one of 'auto', 'embedded', 'reference', got {base_mode!r}")
-    if base_mode == "auto":
-        return "reference" if kind == "hub" else "embedded"
-    return base_mode
-
-
-def _base_source_dir(base_model: str, kind: str, revision: str | None) -> Path:
-    """The local directory holding the base model's files (for an embedded copy)."""
-    if kind != "hub":
-        return Path(resolve_base(base_model)).expanduser().resolve()
-    from huggingface_hub import snapshot_download
-
-    try:  # the weights are already in the Hub cache: the model in memory was loaded from there
-        return Path(snapshot_download(base_model, revision=revision, local_files_only=True))
-    except Exception as e:
-        raise _invalid(
-            f"cannot embed base model {base_model!r}@{revision}: its files are not in the local Hub "
-            f"cache ({e}). Load it with from_pretrained first, or use base_mode='reference'"
-        ) from e
-
-
-def _base_files(source: Path) -> list[Path]:
-    return sorted({p for pattern in BASE_FILE_PATTERNS for p in source.glob(pattern) if p.is_file()})
-
-
-def _check_base_files(source: Path) -> None:
-    if not any(p.suffix == ".safetensors" for p in _base_files(source)):
-        raise _invalid(
-            f"cannot embed the base model from {str(source)!r}: it has no *.safetensors weights "
-            "(pickled .bin checkpoints are not copied). Re-save it with "
-            "`model.save_pretrained(dir, safe_serialization=True)` or use base_mode='reference'"
-        )
-
-
-def _copy_base_files(source: Path, target: Path) -> None:
-    target.mkdir(parents=True)
-    for path in _base_files(source):
-        shutil.copy2(path, target / path.name)
-
-
-def _base_section(peft_model: "PeftModel", base_model: str, base_mode: str, trust_remote_code: bool) -> dict[str, Any]:
-    """The `base` section of the flavor config. Checks everything before anything is written."""
-    kind = base_kind(base_model)
-    mode = _resolve_base_mode(kind, base_mode)
-    base = peft_model.get_base_model()
-    revision = resolved_revision(base) if kind == "hub" else None
-    if kind == "hub" and revision is None:
-        raise _invalid(
-            f"cannot record base model {base_model!r}: the loaded model has no resolved Hub commit "
-            "(`config._commit_hash`). Load it with `from_pretrained` from the Hub, or pass a local "
-            "directory as `base_model`"
-        )
-    section = {
-        "mode": mode,
-        "kind": kind,
-        "name": str(Path(base_model).expanduser().resolve()) if kind == "local" else base_model,
-        "revision": revision,
-        "dtype": str(base.dtype).removeprefix("torch."),
-        "architectures": list(getattr(base.config, "architectures", None) or []),
-        "fingerprint": base_fingerprint(base),
-        "trust_remote_code": bool(trust_remote_code),
-    }
-    if mode == "embedded":
-        section["path"] = BASE_SUBPATH
-        section["source_dir"] = str(_base_source_dir(base_model, kind, revision))
-    return section
-
-
-# The modules loading a model imports: the package's `__init__` (which imports nothing eagerly),
-# this module and its imports (`_load_pyfunc` imports nothing else from loraflow). Only these are
-# shipped, not the whole package (training code, caches), so artifacts stay small.
-LOADER_MODULES = ("__init__.py", "errors.py", "builtin.py", "models.py", "flavor.py")
-# Data files `builtin.py` builds `builtin:*` bases from: shipped with a model that references one.
-BUILTIN_RESOURCES = "resources"
-
-
-def _stage_loader_package(target: Path, with_builtin_resources: bool) -> str:
-    """Copy the loader's modules into `target/loraflow` (for `code_paths`); return that directory."""
-    source = Path(__file__).resolve().parent
-    package = target / "loraflow"
-    package.mkdir(parents=True)
-    for name in LOADER_MODULES:
-        shutil.copy2(source / name, package / name)
-    if with_builtin_resources:
-        shutil.copytree(source / BUILTIN_RESOURCES, package / BUILTIN_RESOURCES)
-    return str(package)
-
-
-def save_model(
-    peft_model: "PeftModel",
-    path: str | os.PathLike,
-    tokenizer: "PreTrainedTokenizerBase",
-    *,
-    base_model: str | None = None,
-    base_mode: BaseMode = "auto",
-    mlflow_model: Model | None = None,
-    signature: ModelSignature | None = None,
-    input_example: Any = None,
-    pip_requirements: list[str] | str | None = None,
-    extra_pip_requirements: list[str] | str | None = None,
-    code_paths: list[str] | None = None,
-    metadata: dict[str, Any] | None = None,
-    generation_defaults: dict[str, Any] | None = None,
-    batch_size: int = PYFUNC_DEFAULTS["batch_size"],
-    max_new_tokens_cap: int = PYFUNC_DEFAULTS["max_new_tokens_cap"],
-    trust_remote_code: bool = False,
-) -> None:
-    """Save a PEFT LoRA model, its tokenizer and its base model (embedded or referenced) to `path`.
-
-    Args:
-        peft_model: a `peft.PeftModel` with one adapter.
-        path: a new (or empty) local directory.
-        tokenizer: the tokenizer to save with it.
-        base_model: `builtin:*`, a local directory or a Hub id; default: the adapter config's
-            `base_model_name_or_path`.
-        base_mode: `"embedded"` copies the base weights into the artifact; `"reference"` records the
-            Hub id + resolved commit (or a local path); `"auto"`: reference for a Hub id, else embedded.
-        mlflow_model: the `mlflow.models.Model` this flavor is added to (set by `log_model`).
-        signature: default: `default_signature(generation_defaults)`, with a params schema.
-        input_example: default: `default_input_example()` when no signature is given.
-        pip_requirements: replace the default requirements.
-        extra_pip_requirements: add to the default requirements.
-        code_paths: extra code to ship; the `loraflow` package is always added.
-        metadata: custom metadata for the MLmodel file.
-        generation_defaults: defaults for the generation params (keys of `GENERATION_DEFAULTS`).
-        batch_size: pyfunc micro-batch size.
-        max_new_tokens_cap: the largest `max_new_tokens` pyfunc accepts.
-        trust_remote_code: whether the base model was loaded with code shipped with it; recorded
-            as `base.trust_remote_code` (loading such a model needs permission again).
-
-    Raises:
-        MlflowException: an invalid argument, a non-empty `path`, or a base model that cannot be
-            embedded or referenced.
-    """
-    import peft
-    import torch
-    import transformers
-
-    _validate_env_arguments(None, pip_requirements, extra_pip_requirements)
-    if not isinstance(peft_model, peft.PeftModel):
-        raise _invalid(f"`peft_model` must be a peft.PeftModel, got {type(peft_model).__name__}")
-    if len(peft_model.peft_config) != 1:
-        raise _invalid(
-            f"`peft_model` has {len(peft_model.peft_config)} adapters {sorted(peft_model.peft_config)}; "
-            "save one adapter per model (delete the others with `delete_adapter`)"
-        )
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise _invalid(f"`batch_size` must be a positive integer, got {batch_size!r}")
-    if not isinstance(max_new_tokens_cap, int) or max_new_tokens_cap < 1:
-        raise _invalid(f"`max_new_tokens_cap` must be a positive integer, got {max_new_tokens_cap!r}")
-    if not isinstance(trust_remote_code, bool):
-        raise _invalid(f"`trust_remote_code` must be True or False, got {trust_remote_code!r}")
-    generation_defaults = _validated_generation_defaults(generation_defaults, max_new_tokens_cap)
-    adapter_config = peft_model.peft_config[peft_model.active_adapter]
-    base_model = base_model or adapter_config.base_model_name_or_path
-    if not base_model:
-        raise _invalid("`base_model` is unknown: pass it, e.g. base_model='builtin:tiny'")
-
-    base_section = _base_section(peft_model, base_model, base_mode, trust_remote_code)
-    source_dir = base_section.pop("source_dir", None)
-    if source_dir is not None:
-        _check_base_files(Path(source_dir))
-    path = Path(os.path.abspath(path))
-    _validate_and_prepare_target_save_path(str(path))
-
-    # 1. The native artifacts: adapter, tokenizer, base (embedded copy or reference).
-    adapter_dir = path / ADAPTER_SUBPATH
-    peft_model.save_pretrained(str(adapter_dir), safe_serialization=True)
-    tokenizer.save_pretrained(str(path / TOKENIZER_SUBPATH))
-    if source_dir is not None:
-        _copy_base_files(Path(source_dir), path / BASE_SUBPATH)
-    with tempfile.TemporaryDirectory(prefix="loraflow-code-") as staging:
-        # a referenced builtin base is rebuilt on load, from the bundled resources
-        builtin_reference = base_section["kind"] == "builtin" and base_section["mode"] == "reference"
-        loader_package = _stage_loader_package(Path(staging), with_builtin_resources=builtin_reference)
-        code_dir_subpath = _validate_and_copy_code_paths([*(code_paths or []), loader_package], str(path))
-
-    # 2. MLmodel: signature, example, pyfunc and loraflow flavors.
-    if mlflow_model is None:
-        mlflow_model = Model()
-    if signature is None:
-        signature = default_signature(generation_defaults, max_new_tokens_cap)
-        if input_example is None:
-            input_example = default_input_example()
-    _save_example(mlflow_model, input_example, str(path))
-    mlflow_model.signature = signature
-    if metadata is not None:
-        mlflow_model.metadata = metadata
-    pyfunc.add_to_model(
-        mlflow_model,
-        loader_module="loraflow.flavor",
-        code=code_dir_subpath,
-        conda_env=_CONDA_ENV_FILE_NAME,
-        python_env=_PYTHON_ENV_FILE_NAME,
-        model_config={**PYFUNC_DEFAULTS, "batch_size": batch_size, "max_new_tokens_cap": max_new_tokens_cap},
-    )
-    from loraflow import __version__ as loraflow_version
-
-    mlflow_model.add_flavor(
-        FLAVOR_NAME,
-        flavor_version=FLAVOR_VERSION,
-        loraflow_version=loraflow_version,
-        peft_version=str(peft.__version__),
-        transformers_version=str(transformers.__version__),
-        torch_version=str(torch.__version__),
-        adapter=ADAPTER_SUBPATH,
-        adapter_sha256={
-            name: _file_sha256(adapter_dir / name) for name in (ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE)
-        },
-        tokenizer=TOKENIZER_SUBPATH,
-        lora=_lora_settings(peft_model),
-        base=base_section,
-        generation_defaults=generation_defaults,
-        code=code_dir_subpath,
-    )
-    if size := get_total_file_size(str(path)):
-        mlflow_model.model_size_bytes = size
-    mlflow_model.save(str(path / MLMODEL_FILE_NAME))
-
-    # 3. The environment. Requirements are not inferred by loading the model in a subprocess (as
-    # some MLflow flavors do): the defaults cover every import, and inference costs a model load.
-    default_reqs = None if pip_requirements is not None else get_default_pip_requirements()
-    conda_env, pip_reqs, pip_constraints = _process_pip_requirements(
-        default_reqs, pip_requirements, extra_pip_requirements
-    )
-    with open(path / _CONDA_ENV_FILE_NAME, "w") as f:
-        yaml.safe_dump(conda_env, stream=f, default_flow_style=False)
-    if pip_constraints:
-        write_to(str(path / _CONSTRAINTS_FILE_NAME), "\n".join(pip_constraints))
-    write_to(str(path / _REQUIREMENTS_FILE_NAME), "\n".join(pip_reqs))
-    _PythonEnv.current().to_yaml(str(path / _PYTHON_ENV_FILE_NAME))
-
-
-def log_model(
-    peft_model: "PeftModel",
-    name: str,
-    tokenizer: "PreTrainedTokenizerBase",
-    *,
-    registered_model_name: str | None = None,
-    signature: ModelSignature | None = None,
-    input_example: Any = None,
-    pip_requirements: list[str] | str | None = None,
-    extra_pip_requirements: list[str] | str | None = None,
-    code_paths: list[str] | None = None,
-    metadata: dict[str, Any] | None = None,
-    base_model: str | None = None,
-    base_mode: BaseMode = "auto",
-    generation_defaults: dict[str, Any] | None = None,
-    batch_size: int = PYFUNC_DEFAULTS["batch_size"],
-    max_new_tokens_cap: int = PYFUNC_DEFAULTS["max_new_tokens_cap"],
-    trust_remote_code: bool = False,
-    **kwargs: Any,
-) -> "mlflow.models.model.ModelInfo":
-    """Log a PEFT LoRA model to the active run (one is started if none is active).
-
-    Args:
-        peft_model, tokenizer, base_model, base_mode, generation_defaults, batch_size,
-        max_new_tokens_cap, trust_remote_code, signature, input_example, pip_requirements,
-        extra_pip_requirements, code_paths, metadata: as for `save_model`.
-        name: the logged model's name (MLflow 3).
-        registered_model_name: also register a version under this name.
-        kwargs: passed to `mlflow.models.Model.log` (e.g. `params`, `tags`, `step`).
-
-    Returns:
-        The `ModelInfo` of the logged model (`.model_uri` loads it).
-    """
-    import loraflow.flavor
-
-    # MLflow checks the input example by loading the logged model through pyfunc in this process;
-    # the caller's permission for this model covers that load (and only for this call).
-    with _env(TRUST_REMOTE_CODE_ENV, "1" if trust_remote_code else None):
-        return Model.log(
-            artifact_path=None,
-            name=name,
-            flavor=loraflow.flavor,
-            registered_model_name=registered_model_name,
-            metadata=metadata,
-            peft_model=peft_model,
-            tokenizer=tokenizer,
-            base_model=base_model,
-            base_mode=base_mode,
-            signature=signature,
-            input_example=input_example,
-            pip_requirements=pip_requirements,
-            extra_pip_requirements=extra_pip_requirements,
-            code_paths=code_paths,
-            generation_defaults=generation_defaults,
-            batch_size=batch_size,
-            max_new_tokens_cap=max_new_tokens_cap,
-            trust_remote_code=trust_remote_code,
-            **kwargs,
-        )
-
-
-@contextmanager
-def _env(name: str, value: str | None) -> Iterator[None]:
-    """Set an environment variable for the duration of a block (None: leave it as it is)."""
-    if value is None:
-        yield
-        return
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1036,162 +699,6 @@ def _prompts_from_input(data: Any) -> list[str]:
     return [str(p) for p in prompts]
 
 
-def _generation_settings(params: dict[str, Any] | None, *, max_new_tokens_cap: int) -> dict[str, Any]:
-    """Merge `params` over the defaults and check every value; one error lists every problem."""
-    import numpy as np
-    params = dict(params or {})
-    unknown = [k for k in params if k not in GENERATION_DEFAULTS]
-    problems = []
-    for key in unknown:
-        close = difflib.get_close_matches(key, GENERATION_DEFAULTS, n=1)
-        hint = f" (did you mean `{close[0]}`?)" if close else ""
-        problems.append(f"unknown param `{key}`{hint}; known: {sorted(GENERATION_DEFAULTS)}")
-    s = {**GENERATION_DEFAULTS, **{k: v for k, v in params.items() if v is not None and k not in unknown}}
-
-    def is_int(v: Any) -> bool:  # numpy integers too, as MLflow may pass them; never bools
-        return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
-
-    def is_number(v: Any) -> bool:
-        return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
-
-    if not is_int(s["max_new_tokens"]) or not 0 < s["max_new_tokens"] <= max_new_tokens_cap:
-        problems.append(
-            f"`max_new_tokens` must be an integer in 1..{max_new_tokens_cap}, got {s['max_new_tokens']!r}"
-        )
-    if not is_number(s["temperature"]) or s["temperature"] <= 0:
-        problems.append(f"`temperature` must be a number > 0, got {s['temperature']!r} (greedy: do_sample=false)")
-    if not is_number(s["top_p"]) or not 0 < s["top_p"] <= 1:
-        problems.append(f"`top_p` must be a number in (0, 1], got {s['top_p']!r}")
-    if not is_number(s["repetition_penalty"]) or s["repetition_penalty"] <= 0:
-        problems.append(f"`repetition_penalty` must be a number > 0, got {s['repetition_penalty']!r} (off: 1.0)")
-    if not is_int(s["seed"]) or s["seed"] < 0:
-        problems.append(f"`seed` must be a non-negative integer, got {s['seed']!r}")
-    if isinstance(s["do_sample"], np.bool_):
-        s["do_sample"] = bool(s["do_sample"])
-    if not isinstance(s["do_sample"], bool):
-        problems.append(f"`do_sample` must be true or false, got {s['do_sample']!r}")
-    if problems:
-        raise _invalid("invalid generation params:\n" + "\n".join(f"  - {p}" for p in problems))
-    return {**s, "max_new_tokens": int(s["max_new_tokens"]), "seed": int(s["seed"])}
-
-
-def context_length(model: "torch.nn.Module", tokenizer: "PreTrainedTokenizerBase") -> int | None:
-    """The longest sequence (prompt + generation) the model takes, when it says."""
-    config = model.config
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        if isinstance(value := getattr(config, key, None), int) and value > 0:
-            return value
-    limit = getattr(tokenizer, "model_max_length", None)
-    return limit if isinstance(limit, int) and limit < 10**8 else None
-
-
-def _left_pad(rows: list[list[int]], pad_id: int, device: "torch.device") -> tuple["torch.Tensor", "torch.Tensor"]:
-    import torch
-
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, width - len(row):] = 1
-    return input_ids.to(device), attention_mask.to(device)
-
-
-@contextmanager
-def _seeded(seed: int | None, device: "torch.device") -> Iterator[None]:
-    """Seed torch for one sampling call without changing the caller's random state."""
-    import torch
-
-    if seed is None:
-        yield
-        return
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
-def generate_texts(
-    model: "torch.nn.Module",
-    tokenizer: "PreTrainedTokenizerBase",
-    prompts: list[str],
-    *,
-    batch_size: int = PYFUNC_DEFAULTS["batch_size"],
-    max_new_tokens_cap: int = PYFUNC_DEFAULTS["max_new_tokens_cap"],
-    **params: Any,
-) -> list[str]:
-    """Generate a continuation for each prompt, in input order.
-
-    Prompts are tokenized once, sorted by length into micro-batches of `batch_size`, padded on the
-    left and run under `torch.inference_mode()` (on CPU with a static KV cache, see
-    `_static_cache_pays`). `params` are generation settings (`GENERATION_DEFAULTS` keys). Returns
-    only the generated text, without the prompt.
-
-    Raises:
-        MlflowException: (INVALID_PARAMETER_VALUE) an invalid param, an empty prompt or one that
-            does not fit the model's context with `max_new_tokens` more tokens.
-    """
-    import torch
-
-    settings = _generation_settings(params, max_new_tokens_cap=max_new_tokens_cap)
-    encoded = tokenizer(prompts)["input_ids"]
-    limit = context_length(model, tokenizer)
-    problems = []
-    for i, ids in enumerate(encoded):
-        if not ids:
-            problems.append(f"prompt {i} is empty after tokenization")
-        elif limit is not None and len(ids) + settings["max_new_tokens"] > limit:
-            problems.append(
-                f"prompt {i} has {len(ids)} tokens; with max_new_tokens={settings['max_new_tokens']} "
-                f"that exceeds the model's context of {limit} tokens (shorten it or lower max_new_tokens)"
-            )
-    if problems:
-        raise _invalid("prompts that cannot be generated from:\n" + "\n".join(f"  - {p}" for p in problems[:10]))
-
-    kwargs: dict[str, Any] = {
-        "max_new_tokens": settings["max_new_tokens"],
-        "do_sample": settings["do_sample"],
-        "repetition_penalty": float(settings["repetition_penalty"]),
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    if settings["do_sample"]:  # passing these to greedy search only makes transformers warn
-        kwargs.update(temperature=float(settings["temperature"]), top_p=float(settings["top_p"]))
-    device = next(model.parameters()).device
-    static_cache = _static_cache_pays(model, device)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    texts: list[str] = [""] * len(encoded)
-    with torch.inference_mode(), _seeded(settings["seed"] if settings["do_sample"] else None, device):
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            input_ids, attention_mask = _left_pad([encoded[i] for i in batch], tokenizer.pad_token_id, device)
-            if static_cache:  # sized for this batch (cache_implementation="static" keeps the largest ever)
-                kwargs["cache"] = _static_cache(model, input_ids.shape[1] + settings["max_new_tokens"])
-            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-            decoded = tokenizer.batch_decode(output[:, input_ids.shape[1]:], skip_special_tokens=True)
-            for i, text in zip(batch, decoded):
-                texts[i] = text
-    return texts
-
-
-def _static_cache_pays(model: "torch.nn.Module", device: "torch.device") -> bool:
-    """Generate with a preallocated (static) KV cache: on CPU, for models that support one.
-
-    The default dynamic cache concatenates every layer's keys and values at every new token (14% of
-    CPU generation time on the benchmark model); a static cache writes in place, and gives the same
-    tokens. Not on GPUs: there transformers compiles the model whenever the cache is static.
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return device.type == "cpu" and bool(getattr(base, "_can_compile_fullgraph", False))
-
-
-def _static_cache(model: "torch.nn.Module", length: int) -> Any:
-    """A fresh static KV cache of `length` positions (one per `generate` call, so concurrent
-    requests never share one, and a long request never enlarges the caches of later ones)."""
-    from transformers import StaticCache
-
-    return StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=length)
-
-
 class _LoraflowPyfunc:
     """The pyfunc model: a DataFrame with a `prompt` column in, a DataFrame with `text` out."""
 
@@ -1215,6 +722,8 @@ class _LoraflowPyfunc:
 
     def predict(self, data: Any, params: dict[str, Any] | None = None) -> "pd.DataFrame":
         import pandas as pd
+
+        from loraflow.generation import generate_texts  # here, not at load: loading never needs it
 
         prompts = _prompts_from_input(data)
         if _MLFLOW_IS_IN_SERVING_ENVIRONMENT.get():  # set by MLflow's scoring server
