@@ -136,6 +136,15 @@ def test_settings_counted_from_the_call_start_turn_compaction_off(model, tokeniz
     assert calls["generate"] == 1
 
 
+def test_a_batch_stopped_by_another_setting_is_not_continued(model, tokenizer, calls):
+    """`max_time` stops `generate` before any row ends: that is the answer, not a cue to go on."""
+    model.generation_config.max_time = 1e-9
+    rows = sorted_rows(tokenizer)
+    got = batched(model, rows, tokenizer.pad_token_id)
+    assert calls["generate"] == 1
+    assert max(len(t) for t in got) < MAX_NEW
+
+
 def test_without_an_eos_every_row_runs_to_max_new_tokens(model, tokenizer, calls):
     model.generation_config.eos_token_id = None
     rows = sorted_rows(tokenizer)

@@ -355,12 +355,18 @@ def _record_file_digests(file: Path, identity: dict[str, Any], started_ns: int,
     entry = {"identity": identity, "digests": {name: [header, d.hex()] for name, (header, d) in digests.items()}}
     target = _digest_cache_entry(file)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=target.parent, suffix=".tmp", delete=False) as f:
-            json.dump(entry, f)
-        os.replace(f.name, target)  # atomic: a concurrent reader sees the old entry or the new one
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # trusted as far as its writers are
+        handle, temp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
     except OSError as e:
         _logger.debug("could not record the digests of %s: %s", file, e)
+        return
+    try:
+        with os.fdopen(handle, "w") as f:
+            json.dump(entry, f)
+        os.replace(temp, target)  # atomic: a concurrent reader sees the old entry or the new one
+    except OSError as e:
+        _logger.debug("could not record the digests of %s: %s", file, e)
+        Path(temp).unlink(missing_ok=True)
 
 
 def _base_weight_files(path: Path, base: dict[str, Any]) -> list[Path]:
@@ -391,16 +397,21 @@ def _start_stored_digests(path: Path, base: dict[str, Any]) -> "Future[dict[str,
     """Hash the base's stored tensors in the background while `from_pretrained` loads them, on all
     cores but the one loading (or take them from the digest cache, for a base outside the artifact).
     Only a shortcut: whatever fails here, the loaded tensors are hashed."""
-    try:  # here, not in the background: a `builtin:*` base is built on first use, once
-        files = _base_weight_files(path, base)
-    except Exception as e:  # the load itself reports a base it cannot find
-        _logger.debug("not hashing the base's files ahead of loading: %s", e)
-        files = []
+    def find() -> list[Path]:
+        try:
+            return _base_weight_files(path, base)
+        except Exception as e:  # the load itself reports a base it cannot find
+            _logger.debug("not hashing the base's files ahead of loading: %s", e)
+            return []
 
+    # A referenced `builtin:*` base is built on its first use: find its files before the load builds
+    # it, not while. Any other base's files are found in the background too.
+    found = find() if base["kind"] == "builtin" and base["mode"] != "embedded" else None
     cache = base["mode"] != "embedded" and _digest_cache_enabled()  # an embedded base is a fresh copy
 
     def run() -> dict[str, bytes]:
         try:
+            files = found if found is not None else find()
             return stored_tensor_digests(files, workers=min(8, (os.cpu_count() or 2) - 1), cache=cache)
         except Exception as e:
             _logger.debug("not hashing the base's files ahead of loading: %s", e)
@@ -468,14 +479,24 @@ def _flavor_conf(path: Path) -> dict[str, Any]:
     return conf
 
 
-def _verify_adapter_files(adapter_dir: Path, conf: dict[str, Any]) -> None:
-    for name, expected in conf["adapter_sha256"].items():
-        file = adapter_dir / name
+def _adapter_files(adapter_dir: Path, conf: dict[str, Any]) -> dict[Path, str]:
+    """The adapter's files with their recorded sha256.
+
+    Raises:
+        MlflowException: one is missing (checked at once, before anything loads).
+    """
+    files = {adapter_dir / name: expected for name, expected in conf["adapter_sha256"].items()}
+    for file in files:
         if not file.is_file():
             raise MlflowException(
                 f"adapter file {str(file)!r} is missing: the model artifact is incomplete; re-log the model",
                 RESOURCE_DOES_NOT_EXIST,
             )
+    return files
+
+
+def _verify_adapter_files(files: dict[Path, str]) -> None:
+    for file, expected in files.items():
         if (actual := _file_sha256(file)) != expected:
             raise MlflowException(
                 f"adapter file {str(file)!r} is corrupt: its sha256 is {actual}, but {expected} was "
@@ -595,14 +616,21 @@ def _load_local(
     allowed = _remote_code_allowed(path, conf["base"], trust_remote_code)  # before any code can run
     _add_code_from_conf_to_system_path(str(path), conf)
     adapter_dir = path / conf["adapter"]
-    _verify_adapter_files(adapter_dir, conf)
-    # The base's stored tensors are hashed while it loads; the loaded ones are captured before the
-    # adapter touches it and fingerprinted meanwhile. Nothing is returned before it matches.
+    # Verification runs beside the load: the adapter's files and the base's stored tensors are
+    # hashed while the base loads; the loaded tensors are captured before the adapter touches them
+    # and fingerprinted meanwhile. Nothing is returned before both match.
+    adapter_files = _adapter_files(adapter_dir, conf)
+    adapter_checked = _in_background(lambda: _verify_adapter_files(adapter_files))
     stored = None
     if _scheme_of(conf["base"]["fingerprint"]) == "sha256-tensors":
         stored = _start_stored_digests(path, conf["base"])
-    base, where = _load_base(path, conf["base"], allowed)
+    try:
+        base, where = _load_base(path, conf["base"], allowed)
+    except Exception:
+        adapter_checked.result()  # a corrupt artifact explains a failure best
+        raise
     fingerprint = _start_base_fingerprint(base, conf["base"]["fingerprint"], stored)
+    adapter_checked.result()  # before peft reads the adapter, so its errors never come first
     try:
         model = _apply_adapter(base, adapter_dir, is_trainable)
         tokenizer = _load_tokenizer(path / conf["tokenizer"], allowed)

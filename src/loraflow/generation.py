@@ -214,6 +214,8 @@ def _decode(
                                 stopping_criteria=stop, **kwargs)
         new = output[:, width:]
         finished = _finished(new, eos) | (new.shape[1] >= max_new_tokens)
+        if not compact or not finished.any():  # stopped for another reason (a setting of the model's): done
+            finished[:] = True
         for row, tokens, is_done in zip(live, new, finished.tolist()):
             if is_done:
                 done[row] = _until_eos(tokens, eos)
