@@ -115,7 +115,7 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 # Settings of the served model itself (pyfunc `model_config`; override with
 # `mlflow.pyfunc.load_model(uri, model_config={...})`).
 PYFUNC_DEFAULTS: dict[str, Any] = {
-    "batch_size": 32,  # prompts per micro-batch; sorted by length so padding stays small
+    "batch_size": 32,  # prompts generated together (sorted by length; see `loraflow.generation`)
     "max_new_tokens_cap": 4096,  # larger requests are refused rather than tying up a server
     # Served requests only (`mlflow models serve`): MLflow's scoring server (uvicorn) has no body
     # size limit and keeps computing after its timeout answers 504, so the model refuses oversized

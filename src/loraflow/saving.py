@@ -270,7 +270,7 @@ def save_model(
         code_paths: extra code to ship; the `loraflow` package is always added.
         metadata: custom metadata for the MLmodel file.
         generation_defaults: defaults for the generation params (keys of `generation.GENERATION_DEFAULTS`).
-        batch_size: pyfunc micro-batch size.
+        batch_size: how many prompts pyfunc generates together (see `loraflow.generation`).
         max_new_tokens_cap: the largest `max_new_tokens` pyfunc accepts.
         trust_remote_code: whether the base model was loaded with code shipped with it; recorded
             as `base.trust_remote_code` (loading such a model needs permission again).
