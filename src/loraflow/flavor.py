@@ -397,21 +397,17 @@ def _start_stored_digests(path: Path, base: dict[str, Any]) -> "Future[dict[str,
     """Hash the base's stored tensors in the background while `from_pretrained` loads them, on all
     cores but the one loading (or take them from the digest cache, for a base outside the artifact).
     Only a shortcut: whatever fails here, the loaded tensors are hashed."""
-    def find() -> list[Path]:
-        try:
-            return _base_weight_files(path, base)
-        except Exception as e:  # the load itself reports a base it cannot find
-            _logger.debug("not hashing the base's files ahead of loading: %s", e)
-            return []
-
-    # A referenced `builtin:*` base is built on its first use: find its files before the load builds
-    # it, not while. Any other base's files are found in the background too.
-    found = find() if base["kind"] == "builtin" and base["mode"] != "embedded" else None
+    # Here, not in the background: a `builtin:*` base is built on first use, once; and finding the
+    # files imports from transformers, whose lazy imports are not safe beside the load's own.
+    try:
+        files = _base_weight_files(path, base)
+    except Exception as e:  # the load itself reports a base it cannot find
+        _logger.debug("not hashing the base's files ahead of loading: %s", e)
+        files = []
     cache = base["mode"] != "embedded" and _digest_cache_enabled()  # an embedded base is a fresh copy
 
     def run() -> dict[str, bytes]:
         try:
-            files = found if found is not None else find()
             return stored_tensor_digests(files, workers=min(8, (os.cpu_count() or 2) - 1), cache=cache)
         except Exception as e:
             _logger.debug("not hashing the base's files ahead of loading: %s", e)
