@@ -16,7 +16,6 @@ cache off, reported apart (the base is then hashed during every load).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from benchmarks import common, fixtures
 
 MAX_NEW_TOKENS = 32
 N_PROMPTS = 64
-LOADS_PER_REPEAT = 3  # load-only rounds per repeat: load times are small and noisy, so take more
+LOADS_PER_REPEAT = 5  # load-only rounds per repeat: load times are small and noisy, so take more
 
 
 def _tracking(root: Path) -> str:
@@ -44,12 +43,11 @@ def _tracking(root: Path) -> str:
 def log_models(root: str) -> dict[str, Any]:
     """Log the adapter with both flavors; return their URIs and the in-memory reference outputs."""
     import mlflow
-    import pandas as pd
     import torch
     from peft import PeftModel
 
     from loraflow import flavor
-    from loraflow.models import load_base_model, load_tokenizer
+    from loraflow.models import load_tokenizer
 
     root_path = Path(root)
     _tracking(root_path)
@@ -72,10 +70,26 @@ def log_models(root: str) -> dict[str, Any]:
         builtin = mlflow.transformers.log_model(
             transformers_model={"model": model, "tokenizer": tokenizer}, name="transformers-model",
             task="text-generation", model_config={"max_new_tokens": MAX_NEW_TOKENS, "do_sample": False},
-            pip_requirements=["transformers", "peft", "torch"],  # skip requirement inference (it loads the model)
+            pip_requirements=builtin_default_requirements(model),
         )
     return {"loraflow_uri": ours.model_uri, "transformers_uri": builtin.model_uri, "prompts": prompts,
             "reference": reference}
+
+
+def builtin_default_requirements(model) -> list[str]:
+    """The requirements `mlflow.transformers.log_model` records for this PEFT model by default.
+
+    For a PEFT model it never infers requirements (that would load the model); it records
+    `get_default_pip_requirements(model)`. That function pins torchvision, which this environment
+    does not have, so it raises here; its other packages are pinned the same way.
+    """
+    import mlflow.transformers
+    from mlflow.utils.requirements_utils import _get_pinned_requirement
+
+    try:
+        return mlflow.transformers.get_default_pip_requirements(model)
+    except ModuleNotFoundError:
+        return [_get_pinned_requirement(p) for p in ("transformers", "torch", "accelerate", "peft")]
 
 
 def load_side(root: str, uri: str, digest_cache: bool = True) -> dict[str, Any]:
@@ -162,6 +176,7 @@ def run(root: Path, repeats: int, log=print) -> dict[str, Any]:
             "predict_s": common.median([r["predict_s"] for r in rows]),
             "load_s": common.median([r["load_s"] for r in rows + loads[name]]),
             "load_n": len(rows + loads[name]),
+            "load_samples": [r["load_s"] for r in rows + loads[name]],
             "continuations": continuations,
             "full_text": sum(t != c for t, c in zip(texts, continuations)),
             "matches_reference": sum(a == b for a, b in zip(continuations, setup["reference"])),

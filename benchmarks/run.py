@@ -226,18 +226,24 @@ def _padding_ceiling(r: dict) -> list[str]:
 def _infer_section(r: dict) -> list[str]:
     lf, tf = r["loraflow"], r["transformers"]
     n = len(r["reference"])
+    lo_ratio = lf["load_s"] / tf["load_s"]
+    lo, hi = common.median_ratio_interval(lf["load_samples"], tf["load_samples"])
     return [
         "## 3. Inference",
         "",
         "The adapter trained by the first loraflow run of benchmark 1, on the same base loaded from a Hub repo id "
         "(an offline Hugging Face cache entry with a commit hash), logged once with `loraflow.flavor.log_model` "
         "(base_mode=reference) and once with `mlflow.transformers.log_model(transformers_model={model, tokenizer}, "
-        "task='text-generation')` (which stores the PEFT adapter and a Hub reference to the base).",
+        "task='text-generation')` (which stores the PEFT adapter and a Hub reference to the base), with the "
+        "requirements that flavor records for a PEFT model by default (`get_default_pip_requirements`: transformers, "
+        "torch, accelerate and peft, pinned; its torchvision pin is left out, as torchvision is not installed here "
+        "and pinning it fails).",
         f"Workload: `mlflow.pyfunc.load_model(uri)`, one warm-up predict on one prompt, then predict on {n} prompts of "
         "4-96 tokens, max_new_tokens=32, greedy. loraflow gets a DataFrame with a `prompt` column; the built-in "
         "flavor a list of strings (its documented text-generation input) with max_new_tokens/greedy in its model_config.",
         "Load time excludes importing torch/transformers/peft/mlflow (both sides import them first); it is the "
-        f"median of {lf['load_n']} fresh-process loads per side (the predict runs', then load-only runs, alternating). "
+        f"median of {lf['load_n']} fresh-process loads per side (the predict runs', then load-only runs, alternating); "
+        f"ratio {lo_ratio:.3f}x, 95% bootstrap interval {lo:.3f}-{hi:.3f}x (each side's loads resampled). "
         "loraflow's includes checking the base's fingerprint (sha256 of every base tensor); the built-in flavor "
         "checks nothing. The digests of the base's files are recorded in loraflow's digest cache when the file is "
         "first hashed (here: when `log_model` checked the input example) and read from it while the file's path, "

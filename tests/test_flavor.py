@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import mlflow
@@ -253,6 +254,28 @@ def test_an_unreadable_cache_entry_is_hashed_over(referenced, hashed_files, tmp_
     hashed_files.clear()
     assert flavor.load_model(str(path)).model is not None
     assert hashed_files == [weights] and flavor._cached_file_digests(weights) is not None  # rewritten
+
+
+def test_recording_an_entry_drops_the_entries_of_files_that_are_gone(tmp_path, monkeypatch):
+    monkeypatch.setattr(flavor, "_RACY_NS", 0)
+    files = {}
+    for name in ("kept", "deleted", "new"):
+        files[name] = tmp_path / f"{name}.safetensors"
+        files[name].write_bytes(b"weights of " + name.encode())
+    digests = {"t": ("header", b"\x00" * 32)}
+
+    def record(name):
+        file = files[name]
+        flavor._record_file_digests(file, flavor._file_identity(file), time.time_ns() + 1, digests)
+
+    record("kept")
+    record("deleted")
+    (tmp_path / "digest-cache" / "stray.json").write_text("{not json")
+    files["deleted"].unlink()
+    assert len(cache_entries(tmp_path)) == 3  # nothing is dropped before the next record
+    record("new")
+    assert cache_entries(tmp_path) == sorted(flavor._digest_cache_entry(files[n]) for n in ("kept", "new"))
+    assert flavor._cached_file_digests(files["kept"]) == digests
 
 
 def test_a_file_changed_just_before_it_is_hashed_is_not_recorded(tmp_path, tiny_path):
@@ -647,3 +670,11 @@ def test_hub_reference_needs_a_resolved_revision(tmp_path, peft_model, tiny_toke
     assert base == {**base, "mode": "reference", "kind": "hub", "name": "some-org/some-model",
                     "revision": "0123456789abcdef0123456789abcdef01234567"}
     assert not (tmp_path / "m2" / "base").exists()
+
+
+def test_on_device_needs_every_parameter_and_buffer_there():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    assert flavor._on_device(model, torch.device("cpu"))
+    model[1].register_buffer("moved", torch.zeros(1, device="meta"))
+    assert not flavor._on_device(model, torch.device("cpu"))
+    assert not flavor._on_device(torch.nn.Linear(2, 2), torch.device("meta"))

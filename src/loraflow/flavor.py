@@ -72,6 +72,7 @@ pins are needed for it.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import mmap
@@ -367,6 +368,23 @@ def _record_file_digests(file: Path, identity: dict[str, Any], started_ns: int,
     except OSError as e:
         _logger.debug("could not record the digests of %s: %s", file, e)
         Path(temp).unlink(missing_ok=True)
+        return
+    _prune_digest_cache(target.parent)
+
+
+def _prune_digest_cache(directory: Path) -> None:
+    """Drop the entries of files that are gone (a deleted Hub snapshot, a moved checkpoint).
+
+    Run only when an entry is recorded, which is a cache miss: a hit never scans the cache. A file
+    that changed keeps its entry's key, so its next record replaces that entry.
+    """
+    for entry in directory.glob("*.json"):
+        try:
+            gone = not Path(json.loads(entry.read_text())["identity"]["path"]).exists()
+        except (OSError, ValueError, KeyError, TypeError):
+            gone = True  # unreadable: it would be hashed over anyway
+        if gone:
+            entry.unlink(missing_ok=True)
 
 
 def _base_weight_files(path: Path, base: dict[str, Any]) -> list[Path]:
@@ -532,7 +550,8 @@ def _load_base(path: Path, base: dict[str, Any], trust_remote_code: bool = False
         source, revision = base["name"], base.get("revision")
     where = f"{source}@{revision}" if revision else source
     try:
-        model = load_base_model(source, revision=revision, dtype=base["dtype"], trust_remote_code=trust_remote_code).eval()
+        # in eval mode: `from_pretrained` sets it
+        model = load_base_model(source, revision=revision, dtype=base["dtype"], trust_remote_code=trust_remote_code)
     except LoraflowError as e:
         if base.get("trust_remote_code", False):
             raise MlflowException(f"cannot load the {base['mode']} base model {where!r}: {e}") from e
@@ -636,9 +655,18 @@ def _load_local(
     _verify_base(fingerprint, conf["base"], where)
     if dtype is not None:
         model.to(dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
-    if device is not None:
-        model.to(device)
+    if device is not None and not _on_device(model, torch.device(device)):
+        model.to(device)  # walks every module even when nothing moves: skipped then
     return LoadedModel(model, tokenizer)
+
+
+def _on_device(model: "torch.nn.Module", device: "torch.device") -> bool:
+    """Whether every parameter and buffer is already on `device` (`cuda` matches `cuda:<current>`)."""
+    import torch
+
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return all(t.device == device for t in itertools.chain(model.parameters(), model.buffers()))
 
 
 def load_model(
@@ -791,8 +819,7 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _Lora
 
     config = _pyfunc_config(model_config)
     device = config["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
-    loaded = _load_local(Path(path), device=device)
-    loaded.model.eval()
+    loaded = _load_local(Path(path), device=device)  # in eval mode: peft sets it unless trainable
     return _LoraflowPyfunc(
         loaded,
         batch_size=config["batch_size"],
