@@ -1,6 +1,6 @@
 """Run every loraflow benchmark and write benchmarks/RESULTS.md.
 
-    python benchmarks/run.py            # the full run (about 13 minutes on 2 idle CPU cores)
+    python benchmarks/run.py            # the full run (about 15 minutes on 2 idle CPU cores)
     python benchmarks/run.py --quick    # a smoke run: tiny model, 1 repeat (not a result)
 
 Benchmarks are measurements, not tests: nothing here asserts a time. Each comparison runs both
