@@ -32,14 +32,18 @@ def make_peft_model(base, seed: int = 0):
     """LoRA on q/v plus a trainable copy of the (tied) lm_head, with non-zero weights.
 
     peft initialises lora_B to zero (an untrained adapter is a no-op), so B and the lm_head copy
-    are perturbed from a fixed seed: a round trip that dropped them would change the logits.
+    are perturbed from a fixed seed: a round trip that dropped them would change the logits. peft
+    draws lora_A from torch's global generator, whose seed differs from run to run: it is drawn
+    under the same fixed seed, so every run tests the same model.
     """
     import peft
 
     config = peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", modules_to_save=["lm_head"]
     )
-    model = peft.get_peft_model(base, config)
+    with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
+        torch.manual_seed(seed)
+        model = peft.get_peft_model(base, config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():

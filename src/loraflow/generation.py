@@ -295,6 +295,7 @@ def _prefill(model: "torch.nn.Module", cache: "Cache", rows: list[list[int]], pa
     to the longest, computing them `PREFILL_ROWS` rows at a time, each group padded to its own longest."""
     width = max(map(len, rows)) - 1
     blocks: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer: the batch's keys and values
+    logits = _last_logits_only(model)
     start = 0
     for group in _groups(rows):
         heads = [row[:-1] for row in group]
@@ -302,8 +303,7 @@ def _prefill(model: "torch.nn.Module", cache: "Cache", rows: list[list[int]], pa
         if span:
             ids, mask = _left_pad(heads, pad_token_id, device)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as `generate` numbers left-padded rows
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                        **_last_logits_only(model))
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **logits)
             for i, layer in enumerate(out.cache.layers):
                 if i == len(blocks):
                     blocks.append(tuple(t.new_zeros((len(rows), t.shape[1], width, t.shape[3]))
