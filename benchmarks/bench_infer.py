@@ -47,7 +47,7 @@ def log_models(root: str) -> dict[str, Any]:
     from peft import PeftModel
 
     from loraflow import flavor
-    from loraflow.models import load_tokenizer
+    from loraflow.flavor.bases import load_tokenizer
 
     root_path = Path(root)
     _tracking(root_path)

@@ -112,7 +112,7 @@ def _save_model(path: Path) -> dict[str, str]:
     import torch
 
     from loraflow import flavor
-    from loraflow.models import load_base_model, load_tokenizer
+    from loraflow.flavor.bases import load_base_model, load_tokenizer
 
     base = load_base_model("builtin:tiny").eval()
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))

@@ -23,7 +23,7 @@ def measure(root: str) -> dict[str, Any]:
     from peft import PeftModel
 
     from loraflow import flavor
-    from loraflow.models import load_base_model, load_tokenizer
+    from loraflow.flavor.bases import load_base_model, load_tokenizer
 
     root_path = Path(root)
     tokenizer = load_tokenizer(fixtures.HUB_REPO)

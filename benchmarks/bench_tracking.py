@@ -5,7 +5,7 @@ Both sides run `bench_train.loraflow_side` (same model, data, steps, seed) alter
 process after an untimed warm-up run, so only tracking differs. With tracking on, every optimizer
 step logs train_loss, learning_rate and tokens_per_second (loraflow's `RunLogger`, MLflow async
 logging), evaluations log eval_loss and perplexity, and the run is started, flushed and ended
-inside the clock. The compared time is the wall time of `train.fit` (evaluations included) plus,
+inside the clock. The compared time is the wall time of `train.FineTune.train` (evaluations included) plus,
 when tracking, starting, flushing and ending the run. Outside it: creating the store's schema
 and the process's one-off opening of the store (importing MLflow's SQL store, connecting),
 which is reported on its own.

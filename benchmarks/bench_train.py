@@ -1,10 +1,10 @@
-"""1. Training throughput, and 2. hardware efficiency: loraflow's `fit` against transformers.Trainer.
+"""1. Training throughput, and 2. hardware efficiency: loraflow's `train.FineTune` against transformers.Trainer.
 
 Both sides, each in a fresh process: the same saved random Llama, the same token ids (one epoch,
 so both process exactly the same real tokens), LoRA r/alpha/dropout/targets, batch size, optimizer
 steps, peak learning rate, warmup + cosine schedule, gradient clipping and seed.
 
-- loraflow: `loraflow.lora.apply_lora` + `loraflow.train.fit` (its `make_dataloader`, length-grouped
+- loraflow: `loraflow.lora.apply_lora` + `loraflow.train.FineTune` (its `make_dataloader`, length-grouped
   batches, accelerate), tracking off (`RunLogger(enabled=False)`).
 - baseline: the canonical recipe, `peft.get_peft_model` + `transformers.Trainer` +
   `DataCollatorForLanguageModeling(mlm=False)` (dynamic padding, right side), logging off.
@@ -125,7 +125,7 @@ def loraflow_side(root: str, tracking_uri: str | None = None, measure_peak: bool
     from loraflow import tracking, train
     from loraflow.config import lora_settings, TrainSettings
     from loraflow.lora import apply_lora
-    from loraflow.models import load_base_model, load_tokenizer
+    from loraflow.flavor.bases import load_base_model, load_tokenizer
 
     root_path = Path(root)
     work, data = _workload(root_path, seed), fixtures.load_data(root_path)
@@ -137,13 +137,13 @@ def loraflow_side(root: str, tracking_uri: str | None = None, measure_peak: bool
     accelerator = Accelerator(mixed_precision="no")
     set_seed(work.seed)
     tokenizer = load_tokenizer(settings.base_model)
-    model = apply_lora(load_base_model(settings.base_model), lora_settings(_lora_values(work)), log=False)
+    model = apply_lora(load_base_model(settings.base_model), lora_settings(_lora_values(work)))
 
     def examples(rows):
         return data_lib.TokenizedExamples(rows, [[-100] + r[1:] for r in rows])
 
-    # no tables: both sides get the same token ids (fit never reads the frames)
-    prepared = train.PreparedData(None, None, examples(data["train"]), examples(data["eval"]), "bench", "bench")
+    # no tables: both sides get the same token ids
+    train_examples, eval_examples = examples(data["train"]), examples(data["eval"])
     store_setup_s = None
     if tracking_uri:  # imported outside the clock, and only here: the untracked side never loads mlflow
         import mlflow
@@ -158,10 +158,10 @@ def loraflow_side(root: str, tracking_uri: str | None = None, measure_peak: bool
     if tracking_uri:
         with tracking.RunLogger.start(enabled=True) as run:
             timing = _TimingRunLogger(run)
-            train.fit(model, tokenizer, prepared, settings, accelerator, timing)
+            train.FineTune(model, tokenizer, train_examples, eval_examples, settings, accelerator, timing).train()
     else:
         timing = _TimingRunLogger(tracking.RunLogger(None, enabled=False))
-        train.fit(model, tokenizer, prepared, settings, accelerator, timing)
+        train.FineTune(model, tokenizer, train_examples, eval_examples, settings, accelerator, timing).train()
     wall = time.perf_counter() - started
     model = accelerator.unwrap_model(model)
     # measured after training, so its 2048x2048 buffers never raise this side's peak RSS
@@ -181,7 +181,7 @@ def loraflow_side(root: str, tracking_uri: str | None = None, measure_peak: bool
 
 
 def _computed_tokens(examples, settings, pad_token_id: int, device) -> int:
-    """Tokens `fit` made the model compute in its first epoch, padding included: the same batches
+    """Tokens `FineTune` made the model compute in its first epoch, padding included: the same batches
     (same seed) cut into the same micro-batches."""
     from loraflow import data as data_lib
     from loraflow.train import micro_batch_budget
@@ -278,7 +278,7 @@ def run(root: Path, repeats: int, log=print) -> dict[str, Any]:
             "eval_loss_range": (min(r["eval_loss"] for r in rows), max(r["eval_loss"] for r in rows)),
             "us_per_computed_token": common.median([1e6 * r["train_s"] / r["computed_tokens"] for r in rows]),
         }
-    from loraflow.models import load_tokenizer
+    from loraflow.flavor.bases import load_tokenizer
 
     vocab = len(load_tokenizer(str(root / "base")))
     flops = flops_per_run(work, vocab, [len(r) for r in data["train"]])

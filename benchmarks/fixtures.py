@@ -58,8 +58,8 @@ class Workload:
 
 
 def tokenizer():
-    from loraflow.builtin import builtin_path
-    from loraflow.models import load_tokenizer
+    from loraflow.flavor.bases import builtin_dir as builtin_path
+    from loraflow.flavor.bases import load_tokenizer
 
     return load_tokenizer(str(builtin_path("builtin:tiny")))
 
@@ -130,9 +130,9 @@ def load_hub_base():
 
     transformers 5 no longer keeps `config._commit_hash` after `from_pretrained`, which loraflow's
     `models.resolved_revision` reads; until loraflow records the revision itself, set it here
-    (as tests/test_flavor.py does) so the reference mode can be measured.
+    (as tests/flavor/test_fingerprint.py does) so the reference mode can be measured.
     """
-    from loraflow.models import load_base_model
+    from loraflow.flavor.bases import load_base_model
 
     model = load_base_model(HUB_REPO)
     if getattr(model.config, "_commit_hash", None) is None:

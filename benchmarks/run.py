@@ -175,7 +175,7 @@ def _train_section(r: dict, work: fixtures.Workload) -> list[str]:
         f"loraflow's bundled corpus), {f['tokens']:,} real tokens; batch {work.batch_size}, {work.steps} optimizer steps "
         f"(exactly one epoch on both sides, so both process the same tokens); a fixed eval set of {work.eval_examples} examples.",
         "",
-        "- loraflow: `apply_lora` + `loraflow.train.fit` with its defaults (length-grouped batches from "
+        "- loraflow: `apply_lora` + `loraflow.train.FineTune` with its defaults (length-grouped batches from "
         "`make_dataloader`, each cut into micro-batches of at most 1024 tokens on CPU with gradients accumulated; "
         "LoRA dropout masks drawn by `loraflow.dropout.CpuDropout` on CPU; accelerate), tracking off.",
         "- baseline: `peft.get_peft_model` + `transformers.Trainer` + `DataCollatorForLanguageModeling(mlm=False)` "
@@ -322,7 +322,7 @@ def _tracking_section(r: dict) -> list[str]:
         "The loraflow training run of benchmark 1 (same model, data, steps, seed), with loraflow's `RunLogger` "
         "logging train_loss, learning_rate and tokens_per_second every optimizer step (plus eval metrics) to a "
         "local sqlite store, against `RunLogger(enabled=False)`. Both sides alternate in one process after an "
-        "untimed warm-up run, so only tracking differs. Time: `fit` (evaluations included) plus, when tracking, "
+        "untimed warm-up run, so only tracking differs. Time: `FineTune.train` (evaluations included) plus, when tracking, "
         "starting, flushing and ending the run.",
         "Not in that time, and reported here instead: the one-off opening of the store in a process (importing "
         f"MLflow's SQL store and connecting, {r['store_setup_s']:.2f} s, once per process however many runs it "

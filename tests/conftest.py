@@ -20,7 +20,7 @@ def _run_in_tmp_path(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_path() -> str:
     """Local directory of `builtin:tiny` (built once, then cached)."""
-    from loraflow.builtin import builtin_path
+    from loraflow.flavor.bases import builtin_dir as builtin_path
 
     return str(builtin_path("builtin:tiny"))
 
@@ -28,7 +28,7 @@ def tiny_path() -> str:
 @pytest.fixture
 def tiny_model(tiny_path):
     """A fresh fp32 copy of the built-in base model, in eval mode."""
-    from loraflow.models import load_base_model
+    from loraflow.flavor.bases import load_base_model
 
     return load_base_model(tiny_path).eval()
 
@@ -36,7 +36,7 @@ def tiny_model(tiny_path):
 @pytest.fixture(scope="module")
 def base_model(tiny_path):
     """One loaded base model per test module; tests take `model`, a deepcopy peft can wrap freely."""
-    from loraflow.models import load_base_model
+    from loraflow.flavor.bases import load_base_model
 
     return load_base_model(tiny_path).eval()
 
@@ -50,7 +50,7 @@ def model(base_model):
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_path):
-    from loraflow.models import load_tokenizer
+    from loraflow.flavor.bases import load_tokenizer
 
     return load_tokenizer(tiny_path)
 

@@ -24,6 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from loraflow import cli
+from loraflow.flavor import layout
 
 pytestmark = pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")
 
@@ -264,10 +265,13 @@ def custom_code_base(tmp_path, tiny_path) -> Path:
 
 
 def test_remote_code_is_refused_unless_allowed_naming_the_model_and_the_option(custom_code_base):
+    from loraflow.base_models import load_config, load_for_training, load_skeleton
     from loraflow.errors import ConfigError
-    from loraflow.models import load_base_model, load_config, load_skeleton
+    from loraflow.flavor.bases import NeedsRemoteCode, load_base_model
 
-    for load in (load_config, load_skeleton, load_base_model):
+    with pytest.raises(NeedsRemoteCode, match="ships its own Python code"):  # the loader itself; callers word it
+        load_base_model(str(custom_code_base))
+    for load in (load_config, load_skeleton, load_for_training):
         with pytest.raises(ConfigError, match="--trust-remote-code") as info:
             load(str(custom_code_base))
         assert str(custom_code_base) in str(info.value)
@@ -286,10 +290,10 @@ def test_cli_refuses_remote_code_with_a_usage_error_and_runs_it_when_asked(custo
 
 
 def _saved_custom_model(custom_code_base: Path, path: Path, *, trust_remote_code: bool) -> None:
-    from test_flavor import make_peft_model
+    from model_helpers import make_peft_model
 
     from loraflow import flavor
-    from loraflow.models import load_base_model, load_tokenizer
+    from loraflow.flavor.bases import load_base_model, load_tokenizer
 
     base = load_base_model(str(custom_code_base), trust_remote_code=True).eval()
     flavor.save_model(make_peft_model(base), path, load_tokenizer(str(custom_code_base)),
@@ -302,7 +306,7 @@ def test_trust_remote_code_is_recorded_and_must_be_allowed_again_on_load(custom_
 
     from loraflow import flavor
 
-    monkeypatch.delenv(flavor.TRUST_REMOTE_CODE_ENV, raising=False)
+    monkeypatch.delenv(layout.TRUST_REMOTE_CODE_ENV, raising=False)
     path = tmp_path / "model"
     _saved_custom_model(custom_code_base, path, trust_remote_code=True)
     base = yaml.safe_load((path / "MLmodel").read_text())["flavors"]["loraflow"]["base"]
@@ -312,11 +316,11 @@ def test_trust_remote_code_is_recorded_and_must_be_allowed_again_on_load(custom_
     for load in (lambda: flavor.load_model(str(path)), lambda: mlflow.pyfunc.load_model(str(path))):
         with pytest.raises(MlflowException, match="trust_remote_code=True") as info:
             load()
-        assert flavor.TRUST_REMOTE_CODE_ENV in str(info.value) and info.value.error_code == "INVALID_PARAMETER_VALUE"
+        assert layout.TRUST_REMOTE_CODE_ENV in str(info.value) and info.value.error_code == "INVALID_PARAMETER_VALUE"
 
     model, _ = flavor.load_model(str(path), trust_remote_code=True)
     assert type(model.get_base_model()).__name__ == "CustomForCausalLM"
-    monkeypatch.setenv(flavor.TRUST_REMOTE_CODE_ENV, "1")
+    monkeypatch.setenv(layout.TRUST_REMOTE_CODE_ENV, "1")
     assert mlflow.pyfunc.load_model(str(path)).predict(["Hello"], params={"max_new_tokens": 2}).shape == (1, 1)
 
 
@@ -339,7 +343,7 @@ def test_permission_never_turns_on_remote_code_a_model_did_not_record(custom_cod
 
 @pytest.fixture
 def saved_tiny(tmp_path, tiny_model, tiny_tokenizer) -> Path:
-    from test_flavor import make_peft_model
+    from model_helpers import make_peft_model
 
     from loraflow import flavor
 
@@ -352,12 +356,12 @@ def test_log_model_validates_its_example_with_the_callers_permission_only(custom
     import logging
 
     import mlflow
-    from test_flavor import make_peft_model
+    from model_helpers import make_peft_model
 
     from loraflow import flavor
-    from loraflow.models import load_base_model, load_tokenizer
+    from loraflow.flavor.bases import load_base_model, load_tokenizer
 
-    monkeypatch.delenv(flavor.TRUST_REMOTE_CODE_ENV, raising=False)
+    monkeypatch.delenv(layout.TRUST_REMOTE_CODE_ENV, raising=False)
     records: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: records.append(record.getMessage())
@@ -370,6 +374,6 @@ def test_log_model_validates_its_example_with_the_callers_permission_only(custom
     finally:
         logging.getLogger("mlflow.models.model").removeHandler(handler)
     assert not [r for r in records if "Failed to validate serving input" in r], records
-    assert flavor.TRUST_REMOTE_CODE_ENV not in os.environ  # the permission did not outlive the call
+    assert layout.TRUST_REMOTE_CODE_ENV not in os.environ  # the permission did not outlive the call
     with pytest.raises(MlflowException, match="trust_remote_code=True"):
         flavor.load_model(info.model_uri)

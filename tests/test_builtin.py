@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from loraflow.builtin import VOCAB_SIZE, build_tiny, builtin_path, is_builtin
+from loraflow.builtin import VOCAB_SIZE, build_tiny
+from loraflow.flavor.bases import builtin_dir as builtin_path
+from loraflow.flavor.bases import is_builtin
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -76,9 +76,9 @@ def test_a_crash_mid_write_never_becomes_the_latest_checkpoint(tracking_uri, tmp
     import torch
 
     from loraflow.lora import apply_lora
-    from loraflow.models import load_base_model
+    from loraflow.flavor.bases import load_base_model
 
-    model = apply_lora(load_base_model("builtin:tiny"), {"r": 4}, log=False)
+    model = apply_lora(load_base_model("builtin:tiny"), {"r": 4})
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 

@@ -105,7 +105,7 @@ def test_help_text_comes_from_the_field_docs():
 def test_validate_report_matches_the_real_model(tiny_model):
     from loraflow.lora import apply_lora, parameter_report
 
-    real = parameter_report(apply_lora(tiny_model, {}, log=False))
+    real = parameter_report(apply_lora(tiny_model, {}))
     result = invoke()
     assert result.exit_code == 0
     assert report_value(result.output, "total_params") == real["total_params"]

@@ -20,7 +20,7 @@ from loraflow.config import (
     lora_settings,
     parse_settings,
     to_dict,
-    to_peft_kwargs,
+    build_lora_config,
 )
 
 
@@ -307,17 +307,17 @@ def test_overrides_win_over_the_mapping():
 # Conversion to peft and to plain dicts
 
 
-def test_to_peft_kwargs_builds_a_matching_lora_config():
-    from peft import LoraConfig, TaskType
+def test_build_lora_config_builds_a_matching_lora_config():
+    from peft import TaskType
 
     s = lora_settings(r="8", lora_alpha="16", target_modules="q_proj,v_proj", use_rslora="true",
                       modules_to_save="lm_head", task_type="CAUSAL_LM")
-    cfg = LoraConfig(**to_peft_kwargs(s))
+    cfg = build_lora_config(s)
     assert cfg.r == 8 and cfg.lora_alpha == 16.0 and cfg.use_rslora is True
     assert set(cfg.target_modules) == {"q_proj", "v_proj"}
     assert list(cfg.modules_to_save) == ["lm_head"]
     assert cfg.task_type == TaskType.CAUSAL_LM
-    assert to_peft_kwargs(LoraSettings())["modules_to_save"] is None
+    assert build_lora_config(LoraSettings()).modules_to_save is None
 
 
 def test_to_dict_is_plain_lists_and_round_trips():

@@ -80,7 +80,7 @@ def lora_dropouts(model: nn.Module) -> list[nn.Module]:
 
 
 def test_on_cpu_swaps_peft_dropouts_for_the_block_and_puts_them_back(model):
-    peft_model = apply_lora(model, {"r": 4, "lora_dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}, log=False)
+    peft_model = apply_lora(model, {"r": 4, "lora_dropout": 0.1, "target_modules": ["q_proj", "v_proj"]})
     originals = lora_dropouts(peft_model)
     assert originals and all(type(d) is nn.Dropout for d in originals)
     peft_model.train()
@@ -96,7 +96,7 @@ def test_on_cpu_swaps_peft_dropouts_for_the_block_and_puts_them_back(model):
 
 
 def test_on_cpu_leaves_a_model_without_lora_dropout_alone(model):
-    peft_model = apply_lora(model, {"r": 4, "lora_dropout": 0.0, "target_modules": ["q_proj"]}, log=False)
+    peft_model = apply_lora(model, {"r": 4, "lora_dropout": 0.0, "target_modules": ["q_proj"]})
     with dropout.on_cpu(peft_model) as swapped:
         assert swapped == 0
         assert all(isinstance(d, nn.Identity) for d in lora_dropouts(peft_model))

@@ -113,7 +113,7 @@ def test_modules_to_save_follows_peft_plain_suffix_rule(model):
 
 
 def test_check_works_on_a_meta_skeleton(tiny_path):
-    from loraflow.models import load_skeleton
+    from loraflow.base_models import load_skeleton
 
     skeleton = load_skeleton(tiny_path)
     params = list(skeleton.parameters())
@@ -152,7 +152,7 @@ def test_validate_settings_reports_an_unreadable_base_model(tmp_path):
 def test_apply_lora_wraps_only_the_requested_layers(model):
     from peft import PeftModel
 
-    peft_model = apply_lora(model, {"r": 4, "lora_alpha": 8, "target_modules": "q_proj,v_proj"}, log=False)
+    peft_model = apply_lora(model, {"r": 4, "lora_alpha": 8, "target_modules": "q_proj,v_proj"})
     assert isinstance(peft_model, PeftModel)
     names = trainable_names(peft_model)
     assert names and all(is_lora(n) for n in names)
@@ -171,21 +171,21 @@ def test_tied_weights_are_counted_once(model):
     with_duplicates = sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False))
     base_total = unique_param_count(model)
     assert with_duplicates == base_total + model.lm_head.weight.numel()
-    peft_model = apply_lora(model, {"target_modules": "q_proj"}, log=False)
+    peft_model = apply_lora(model, {"target_modules": "q_proj"})
     report = parameter_report(peft_model)
     assert report["total_params"] == base_total + report["lora_params"]
     assert (report["trainable_params"], report["total_params"]) == peft_model.get_nb_trainable_parameters()
 
 
 def test_all_linear_adapts_every_linear_but_lm_head(model):
-    peft_model = apply_lora(model, {"target_modules": "all-linear"}, log=False)
+    peft_model = apply_lora(model, {"target_modules": "all-linear"})
     adapted = {n.split(".")[-4] for n in trainable_names(peft_model)}
     assert adapted == set(LINEAR)
     assert_counts_consistent(peft_model, parameter_report(peft_model))
 
 
 def test_inference_mode_freezes_the_adapter(model):
-    peft_model = apply_lora(model, {"target_modules": "q_proj", "inference_mode": True}, log=False)
+    peft_model = apply_lora(model, {"target_modules": "q_proj", "inference_mode": True})
     report = parameter_report(peft_model)
     assert report["trainable_params"] == 0 and report["trainable_percentage"] == 0.0
     assert report["lora_params"] > 0
@@ -193,7 +193,7 @@ def test_inference_mode_freezes_the_adapter(model):
 
 
 def test_dora_magnitude_counts_as_lora(model):
-    peft_model = apply_lora(model, {"target_modules": "q_proj", "use_dora": True, "r": 2}, log=False)
+    peft_model = apply_lora(model, {"target_modules": "q_proj", "use_dora": True, "r": 2})
     report = parameter_report(peft_model)
     assert any("lora_magnitude_vector" in n for n in trainable_names(peft_model))
     assert report["other_trainable_params"] == 0
@@ -210,14 +210,14 @@ def test_apply_lora_rejects_a_typo_before_peft_runs(model, monkeypatch):
 
     monkeypatch.setattr(peft, "get_peft_model", never)
     with pytest.raises(ConfigError) as info:
-        apply_lora(model, {"target_modules": ["q_proj", "v_prj"]}, log=False)
+        apply_lora(model, {"target_modules": ["q_proj", "v_prj"]})
     assert "Did you mean v_proj" in str(info.value)
     assert not any(is_lora(n) for n, _ in model.named_parameters())
 
 
 def test_unsupported_target_layer_is_a_runtime_error(model):
     with pytest.raises(RuntimeError, match="peft could not apply LoRA to LlamaForCausalLM") as info:
-        apply_lora(model, {"target_modules": "input_layernorm"}, log=False)
+        apply_lora(model, {"target_modules": "input_layernorm"})
     assert not isinstance(info.value, ConfigError)
     assert info.value.__cause__ is not None
 
@@ -230,11 +230,11 @@ def test_peft_failure_is_wrapped_as_runtime_error(model, monkeypatch):
 
     monkeypatch.setattr(peft, "get_peft_model", boom)
     with pytest.raises(RuntimeError, match="broken"):
-        apply_lora(model, {"target_modules": "q_proj"}, log=False)
+        apply_lora(model, {"target_modules": "q_proj"})
 
 
 def test_format_report_lists_every_key(model):
-    text = format_report(parameter_report(apply_lora(model, {"target_modules": "q_proj"}, log=False)))
+    text = format_report(parameter_report(apply_lora(model, {"target_modules": "q_proj"})))
     for key in REPORT_KEYS:
         assert key in text
     assert "%" in text
@@ -245,7 +245,7 @@ def test_format_report_lists_every_key(model):
 
 
 def test_other_trainable_parameters_raise_naming_them(model):
-    peft_model = apply_lora(model, {"target_modules": "q_proj"}, log=False)
+    peft_model = apply_lora(model, {"target_modules": "q_proj"})
     norm = peft_model.base_model.model.model.norm.weight
     norm.requires_grad_(True)
     with pytest.raises(TrainabilityError) as info:
@@ -256,7 +256,7 @@ def test_other_trainable_parameters_raise_naming_them(model):
 
 
 def test_allow_other_trainable_counts_them_instead(model):
-    peft_model = apply_lora(model, {"target_modules": "q_proj"}, log=False)
+    peft_model = apply_lora(model, {"target_modules": "q_proj"})
     peft_model.base_model.model.model.norm.weight.requires_grad_(True)
     report = parameter_report(peft_model, allow_other_trainable=True)
     assert report["other_trainable_params"] == 128
@@ -285,7 +285,7 @@ class VisionLanguageModel(nn.Module):
 
 
 def test_outer_projector_beside_a_lora_llm_is_projector_params(model):
-    vlm = VisionLanguageModel(apply_lora(model, {"target_modules": "q_proj,v_proj"}, log=False))
+    vlm = VisionLanguageModel(apply_lora(model, {"target_modules": "q_proj,v_proj"}))
     report = parameter_report(vlm)
     projector = 32 * 128 + 128
     assert report["projector_params"] == projector
@@ -296,7 +296,7 @@ def test_outer_projector_beside_a_lora_llm_is_projector_params(model):
 
 
 def test_outer_projector_with_another_name_needs_a_pattern(model):
-    vlm = VisionLanguageModel(apply_lora(model, {"target_modules": "q_proj"}, log=False))
+    vlm = VisionLanguageModel(apply_lora(model, {"target_modules": "q_proj"}))
     vlm.vision_tower.requires_grad_(True)
     with pytest.raises(TrainabilityError, match="vision_tower.weight"):
         parameter_report(vlm)
@@ -306,7 +306,7 @@ def test_outer_projector_with_another_name_needs_a_pattern(model):
 
 def test_projector_trained_through_modules_to_save(model):
     model.model.projector = nn.Linear(128, 128)  # an in-LLM projector, as multimodal Llamas have
-    peft_model = apply_lora(model, {"target_modules": "q_proj", "modules_to_save": "projector"}, log=False)
+    peft_model = apply_lora(model, {"target_modules": "q_proj", "modules_to_save": "projector"})
     names = trainable_names(peft_model)
     assert any(".projector.modules_to_save." in n for n in names)
     report = parameter_report(peft_model)
@@ -316,7 +316,7 @@ def test_projector_trained_through_modules_to_save(model):
 
 
 def test_lm_head_in_modules_to_save_counts_as_projector(model):
-    peft_model = apply_lora(model, {"target_modules": "q_proj", "modules_to_save": ["lm_head"]}, log=False)
+    peft_model = apply_lora(model, {"target_modules": "q_proj", "modules_to_save": ["lm_head"]})
     report = parameter_report(peft_model)
     assert report["projector_params"] == model.lm_head.weight.numel() == 703 * 128
     assert report["other_trainable_params"] == 0
@@ -324,63 +324,18 @@ def test_lm_head_in_modules_to_save_counts_as_projector(model):
 
 
 # ---------------------------------------------------------------------------------------------
-# MLflow logging
+# Logging is the caller's job
 
 
-def test_settings_and_report_are_logged_to_the_active_run(model, tracking_uri):
+def test_apply_lora_inside_an_active_run_logs_nothing_to_it(model, tracking_uri):
     import mlflow
     from mlflow import MlflowClient
 
     with mlflow.start_run() as run:
-        peft_model = apply_lora(model, {"r": 4, "target_modules": "q_proj,v_proj", "use_rslora": "true"})
-    report = parameter_report(peft_model)
+        peft_model = apply_lora(model, {"r": 4, "target_modules": "q_proj,v_proj"})
     data = MlflowClient(tracking_uri).get_run(run.info.run_id).data
-    assert data.params["r"] == "4"
-    assert data.params["target_modules"] == "q_proj,v_proj"
-    assert data.params["use_rslora"] == "True"
-    assert data.params["modules_to_save"] == ""
-    for key, value in report.items():
-        assert data.metrics[key] == pytest.approx(float(value))
-
-
-def test_nothing_is_logged_without_an_active_run(model, tracking_uri):
-    from mlflow import MlflowClient
-
-    apply_lora(model, {"target_modules": "q_proj"})
-    client = MlflowClient(tracking_uri)
-    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
-    assert runs == []
-
-
-@pytest.mark.parametrize("broken", ["log_params", "log_metrics"])
-def test_a_logging_failure_warns_and_never_fails_the_caller(model, tracking_uri, monkeypatch, caplog, broken):
-    import mlflow
-    from peft import PeftModel
-
-    def refuse(*args, **kwargs):
-        raise mlflow.exceptions.MlflowException("store is down")
-
-    monkeypatch.setattr(mlflow, broken, refuse)
-    with caplog.at_level(logging.WARNING, logger="loraflow.tracking"), mlflow.start_run():
-        peft_model = apply_lora(model, {"target_modules": "q_proj"})
-    assert isinstance(peft_model, PeftModel)
-    warnings = [r.getMessage() for r in caplog.records if r.name == "loraflow.tracking"]
-    assert len(warnings) == 1 and "store is down" in warnings[0]
-
-
-def test_pre_logged_param_with_other_text_goes_under_resolved(model, tracking_uri):
-    """`mlflow run -P target_modules="q_proj, v_proj"` pre-logs the user's text; we must not fail."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    with mlflow.start_run() as run:
-        mlflow.log_params({"target_modules": "q_proj, v_proj", "r": "8", "lora_alpha": "16"})
-        apply_lora(model, {"target_modules": "q_proj, v_proj", "r": "8", "lora_alpha": "16"})
-    params = MlflowClient(tracking_uri).get_run(run.info.run_id).data.params
-    assert params["target_modules"] == "q_proj, v_proj"
-    assert params["target_modules_resolved"] == "q_proj,v_proj"
-    assert params["r"] == "8" and "r_resolved" not in params  # same text: skipped
-    assert params["lora_alpha"] == "16" and params["lora_alpha_resolved"] == "16.0"
+    assert peft_model.peft_config["default"].r == 4
+    assert data.params == {} and data.metrics == {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,7 +360,7 @@ valid_settings = st.fixed_dictionaries(
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(raw=valid_settings)
 def test_property_only_lora_and_saved_modules_train(base_model, raw):
-    peft_model = apply_lora(copy.deepcopy(base_model), raw, log=False)
+    peft_model = apply_lora(copy.deepcopy(base_model), raw)
     saved = tuple(raw["modules_to_save"])
     for name, param in peft_model.named_parameters():
         allowed = is_lora(name) or any(f".{m}.modules_to_save." in name for m in saved)

@@ -25,7 +25,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from mlflow import MlflowClient
 
-from loraflow import flavor, generation
+from loraflow import flavor
+from loraflow.flavor import generation, layout
 from loraflow.cli import main
 from loraflow.errors import ConfigError
 from loraflow.registry import (
@@ -108,7 +109,7 @@ def _peft(tiny_path: str, seed: int, *, silent: bool = False):
     """
     import peft
 
-    from loraflow.models import load_base_model
+    from loraflow.flavor.bases import load_base_model
 
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
                              modules_to_save=["lm_head"])

@@ -11,9 +11,10 @@ import mlflow
 import pandas as pd
 import pytest
 from helpers import BIN, env_with_venv, free_port, stop, wait_for_http
-from test_flavor import PROMPTS, base_args, make_peft_model
+from model_helpers import PROMPTS, base_args, make_peft_model
 
-from loraflow import flavor, generation
+from loraflow import flavor
+from loraflow.flavor import generation, layout
 
 pytestmark = [
     pytest.mark.slow,

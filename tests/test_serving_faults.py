@@ -74,10 +74,10 @@ def tree_rss_bytes(pid: int) -> int:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tiny_path) -> Path:
-    from test_flavor import make_peft_model
+    from model_helpers import make_peft_model
 
     from loraflow import flavor
-    from loraflow.models import load_base_model, load_tokenizer
+    from loraflow.flavor.bases import load_base_model, load_tokenizer
 
     path = tmp_path_factory.mktemp("serving-faults") / "model"
     base = load_base_model(tiny_path).eval()

@@ -87,13 +87,33 @@ def test_same_seed_gives_the_same_final_eval_loss(tracking_uri, tmp_path):
     assert train(output_dir=str(tmp_path), seed="7").eval_loss_after != first.eval_loss_after
 
 
+def test_a_training_run_reads_its_training_file_once(tracking_uri, tmp_path, monkeypatch):
+    from loraflow.data import tables
+
+    data = tmp_path / "train.jsonl"
+    data.write_text(tables.SAMPLE_DATA.read_text())
+    reads = []
+    real = tables.read_table
+
+    def counting(path, role="train_data"):
+        reads.append((str(path), role))
+        return real(path, role)
+
+    monkeypatch.setattr(tables, "read_table", counting)
+    result = train(train_data=str(data))
+    assert result.ok and reads == [(str(data), "train_data")]
+    run = MlflowClient(tracking_uri).get_run(result.run_id)
+    sources = {d.dataset.name: d.dataset.source for d in run.inputs.dataset_inputs}
+    assert set(sources) == {"train", "eval"} and all(str(data) in source for source in sources.values())
+
+
 def test_bad_data_fails_before_any_model_loads(tracking_uri, tmp_path, monkeypatch):
-    import loraflow.models
+    import loraflow.flavor.bases
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the data was checked")
 
-    monkeypatch.setattr(loraflow.models, "load_base_model", no_model)
+    monkeypatch.setattr(loraflow.flavor.bases, "load_base_model", no_model)
     with pytest.raises(DataError, match="missing.jsonl"):
         train(train_data=str(tmp_path / "missing.jsonl"))
 
@@ -143,7 +163,7 @@ def test_micro_batches_give_the_same_loss_and_gradients_as_one_pass(model, tiny_
     from loraflow.config import lora_settings
     from loraflow.train import forward_backward
 
-    peft_model = apply_lora(model, lora_settings({"r": 4, "lora_dropout": 0.0}), log=False).train()
+    peft_model = apply_lora(model, lora_settings({"r": 4, "lora_dropout": 0.0})).train()
     texts = ["a short one", "a somewhat longer example sentence here", "mid length text", "x"]
     rows = [tiny_tokenizer(t)["input_ids"] for t in texts]
     batch = data_lib.collate_padded([(r, [-100] + r[1:]) for r in rows], tiny_tokenizer.pad_token_id)
@@ -176,7 +196,7 @@ def test_a_micro_batch_without_label_tokens_is_skipped_and_the_last_real_one_syn
     from loraflow.lora import apply_lora
     from loraflow.train import forward_backward
 
-    peft_model = apply_lora(model, lora_settings({"r": 4, "lora_dropout": 0.0}), log=False).train()
+    peft_model = apply_lora(model, lora_settings({"r": 4, "lora_dropout": 0.0})).train()
     rows = [tiny_tokenizer(t)["input_ids"] for t in ["one example sentence to learn", "a prompt only"]]
     batch = data_lib.collate_padded([(rows[0], [-100] + rows[0][1:]), (rows[1], [-100] * len(rows[1]))],
                                     tiny_tokenizer.pad_token_id)

@@ -1,7 +1,8 @@
 """loraflow: LoRA fine-tuning of causal LMs as an MLflow Project, with a lossless MLflow flavor.
 
 The names below are imported on first use (PEP 562), so `import loraflow.flavor` (what
-`mlflow.pyfunc.load_model` does) loads only the flavor's own modules.
+`mlflow.pyfunc.load_model` does) loads only the flavor's own modules. This file ships inside every
+saved model, beside the `loraflow.flavor` package, so it imports nothing eagerly.
 """
 
 from __future__ import annotations
@@ -10,21 +11,21 @@ import importlib
 import pkgutil
 from typing import TYPE_CHECKING, Any
 
-# A logged model ships only the modules loading needs, under its `code/loraflow`, which MLflow puts
-# first on `sys.path`. Extending `__path__` lets the rest of the package (training, tracking) still
-# import from an installed loraflow in that process, instead of failing as a missing module.
+# A logged model ships only what loading needs (this file and `flavor/`) under its `code/loraflow`,
+# which MLflow puts first on `sys.path`. Extending `__path__` lets the rest of the package (training,
+# tracking) still import from an installed loraflow in that process, instead of failing as missing.
 __path__ = pkgutil.extend_path(__path__, __name__)
 
 if TYPE_CHECKING:
     from loraflow.config import LoraSettings, TrainSettings, lora_settings, parse_settings
     from loraflow.errors import ConfigError, DataError, LoraflowError
-    from loraflow.manager import LoRAManager
+    from loraflow.compat import LoRAManager
 
 _EXPORTS = {
     "ConfigError": "loraflow.errors",
     "DataError": "loraflow.errors",
     "LoraflowError": "loraflow.errors",
-    "LoRAManager": "loraflow.manager",
+    "LoRAManager": "loraflow.compat",
     "LoraSettings": "loraflow.config",
     "TrainSettings": "loraflow.config",
     "lora_settings": "loraflow.config",

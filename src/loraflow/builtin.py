@@ -9,18 +9,16 @@ default base model from code the first time it is asked for, then caches it:
    dataset asks about but not the question/answer format (fine-tuning visibly changes it).
 
 The build runs single-threaded with a fixed seed, so two builds give identical bytes and the
-base-model fingerprint stays stable. It takes a few seconds on a 2-core CPU.
+base-model fingerprint stays stable. It takes a few seconds on a 2-core CPU. This module is only
+the recipe: `loraflow.flavor.bases.builtin_dir` caches what it builds. It imports nothing from the
+rest of loraflow, because a saved model whose base is a referenced built-in ships it, to rebuild it.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-BUILTIN_PREFIX = "builtin:"
 BUILTIN_NAMES = ("tiny",)
 BUILD_VERSION = 1  # bump when the recipe below changes: the cache key includes it
 
@@ -33,46 +31,13 @@ PRETRAIN_LR = 3e-3
 SEED = 1234
 
 
-def is_builtin(name: str) -> bool:
-    """True for names such as `builtin:tiny`."""
-    return name.startswith(BUILTIN_PREFIX)
+def build(name: str, out_dir: Path) -> None:
+    """Build the built-in base `name` (one of `BUILTIN_NAMES`) into the empty folder `out_dir`.
 
-
-def cache_root() -> Path:
-    """Where built models are cached: `$LORAFLOW_HOME` or `~/.cache/loraflow`."""
-    return Path(os.environ.get("LORAFLOW_HOME", Path.home() / ".cache" / "loraflow"))
-
-
-def builtin_path(name: str = "builtin:tiny") -> Path:
-    """Return the local directory of a built-in model, building it on first use.
-
-    Raises:
-        ValueError: for an unknown built-in name.
+    Caching and atomic writing are the caller's (`loraflow.flavor.bases.builtin_dir`).
     """
-    short = name.removeprefix(BUILTIN_PREFIX)
-    if short not in BUILTIN_NAMES:
-        known = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_NAMES)
-        raise ValueError(f"`base_model` {name!r} is not a built-in model; known: {known}")
-    target = cache_root() / f"{short}-v{BUILD_VERSION}"
-    if not (target / "config.json").exists():
-        _build_atomically(target)
-    return target
-
-
-def _build_atomically(target: Path) -> None:
-    # Build in a temporary sibling and rename, so a crash never leaves half a model in the cache,
-    # and two processes building at once both end with a complete copy.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        build_tiny(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    builders = {"tiny": build_tiny}
+    builders[name](out_dir)
 
 
 def _training_texts() -> list[str]:

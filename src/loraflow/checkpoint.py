@@ -7,22 +7,22 @@ Layout, one folder per run:
         optimizer.pt, scheduler.pt, rng.pt               (tensors only: loaded with weights_only=True)
         state.json                                       (step, epoch, batch position, history, settings)
 
-A checkpoint is written into a hidden temporary sibling and renamed into place, so a crash or
-`kill -9` mid-write leaves at worst a stray `.tmp-*` folder, never a broken `step-*` one. Only
+A checkpoint is written into a hidden temporary sibling and renamed into place
+(`loraflow.flavor.files.atomic_dir`), so a crash or `kill -9` mid-write leaves at worst a stray
+`.tmp-*` folder, never a broken `step-*` one. Only
 `step-*` folders are ever read back. The newest two are kept.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from loraflow.errors import LoraflowError
+from loraflow.flavor.files import atomic_dir
 
 KEEP_LAST = 2
 STATE_FILE = "state.json"
@@ -48,10 +48,9 @@ def save_checkpoint(root: Path, state: CheckpointState, model, optimizer, schedu
     """Write a checkpoint atomically under `root` and prune old ones; returns its folder."""
     import torch
 
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
-    try:
+    # replace: the same step written again (a resumed run stopped at once)
+    with atomic_dir(final, replace=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -60,29 +59,9 @@ def save_checkpoint(root: Path, state: CheckpointState, model, optimizer, schedu
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1, sort_keys=True))
-        _fsync_dir(tmp)
-        if final.exists():  # the same step written again (a resumed run stopped at once)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     for old in sorted(root.glob("step-*"))[:-KEEP_LAST]:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _fsync_dir(path: Path) -> None:
-    for name in os.listdir(path):
-        full = path / name
-        if full.is_file():
-            with open(full, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def latest_checkpoint(root: Path) -> Path | None:

@@ -113,8 +113,8 @@ def validate(config_file: str | None, **options: Any) -> None:
 
     Prints the resolved settings and the parameter report of the LoRA-wrapped model skeleton.
     """
+    from loraflow.base_models import load_skeleton
     from loraflow.lora import apply_lora, format_report, parameter_report, validate_settings
-    from loraflow.models import load_skeleton
 
     with user_errors():
         lora, train = validate_settings(collect_settings(config_file, options))
@@ -123,7 +123,7 @@ def validate(config_file: str | None, **options: Any) -> None:
         click.echo(f"  {key:<24}{value}")
     click.echo(f"Base model: {train.base_model}")
     skeleton = load_skeleton(train.base_model, revision=train.revision, trust_remote_code=train.trust_remote_code)
-    report = parameter_report(apply_lora(skeleton, lora, log=False))
+    report = parameter_report(apply_lora(skeleton, lora))
     click.echo("Parameter report:")
     click.echo(format_report(report))
 
@@ -180,7 +180,7 @@ def train(config_file: str | None, resume_from: str | None, **options: Any) -> N
 def batch_predict(model_uri: str, input_path: str, output_path: str, prompt_column: str, spark: bool | None,
                   **generation: Any) -> None:
     """Complete every prompt of a table with a logged model and write the table with a `text` column."""
-    from loraflow.batch import predict_table
+    from loraflow.predict import predict_table
 
     params = {k: v for k, v in generation.items() if v is not None}
     with user_errors():
@@ -213,7 +213,7 @@ class _VersionType(click.ParamType):
     name = "VERSION"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str | None:
-        from loraflow.registry import version_problem
+        from loraflow.promotion import version_problem
 
         if value is None or str(value).strip() == "":
             return None
@@ -224,7 +224,7 @@ class _VersionType(click.ParamType):
 
 
 def _check_alias(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    from loraflow.registry import alias_problem
+    from loraflow.promotion import alias_problem
 
     if problem := alias_problem(value):
         raise click.BadParameter(problem.replace("`alias` ", ""), ctx, param)

@@ -1,9 +1,11 @@
 """Typed, validated settings: LoRA settings and training settings, from dicts, CLI strings or YAML.
 
 Every setting is a field of a frozen dataclass whose `help` metadata is the one place it is
-documented (the CLI and MLproject help are generated from it). Parsing collects *every* problem
-(unknown keys with a did-you-mean, unparsable strings, out-of-range values) and raises one
-`ConfigError` listing them all, before any model or data is loaded.
+documented (the CLI and MLproject help are generated from it). This module owns every rule about
+a value, and the one translation of our settings into `peft.LoraConfig` (`build_lora_config`).
+Parsing collects *every* problem (unknown keys with a did-you-mean, unparsable strings,
+out-of-range values) and raises one `ConfigError` listing them all, before any model or data is
+loaded. Rules that need the model's architecture (module names, rank limits) are `loraflow.lora`'s.
 
 Strings are accepted everywhere, because `mlflow run -P r=16` passes every parameter as a string:
 `"16"`, `"0.05"`, `"true"`, `"q_proj,v_proj"` and `""` (unset) all parse.
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from loraflow.errors import ConfigError
+from loraflow.flavor.layout import parse_bool
 
 logger = logging.getLogger(__name__)
 
@@ -118,14 +121,10 @@ def _is_unset(value: Any) -> bool:
 
 
 def _parse_bool(name: str, value: Any) -> tuple[Any, str | None]:
-    if isinstance(value, bool):
-        return value, None
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes", "y", "on"):
-        return True, None
-    if text in ("false", "0", "no", "n", "off"):
-        return False, None
-    return value, f"`{name}` must be a boolean (true/false), got {value!r}"
+    parsed = parse_bool(value)
+    if parsed is None:
+        return value, f"`{name}` must be a boolean (true/false), got {value!r}"
+    return parsed, None
 
 
 def _parse_int(name: str, value: Any) -> tuple[Any, str | None]:
@@ -280,11 +279,20 @@ def _train_rules(s: dict[str, Any]) -> list[str]:
 
 
 def _column_rules(s: dict[str, Any]) -> list[str]:
-    prompt, completion = s.get("prompt_column"), s.get("completion_column")
-    if s.get("text_column") and (prompt or completion):
+    return column_problems(s.get("text_column"), s.get("prompt_column"), s.get("completion_column"))
+
+
+def column_problems(text: str | None, prompt: str | None, completion: str | None, *, resolved: bool = False) -> list[str]:
+    """The rule for which columns hold the training text: `text`, or `prompt` + `completion`.
+
+    `resolved`: the defaults were applied already, so one of the two choices must be complete.
+    """
+    if text and (prompt or completion):
         return ["give either `text_column`, or `prompt_column` + `completion_column`, not both"]
     if bool(prompt) != bool(completion):
         return ["`prompt_column` and `completion_column` go together: give both, or neither (default: prompt, completion)"]
+    if resolved and not text and not prompt:
+        return ["give `text_column`, or both `prompt_column` and `completion_column`"]
     return []
 
 
@@ -353,11 +361,13 @@ def to_dict(settings: LoraSettings | TrainSettings) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(settings).items()}
 
 
-def to_peft_kwargs(settings: LoraSettings) -> dict[str, Any]:
-    """Keyword arguments for `peft.LoraConfig`: the one place our settings meet peft's."""
+def build_lora_config(settings: LoraSettings):
+    """Our settings as a `peft.LoraConfig`: the one place they meet peft's."""
+    from peft import LoraConfig
+
     kwargs = to_dict(settings)
     kwargs["modules_to_save"] = kwargs["modules_to_save"] or None
-    return kwargs
+    return LoraConfig(**kwargs)
 
 
 def _warn_unusual(settings: LoraSettings) -> None:

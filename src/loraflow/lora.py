@@ -5,21 +5,25 @@ low-rank update, so a adapted linear layer computes
 
     h = W x + (lora_alpha / r) * B A x        with A: r x d_in, B: d_out x r, B initialised to 0
 
-Only A and B (plus any `modules_to_save`, trained in full) are trainable. peft does the wrapping;
-this module adds what peft leaves out: a check that every requested name exists (peft raises only
-when *none* match, so one typo silently adapts fewer layers) and an isolation report that proves
-nothing else is trainable.
+Only A and B (plus any `modules_to_save`, trained in full) are trainable. peft does the wrapping
+(`config.build_lora_config` is the one bridge to it); this module adds what peft leaves out, checked
+against the real model or its meta skeleton: that every requested name exists (peft raises only
+when *none* match, so one typo silently adapts fewer layers), that the rank fits every targeted
+layer, and an isolation report that proves nothing else is trainable. It logs nothing: recording
+the settings and the report is the caller's job (`loraflow.tracking`).
 """
 
 from __future__ import annotations
 
 import difflib
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loraflow.config import ALL_LINEAR, LoraSettings, TrainSettings, lora_settings, parse_settings, to_peft_kwargs
+from loraflow.config import ALL_LINEAR, LoraSettings, TrainSettings, build_lora_config, lora_settings, parse_settings
 from loraflow.errors import ConfigError
+from loraflow.flavor.layout import parse_bool
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -55,12 +59,17 @@ def linear_module_names(model: "nn.Module") -> list[str]:
     return sorted(names - set(OUTPUT_LAYER_NAMES))
 
 
-def _matches(module_name: str, key: str, field: str = "target_modules") -> bool:
+def _matcher(key: str, field: str = "target_modules") -> "Callable[[str], bool]":
+    """Whether a module name is matched by one `target_modules` or `modules_to_save` entry, by peft's rule."""
     if field == "modules_to_save":
-        # peft's rule for modules_to_save is a plain suffix: "layernorm" matches input_layernorm
-        return module_name.endswith(key)
-    # peft's rule for a target_modules entry: the full name, or a suffix after a dot
-    return module_name == key or module_name.endswith("." + key)
+        # peft's rule for modules_to_save (`_set_trainable`) is a plain suffix: "layernorm" matches
+        # input_layernorm. peft has no standalone function for it, so it is written out here.
+        return lambda module_name: module_name.endswith(key)
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    config = LoraConfig(target_modules=[key])
+    return lambda module_name: bool(check_target_module_exists(config, module_name))
 
 
 def unmatched_module_problems(
@@ -77,7 +86,7 @@ def unmatched_module_problems(
     targets = () if target_modules == ALL_LINEAR else target_modules
     for field, keys in (("target_modules", targets), ("modules_to_save", modules_to_save)):
         for key in keys:
-            if any(_matches(name, key, field) for name in module_names):
+            if any(map(_matcher(key, field), module_names)):
                 continue
             close = difflib.get_close_matches(key, short_names, n=3, cutoff=0.6)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -88,92 +97,126 @@ def unmatched_module_problems(
     return problems
 
 
-def check_modules(model: "nn.Module", settings: LoraSettings) -> None:
-    """Raise `ConfigError` listing every requested module name that the model lacks."""
+def check_modules(model: "nn.Module", settings: LoraSettings, peft_config: Any = None) -> None:
+    """Raise `ConfigError` listing every requested module name that the model lacks, or a rank too wide.
+
+    `peft_config`: `settings` as a `peft.LoraConfig` (`config.build_lora_config`), when already built.
+    """
     problems = unmatched_module_problems(model, settings.target_modules, settings.modules_to_save)
+    problems = problems or rank_problems(model, settings.r, peft_config or build_lora_config(settings))
     if problems:
         raise ConfigError(problems)
 
 
+def rank_problems(model: "nn.Module", r: int, peft_config: Any) -> list[str]:
+    """The rank of a low-rank update cannot exceed min(in_features, out_features) of a layer it
+    adapts: one problem naming the smallest such layer (works on a meta skeleton too).
+
+    `peft_config`: the `peft.LoraConfig` whose `target_modules` choose the layers.
+    """
+    from torch import nn
+
+    limits = [
+        (min(module.in_features, module.out_features), name)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name and _is_target(peft_config, name)
+    ]
+    if not limits or r <= min(limits)[0]:
+        return []
+    limit, name = min(limits)
+    return [f"`r` is {r}, but the targeted layer {name} ({type(model).__name__}) is only {limit} wide "
+            f"(min of in and out features): a rank cannot exceed it; use r <= {limit}"]
+
+
+def _is_target(config: Any, name: str) -> bool:
+    if config.target_modules == ALL_LINEAR:
+        return name.rsplit(".", 1)[-1] not in OUTPUT_LAYER_NAMES
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    return bool(check_target_module_exists(config, name))
+
+
 def validate_settings(raw: Mapping[str, Any]) -> tuple[LoraSettings, TrainSettings]:
-    """Parse every setting and check module names against the base model's skeleton, together.
+    """Parse every setting and check names and rank against the base model's skeleton, together.
 
     The skeleton is built from `config.json` on the meta device (no weights), so this takes well
-    under a second even for a large model. Value problems and unmatched names are reported in one
-    `ConfigError`, so a user fixes everything in one go.
+    under a second even for a large model. Value problems and architecture problems are reported in
+    one `ConfigError`, so a user fixes everything in one go.
 
     Raises:
         ConfigError: every problem found.
     """
     problems: list[str] = []
     try:
-        return_value = parse_settings(raw)
+        settings = parse_settings(raw)
     except ConfigError as err:
-        problems, return_value = err.problems, None
+        problems, settings = err.problems, None
     names = {k: raw[k] for k in ("target_modules", "modules_to_save") if k in raw}
     try:
         partial = lora_settings(names)
     except ConfigError:
         partial = None  # already reported above
-    base = str(raw.get("base_model") or TrainSettings().base_model)
     if partial is not None:
-        problems += _skeleton_problems(base, raw, partial)
+        problems += _architecture_problems(raw, partial, settings[0] if settings else None)
     if problems:
         raise ConfigError(problems)
-    return return_value
+    return settings
 
 
-def _skeleton_problems(base: str, raw: Mapping[str, Any], names: LoraSettings) -> list[str]:
-    from loraflow.models import load_skeleton
+def _architecture_problems(raw: Mapping[str, Any], names: LoraSettings, lora: LoraSettings | None) -> list[str]:
+    from loraflow.base_models import load_skeleton
 
-    trust = str(raw.get("trust_remote_code", "")).strip().lower() in ("1", "true", "yes", "on")
+    base = str(raw.get("base_model") or TrainSettings().base_model)
+    trust = parse_bool(raw.get("trust_remote_code", False)) is True
     try:
         skeleton = load_skeleton(base, revision=raw.get("revision") or None, trust_remote_code=trust)
-    except Exception as err:  # a missing path, an unknown Hub id offline, a config that needs code
-        return [f"`base_model` {base!r} could not be read: {err}".strip()]
-    return unmatched_module_problems(skeleton, names.target_modules, names.modules_to_save)
+    except ConfigError as err:  # an unknown built-in, or a base that needs remote code
+        return err.problems
+    except Exception as err:  # a missing path, an unknown Hub id offline, a broken config
+        return [f"`base_model` {base!r} could not be read: {_reason(err, base)}"]
+    problems = unmatched_module_problems(skeleton, names.target_modules, names.modules_to_save)
+    if lora is not None and not problems:
+        problems += rank_problems(skeleton, lora.r, build_lora_config(lora))
+    return problems
+
+
+def _reason(err: Exception, base: str) -> str:
+    """Why a base could not be read, in the user's terms (a missing folder, not a Hub-id rule)."""
+    looks_local = base.startswith((".", "/", "~")) or base.count("/") > 1
+    if looks_local and not Path(base).expanduser().exists():
+        return f"no such folder ({str(Path(base).expanduser().resolve())!r}); check the path"
+    text = " ".join(str(err).split())
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 # ---------------------------------------------------------------------------------------------
 # Applying LoRA.
 
 
-def build_lora_config(settings: LoraSettings):
-    """Our settings as a `peft.LoraConfig`: the single bridge between the two."""
-    from peft import LoraConfig
-
-    return LoraConfig(**to_peft_kwargs(settings))
-
-
-def apply_lora(model: "nn.Module", settings: LoraSettings | Mapping[str, Any], *, log: bool = True) -> "PeftModel":
-    """Wrap `model` with LoRA adapters through `peft.get_peft_model`.
+def apply_lora(model: "nn.Module", settings: LoraSettings | Mapping[str, Any]) -> "PeftModel":
+    """Wrap `model` with LoRA adapters through `peft.get_peft_model`. Logs nothing.
 
     Args:
         model: a transformers causal LM (or any module peft supports).
         settings: `LoraSettings`, or a mapping validated into one.
-        log: log the settings and parameter report to the active MLflow run, if there is one.
 
     Returns:
         The `PeftModel`; only LoRA and `modules_to_save` parameters are trainable.
 
     Raises:
-        ConfigError: invalid settings, or names that match no module of `model`.
+        ConfigError: invalid settings, or names that match no module of `model`, or a rank wider
+            than a targeted layer.
         RuntimeError: peft failed to apply the adapters.
     """
     from peft import get_peft_model
 
-    if not isinstance(settings, LoraSettings):
-        settings = lora_settings(settings)
-    check_modules(model, settings)
+    settings = settings if isinstance(settings, LoraSettings) else lora_settings(settings)
+    peft_config = build_lora_config(settings)
+    check_modules(model, settings, peft_config)
     try:
-        peft_model = get_peft_model(model, build_lora_config(settings))
+        return get_peft_model(model, peft_config)
     except Exception as err:  # peft raises ValueError/TypeError/KeyError for unsupported layers
         raise RuntimeError(f"peft could not apply LoRA to {type(model).__name__}: {err}") from err
-    if log:
-        from loraflow import tracking
-
-        tracking.log_lora(settings, parameter_report(peft_model))
-    return peft_model
 
 
 # ---------------------------------------------------------------------------------------------

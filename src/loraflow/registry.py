@@ -1,5 +1,8 @@
 """Model-registry promotion: gate a registered version on health and metric, then move aliases.
 
+The rules themselves (alias names, the metric comparison, the decision records) are pure and live
+in `loraflow.promotion`; this module talks to the registry.
+
 The rules (issue 5), in the order they are checked:
 
 1. The version exists, is READY, holds a loraflow model, and its source run FINISHED and was not
@@ -23,175 +26,33 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import math
-import re
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from loraflow.errors import ConfigError, LoraflowError
+from loraflow.promotion import (
+    CHAMPION,
+    Decision,
+    Rollback,
+    alias_problem,
+    check_arguments,
+    is_better,
+    metric_reason,
+    previous_alias,
+)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
-CHAMPION = "champion"
-PREVIOUS = "previous"
-MODES = ("min", "max")
 TAG_PREFIX = "promotion."
 MAX_REASON_LENGTH = 500  # an exception text can be pages long; a tag should stay readable
-_ALIAS = re.compile(r"^[\w\-]+$")  # MLflow's rule for alias names
-_RESERVED_ALIAS = re.compile(r"^([vV]\d+|latest)$", re.IGNORECASE)
 
 
 class RegistryError(LoraflowError):
     """The registry, a model name, a version or its source run cannot be used as asked."""
-
-
-@dataclass(frozen=True)
-class Decision:
-    """The outcome of one `promote_if_better` call."""
-
-    promoted: bool
-    """True if `version` now holds `alias`."""
-    model_name: str
-    """The registered model."""
-    version: str
-    """The candidate version."""
-    alias: str
-    """The alias the candidate competed for (default `champion`)."""
-    metric: str
-    """The metric compared, read from each version's source run."""
-    candidate_value: float
-    """The candidate's value of `metric`."""
-    champion_version: str | None
-    """The version that held `alias` before the decision; None if none did."""
-    champion_value: float | None
-    """Its value of `metric`; None if there was no champion."""
-    reason: str
-    """Why, in words (also recorded in the `promotion.reason` tag)."""
-
-    @property
-    def already_champion(self) -> bool:
-        """The candidate held the alias already: nothing was decided or changed."""
-        return self.champion_version == self.version
-
-    def summary(self) -> str:
-        """One readable line, e.g. `promoted: demo version 3 is now @champion: eval_loss 1.2 < ...`."""
-        if self.promoted:
-            head = f"promoted: {self.model_name} version {self.version} is now @{self.alias}"
-        elif self.already_champion:
-            head = f"unchanged: {self.model_name} version {self.version} already is @{self.alias}"
-        else:
-            head = f"rejected: {self.model_name} version {self.version} was not promoted to @{self.alias}"
-        return f"{head}: {self.reason}"
-
-
-@dataclass(frozen=True)
-class Rollback:
-    """The outcome of `rollback`: which version holds the alias now, and which one it replaced."""
-
-    model_name: str
-    """The registered model."""
-    alias: str
-    """The alias rolled back (default `champion`)."""
-    version: str
-    """The version that holds `alias` now (it held `previous_alias(alias)` before)."""
-    replaced_version: str | None
-    """The version that held `alias` before; it now holds `previous_alias(alias)`. None if none did."""
-
-    def summary(self) -> str:
-        """One readable line."""
-        previous = previous_alias(self.alias)
-        if self.replaced_version is None:
-            return f"rolled back: {self.model_name} version {self.version} is now @{self.alias} (no @{self.alias} before)"
-        return (f"rolled back: {self.model_name} version {self.version} is now @{self.alias}; "
-                f"version {self.replaced_version} is now @{previous}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Pure rules: argument checks and the metric comparison.
-
-
-def previous_alias(alias: str) -> str:
-    """Where the replaced holder of `alias` goes: `previous` for `champion`, else `<alias>-previous`.
-
-    A separate slot per alias keeps independent alias tracks (e.g. `champion` and `canary`) from
-    overwriting each other's rollback target.
-    """
-    return PREVIOUS if alias == CHAMPION else f"{alias}-previous"
-
-
-def alias_problem(alias: Any) -> str | None:
-    """What is wrong with `alias` as a promotion alias, or None if it can be used."""
-    if not isinstance(alias, str) or not _ALIAS.match(alias):
-        return (f"`alias` must be letters, digits, `_` or `-` (e.g. champion), got {alias!r}")
-    if _RESERVED_ALIAS.match(alias):
-        return f"`alias` {alias!r} is reserved by MLflow (`latest` and `v<number>` name versions); use e.g. champion"
-    if alias == PREVIOUS or alias.endswith("-previous"):
-        return f"`alias` {alias!r} is where promotion keeps the replaced version; promote to e.g. champion"
-    return None
-
-
-def version_problem(version: Any) -> str | None:
-    """What is wrong with `version` as a model version number, or None (None itself means newest)."""
-    if version is None or (isinstance(version, int) and not isinstance(version, bool) and version > 0):
-        return None
-    if isinstance(version, str) and re.fullmatch(r"[0-9]+", version.strip()) and int(version) > 0:
-        return None
-    return f"`version` must be a positive integer version number (e.g. 3), or empty for the newest; got {version!r}"
-
-
-def check_arguments(version: Any, metric: Any, mode: Any, min_delta: Any, alias: Any) -> None:
-    """Raise one `ConfigError` listing every bad argument of `promote_if_better`."""
-    problems = [p for p in (version_problem(version), alias_problem(alias)) if p]
-    if not isinstance(metric, str) or not metric.strip():
-        problems.append(f"`metric` must name a metric of the training runs (e.g. eval_loss), got {metric!r}")
-    if mode not in MODES:
-        close = difflib.get_close_matches(str(mode).lower(), MODES, n=1, cutoff=0.3)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        problems.append(f"`mode` must be min (lower is better) or max (higher is better), got {mode!r}.{hint}")
-    if (not isinstance(min_delta, (int, float)) or isinstance(min_delta, bool) or not math.isfinite(min_delta)
-            or min_delta < 0):
-        problems.append(f"`min_delta` must be a finite number >= 0 (the smallest improvement that counts), got {min_delta!r}")
-    if problems:
-        raise ConfigError(problems)
-
-
-def improvement(candidate: float, champion: float, mode: str) -> float:
-    """How much better the candidate is than the champion (negative: worse)."""
-    return champion - candidate if mode == "min" else candidate - champion
-
-
-def is_better(candidate: float, champion: float, mode: str = "min", min_delta: float = 0.0) -> bool:
-    """True if `candidate` beats `champion` by at least `min_delta` (and by more than nothing).
-
-    A NaN candidate is never better; any other candidate beats a NaN champion. An improvement that
-    equals `min_delta` up to float rounding counts (1.0 - 0.9 vs 0.1).
-    """
-    if math.isnan(candidate):
-        return False
-    if math.isnan(champion):
-        return True
-    gain = improvement(candidate, champion, mode)
-    if gain <= 0:
-        return False
-    return gain >= min_delta or math.isclose(gain, min_delta, rel_tol=1e-9, abs_tol=1e-12)
-
-
-def _metric_reason(metric: str, mode: str, min_delta: float, candidate: float, champion: float,
-                   champion_version: str, better: bool) -> str:
-    sign = ("<" if mode == "min" else ">") if better else ("is not below" if mode == "min" else "is not above")
-    required = f" by at least {min_delta:g}" if min_delta else ""
-    if better:
-        return (f"{metric} {candidate:.6g} {sign} {champion:.6g} of version {champion_version}"
-                f"{required} (mode {mode}), and it passed the health check")
-    gain = improvement(candidate, champion, mode)
-    shortfall = f" (improvement {gain:.3g} < min_delta {min_delta:g})" if min_delta and gain > 0 else ""
-    return (f"{metric} {candidate:.6g} {sign} {champion:.6g} of champion version {champion_version}"
-            f"{required} (mode {mode}){shortfall}; the champion is unchanged")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,12 +64,12 @@ def _registry_calls(uri: str) -> Iterator[None]:
     """Turn a lost connection, or any other refusal by the store, into a `RegistryError` naming the URI."""
     from mlflow.exceptions import MlflowException
 
-    from loraflow.tracking import _is_connection_failure
+    from loraflow.tracking import is_connection_failure
 
     try:
         yield
     except (MlflowException, OSError) as err:
-        if _is_connection_failure(err):
+        if is_connection_failure(err):
             raise RegistryError(f"the model registry at {uri} cannot be reached ({err})") from err
         if not isinstance(err, MlflowException):
             raise
@@ -504,7 +365,7 @@ def promote_if_better(
                   "champion_value": None if champion_value is None else repr(champion_value)}
 
         if champion_value is not None and not is_better(candidate_value, champion_value, mode, min_delta):
-            reason = _metric_reason(metric, mode, min_delta, candidate_value, champion_value, champion_version, False)
+            reason = metric_reason(metric, mode, min_delta, candidate_value, champion_value, champion_version, False)
             _tag(client, model_name, version, {**record, "decision": "rejected", "reason": reason, "time": _now()})
             return decide(False, reason)
 
@@ -518,7 +379,7 @@ def promote_if_better(
             reason = (f"there was no @{alias} yet, and it passed the health check "
                       f"({metric} {candidate_value:.6g})")
         else:
-            reason = _metric_reason(metric, mode, min_delta, candidate_value, champion_value, champion_version, True)
+            reason = metric_reason(metric, mode, min_delta, candidate_value, champion_value, champion_version, True)
             reason += f"; version {champion_version} is now @{previous_alias(alias)}"
         # Previous first: if the second call fails, both aliases point at the old champion (safe).
         if champion_version is not None:

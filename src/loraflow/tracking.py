@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from loraflow.config import LoraSettings, to_dict
@@ -58,7 +59,7 @@ def check_reachable(uri: str | None = None, timeout: float = REACHABILITY_TIMEOU
         ) from err
 
 
-def _is_connection_failure(err: Exception) -> bool:
+def is_connection_failure(err: Exception) -> bool:
     text = f"{type(err).__name__} {err}"
     return isinstance(err, OSError) or any(
         marker in text for marker in ("Connection", "Max retries exceeded", "Timeout", "timed out")
@@ -187,7 +188,7 @@ class RunLogger:
             return call(*args, **kwargs)
         except Exception as err:  # any store or network error: warn, count, carry on
             self.failures += 1
-            self.unreachable = _is_connection_failure(err)
+            self.unreachable = is_connection_failure(err)
             if self.unreachable:  # later calls, MLflow's own included (end_run at exit), fail at once
                 os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
             then = "skipping MLflow from now on" if self.unreachable else "training carries on"
@@ -213,19 +214,18 @@ class RunLogger:
         values = {k: float(v) for k, v in metrics.items()}
         self._guard("log metrics", mlflow.log_metrics, values, step=step, synchronous=False)
 
-    def log_datasets(self, train_frame, eval_frame, train_source: str, eval_source: str) -> None:
-        """The train and eval sets as MLflow dataset inputs, with source path and digest."""
+    def log_datasets(self, train: Any, evaluation: Any) -> None:
+        """The train and eval tables (`loraflow.data.Table`) as MLflow dataset inputs, with source and digest."""
         if not self.enabled:
             return
         import mlflow
 
-        def log(frame, source: str, name: str, context: str) -> None:
-            dataset = mlflow.data.from_pandas(frame, source=source, name=name)
+        def log(table: Any, name: str, context: str) -> None:
+            dataset = mlflow.data.from_pandas(table.frame, source=_dataset_source(table.source), name=name)
             mlflow.log_input(dataset, context=context)
 
-        self._guard("log the train dataset", log, train_frame, train_source, "train", "training")
-        eval_path = eval_source.split(" (seeded split")[0]
-        self._guard("log the eval dataset", log, eval_frame, eval_path, "eval", "evaluation")
+        self._guard("log the train dataset", log, train, "train", "training")
+        self._guard("log the eval dataset", log, evaluation, "eval", "evaluation")
 
     def log_loss_curve(self, history: Mapping[str, list[tuple[int, float]]]) -> None:
         """A loss-curve figure: train loss per step and eval loss at each evaluation."""
@@ -264,6 +264,15 @@ class RunLogger:
 
         self._guard("tag the model version", tag)
         return str(version)
+
+
+def _dataset_source(path: str) -> Any:
+    """A local file as MLflow's `LocalArtifactDatasetSource`, named directly: given a plain path,
+    MLflow finds that class registered twice and warns that the source is ambiguous."""
+    from mlflow.data.dataset_source_registry import get_registered_sources
+
+    local = [s for s in get_registered_sources() if s.__name__ == "LocalArtifactDatasetSource"]
+    return local[0](str(Path(path).resolve())) if local else str(path)
 
 
 def loss_curve_figure(history: Mapping[str, list[tuple[int, float]]]):
@@ -306,7 +315,6 @@ def upload_model(
         LoraflowError: the folder is not a loraflow model.
     """
     import re
-    from pathlib import Path
 
     import mlflow
     from mlflow.models import Model

@@ -1,13 +1,17 @@
-"""The fine-tuning recipe: setup -> evaluate -> fit -> evaluate -> log, as one explicit loop.
+"""The fine-tuning recipe, top to bottom: setup -> train (evaluating as it goes) -> save_checkpoint ->
+log_model -> finish. No framework: one explicit class holds the loop's state, with short methods.
 
 `accelerate` owns devices, mixed precision, gradient accumulation and multiple processes; this
-file owns the order of things, so a reader sees the whole training run top to bottom:
+module owns the order of things:
 
-1. read and check the data (before any model is loaded), tokenize it;
-2. load the base model (or a logged loraflow model to continue from) and apply LoRA;
-3. AdamW over the trainable parameters, linear warmup then cosine decay, gradient clipping;
-4. evaluate at step 0, every `eval_steps` and at the end; log everything to MLflow;
-5. log the model with the loraflow flavor (saved locally instead if tracking fails).
+1. read and check the data (`loraflow.data.load_training_data`: each file once, before any model
+   is loaded), then check the tracking server answers;
+2. load the base model (or a logged loraflow model to continue from), apply LoRA, tokenize;
+3. `FineTune`: AdamW over the trainable parameters, linear warmup then cosine decay, gradient
+   clipping; evaluate at step 0, every `eval_steps` and at the end; checkpoints on request and on
+   SIGINT/SIGTERM; every metric to MLflow;
+4. log the model with the loraflow flavor (saved locally instead if tracking fails), and print a
+   summary.
 """
 
 from __future__ import annotations
@@ -25,13 +29,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraflow import checkpoint as ckpt
-from loraflow import data as data_lib
 from loraflow import config
+from loraflow import data as data_lib
 from loraflow.config import LoraSettings, TrainSettings, lora_settings
 from loraflow.errors import ConfigError
 
 if TYPE_CHECKING:
-    import pandas as pd
     import torch
     from accelerate import Accelerator
 
@@ -58,47 +61,8 @@ class TrainResult:
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
 
-@dataclass
-class PreparedData:
-    """Checked, split and tokenized data, plus the frames MLflow logs as dataset inputs."""
-
-    train_frame: "pd.DataFrame"
-    eval_frame: "pd.DataFrame"
-    train: data_lib.TokenizedExamples
-    eval: data_lib.TokenizedExamples
-    train_source: str
-    eval_source: str
-
-
 # ---------------------------------------------------------------------------------------------
 # Setup.
-
-
-def columns_of(settings: TrainSettings) -> data_lib.Columns:
-    if settings.text_column:
-        return data_lib.Columns(text=settings.text_column)
-    return data_lib.Columns(prompt=settings.prompt_column or "prompt", completion=settings.completion_column or "completion")
-
-
-def read_data(settings: TrainSettings) -> tuple["pd.DataFrame", "pd.DataFrame", str, str]:
-    """Read and check the train/eval tables (no tokenizer needed): fails before any model loads."""
-    columns = columns_of(settings)
-    train_path = settings.train_data or str(data_lib.SAMPLE_DATA)
-    frame = data_lib.load_examples(train_path, columns, role="train_data")
-    if settings.eval_data:
-        return frame, data_lib.load_examples(settings.eval_data, columns, role="eval_data"), train_path, settings.eval_data
-    train_frame, eval_frame = data_lib.split_examples(frame, settings.eval_fraction, settings.seed)
-    return train_frame, eval_frame, train_path, f"{train_path} (seeded split, eval_fraction={settings.eval_fraction})"
-
-
-def prepare_data(settings: TrainSettings, tokenizer) -> PreparedData:
-    train_frame, eval_frame, train_source, eval_source = read_data(settings)
-    columns = columns_of(settings)
-
-    def tokenize(frame):
-        return data_lib.tokenize_examples(frame, tokenizer, columns, settings.max_seq_length, overflow=settings.overflow)
-
-    return PreparedData(train_frame, eval_frame, tokenize(train_frame), tokenize(eval_frame), train_source, eval_source)
 
 
 def mixed_precision(precision: str) -> str:
@@ -115,14 +79,14 @@ def mixed_precision(precision: str) -> str:
 
 def load_model_and_tokenizer(lora: LoraSettings, settings: TrainSettings, explicit: set[str]):
     """The PEFT model to train, its tokenizer, and the LoRA settings actually in effect."""
+    from loraflow.base_models import load_for_training
     from loraflow.lora import apply_lora
-    from loraflow.models import load_base_model, load_tokenizer
 
     if settings.init_model:
         return _continue_from(settings.init_model, lora, explicit, settings.trust_remote_code)
-    tokenizer = load_tokenizer(settings.base_model, revision=settings.revision, trust_remote_code=settings.trust_remote_code)
-    model = load_base_model(settings.base_model, revision=settings.revision, trust_remote_code=settings.trust_remote_code)
-    return apply_lora(model, lora, log=False), tokenizer, lora
+    model, tokenizer = load_for_training(settings.base_model, revision=settings.revision,
+                                         trust_remote_code=settings.trust_remote_code)
+    return apply_lora(model, lora), tokenizer, lora
 
 
 def _continue_from(uri: str, requested: LoraSettings, explicit: set[str], trust_remote_code: bool = False):
@@ -211,125 +175,6 @@ def stop_on_signals() -> Iterator[dict[str, str | None]]:
             signal.signal(sig, old)
 
 
-def fit(
-    model,
-    tokenizer,
-    data: PreparedData,
-    settings: TrainSettings,
-    accelerator: "Accelerator",
-    run: "tracking.RunLogger",
-    *,
-    resume: Path | None = None,
-    flat_settings: dict[str, Any] | None = None,
-) -> tuple[float, float, dict[str, list[tuple[int, float]]]]:
-    """Train for `total_steps` optimizer steps; returns eval loss before, after, and the history.
-
-    With `resume`, the adapter, optimizer, scheduler, RNG and data position come from that
-    checkpoint, and the loop continues exactly where it stopped.
-
-    Raises:
-        TrainingInterrupted: after SIGINT/SIGTERM, once a checkpoint is written.
-    """
-    import torch
-    from accelerate.utils import send_to_device
-    from tqdm.auto import tqdm
-    from transformers import get_cosine_schedule_with_warmup
-
-    from loraflow import dropout as lora_dropout
-
-    # Each process gets its own disjoint share of every global batch (data.make_dataloader shards
-    # them evenly, with no example dropped or repeated), so accelerate must not shard them again.
-    def loader(examples, shuffle: bool):
-        return data_lib.make_dataloader(
-            examples,
-            settings.batch_size,
-            pad_token_id=tokenizer.pad_token_id,
-            shuffle=shuffle,
-            seed=settings.seed,
-            packing=settings.packing,
-            max_seq_length=settings.max_seq_length,
-            num_replicas=accelerator.num_processes,
-            rank=accelerator.process_index,
-        )
-
-    train_loader, eval_loader = loader(data.train, True), loader(data.eval, False)
-    budget = micro_batch_budget(settings.micro_batch_tokens, accelerator.device)
-    steps = total_steps(settings, len(train_loader))
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=settings.learning_rate, weight_decay=settings.weight_decay
-    )
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(settings.warmup_ratio * steps), steps)
-    # Only the model and optimizer go through accelerate: a prepared scheduler steps num_processes
-    # times per optimizer step (it assumes loaders it sharded itself), so this loop steps it once.
-    model, optimizer = accelerator.prepare(model, optimizer)
-    state = ckpt.restore(resume, accelerator.unwrap_model(model), optimizer, scheduler) if resume else None
-    history = {k: [tuple(p) for p in v] for k, v in state.history.items()} if state else {"train_loss": [], "eval_loss": []}
-    checkpoints = ckpt.run_dir(settings.output_dir, run.run_id)
-
-    def record_eval(step: int) -> float:
-        loss = evaluate(model, eval_loader, accelerator)
-        history["eval_loss"].append((step, loss))
-        run.log_metrics({"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}, step)
-        return loss
-
-    def save(step: int, epoch: int, consumed: int) -> Path:
-        accelerator.wait_for_everyone()
-        if not accelerator.is_main_process:
-            return checkpoints
-        position = ckpt.CheckpointState(step, epoch, consumed, run.run_id, flat_settings or {}, {k: list(map(list, v)) for k, v in history.items()})
-        path = ckpt.save_checkpoint(checkpoints, position, accelerator.unwrap_model(model), optimizer, scheduler)
-        logger.info("checkpoint written: %s", path)
-        return path
-
-    before = history["eval_loss"][0][1] if state else record_eval(0)
-    step, epoch, skip = (state.step, state.epoch, state.batches_in_epoch) if state else (0, 0, 0)
-    model.train()
-    bar = tqdm(total=steps, initial=step, desc="training", unit="step", disable=not accelerator.is_local_main_process)
-    tokens, started = 0, time.perf_counter()
-    # on CPU, LoRA dropout draws its masks the cheaper way while training (see loraflow.dropout)
-    unwrapped = accelerator.unwrap_model(model)
-    dropouts = lora_dropout.on_cpu(unwrapped) if accelerator.device.type == "cpu" else contextlib.nullcontext()
-    with stop_on_signals() as stop, dropouts:
-        while step < steps:
-            train_loader.batch_sampler.set_epoch(epoch)
-            batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-            consumed, skip = skip, 0
-            for batch in batches:
-                batch = send_to_device(batch, accelerator.device)
-                consumed += 1
-                with accelerator.accumulate(model):
-                    loss = forward_backward(model, batch, accelerator, budget)
-                    if accelerator.sync_gradients and settings.max_grad_norm:
-                        accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                tokens += _real_tokens(batch, tokenizer.pad_token_id)
-                if not accelerator.sync_gradients:
-                    continue
-                scheduler.step()
-                step += 1
-                step_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
-                rate = tokens * accelerator.num_processes / (time.perf_counter() - started)
-                history["train_loss"].append((step, step_loss))
-                run.log_metrics({"train_loss": step_loss, "learning_rate": scheduler.get_last_lr()[0], "tokens_per_second": rate}, step)
-                bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{rate:,.0f}")
-                bar.update()
-                if step % settings.eval_steps == 0 and step < steps:
-                    record_eval(step)
-                if stop["signal"]:
-                    bar.close()
-                    raise TrainingInterrupted(save(step, epoch, consumed), stop["signal"])
-                if settings.checkpoint_steps and step % settings.checkpoint_steps == 0 and step < steps:
-                    save(step, epoch, consumed)
-                if step >= steps:
-                    break
-            else:
-                epoch += 1
-    bar.close()
-    after = record_eval(step)
-    return before, after, history
-
-
 def micro_batch_budget(micro_batch_tokens: int, device: "torch.device") -> int | None:
     """Tokens per micro-batch: the setting, or for 0 (auto) 1024 on CPU and no limit elsewhere.
 
@@ -375,6 +220,143 @@ def _real_tokens(batch: dict, pad_token_id: int) -> int:
     return int((batch["input_ids"] != pad_token_id).sum())
 
 
+# ---------------------------------------------------------------------------------------------
+# The recipe.
+
+
+class FineTune:
+    """One training run's loop and its state: model, optimizer, schedule, position, history.
+
+    `train()` runs `total_steps` optimizer steps and returns eval loss before, after, and the
+    history. With `resume`, the adapter, optimizer, scheduler, RNG and data position come from that
+    checkpoint, and the loop continues exactly where it stopped.
+    """
+
+    def __init__(self, model, tokenizer, train_examples: data_lib.TokenizedExamples,
+                 eval_examples: data_lib.TokenizedExamples, settings: TrainSettings, accelerator: "Accelerator",
+                 run: "tracking.RunLogger", *, resume: Path | None = None, flat_settings: dict[str, Any] | None = None):
+        import torch
+        from transformers import get_cosine_schedule_with_warmup
+
+        self.settings, self.accelerator, self.run, self.tokenizer = settings, accelerator, run, tokenizer
+        self.flat_settings = flat_settings or {}
+        self.train_loader, self.eval_loader = self._loader(train_examples, True), self._loader(eval_examples, False)
+        self.budget = micro_batch_budget(settings.micro_batch_tokens, accelerator.device)
+        self.steps = total_steps(settings, len(self.train_loader))
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                      lr=settings.learning_rate, weight_decay=settings.weight_decay)
+        self.scheduler = get_cosine_schedule_with_warmup(optimizer, int(settings.warmup_ratio * self.steps), self.steps)
+        # Only the model and optimizer go through accelerate: a prepared scheduler steps num_processes
+        # times per optimizer step (it assumes loaders it sharded itself), so this loop steps it once.
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        state = ckpt.restore(resume, accelerator.unwrap_model(self.model), self.optimizer, self.scheduler) if resume else None
+        self.history = ({k: [tuple(p) for p in v] for k, v in state.history.items()} if state
+                        else {"train_loss": [], "eval_loss": []})
+        self.step, self.epoch, self.skip = (state.step, state.epoch, state.batches_in_epoch) if state else (0, 0, 0)
+        self.consumed, self.tokens, self.started = 0, 0, 0.0
+        self.checkpoints = ckpt.run_dir(settings.output_dir, run.run_id)
+
+    def _loader(self, examples: data_lib.TokenizedExamples, shuffle: bool):
+        # Each process gets its own disjoint share of every global batch (data.make_dataloader shards
+        # them evenly, with no example dropped or repeated), so accelerate must not shard them again.
+        return data_lib.make_dataloader(
+            examples, self.settings.batch_size, pad_token_id=self.tokenizer.pad_token_id, shuffle=shuffle,
+            seed=self.settings.seed, packing=self.settings.packing, max_seq_length=self.settings.max_seq_length,
+            num_replicas=self.accelerator.num_processes, rank=self.accelerator.process_index,
+        )
+
+    def train(self) -> tuple[float, float, dict[str, list[tuple[int, float]]]]:
+        """Run to `total_steps`; eval loss before and after, and the history.
+
+        Raises:
+            TrainingInterrupted: after SIGINT/SIGTERM, once a checkpoint is written.
+        """
+        from tqdm.auto import tqdm
+
+        from loraflow import dropout as lora_dropout
+
+        before = self.history["eval_loss"][0][1] if self.history["eval_loss"] else self.evaluate()
+        self.model.train()
+        bar = tqdm(total=self.steps, initial=self.step, desc="training", unit="step",
+                   disable=not self.accelerator.is_local_main_process)
+        self.tokens, self.started = 0, time.perf_counter()
+        # on CPU, LoRA dropout draws its masks the cheaper way while training (see loraflow.dropout)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        dropouts = lora_dropout.on_cpu(unwrapped) if self.accelerator.device.type == "cpu" else contextlib.nullcontext()
+        with stop_on_signals() as stop, dropouts:
+            while self.step < self.steps:
+                for batch in self._epoch_batches():
+                    if self._train_step(batch):
+                        self._after_step(bar, stop)
+                    if self.step >= self.steps:
+                        break
+                else:
+                    self.epoch += 1
+        bar.close()
+        return before, self.evaluate(), self.history
+
+    def _epoch_batches(self):
+        self.train_loader.batch_sampler.set_epoch(self.epoch)
+        batches = self.accelerator.skip_first_batches(self.train_loader, self.skip) if self.skip else self.train_loader
+        self.consumed, self.skip = self.skip, 0
+        return batches
+
+    def _train_step(self, batch: dict) -> bool:
+        """Forward, backward and (at the end of an accumulation) an optimizer step; True if it stepped."""
+        from accelerate.utils import send_to_device
+
+        batch = send_to_device(batch, self.accelerator.device)
+        self.consumed += 1
+        with self.accelerator.accumulate(self.model):
+            self.loss = forward_backward(self.model, batch, self.accelerator, self.budget)
+            if self.accelerator.sync_gradients and self.settings.max_grad_norm:
+                self.accelerator.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.tokens += _real_tokens(batch, self.tokenizer.pad_token_id)
+        if not self.accelerator.sync_gradients:
+            return False
+        self.scheduler.step()
+        self.step += 1
+        return True
+
+    def _after_step(self, bar: Any, stop: dict[str, str | None]) -> None:
+        """Log the step; evaluate, checkpoint or stop (a signal arrived, `stop_on_signals`) when it is time."""
+        step_loss = self.accelerator.reduce(self.loss.detach(), reduction="mean").item()
+        rate = self.tokens * self.accelerator.num_processes / (time.perf_counter() - self.started)
+        self.history["train_loss"].append((self.step, step_loss))
+        self.run.log_metrics({"train_loss": step_loss, "learning_rate": self.scheduler.get_last_lr()[0],
+                              "tokens_per_second": rate}, self.step)
+        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{rate:,.0f}")
+        bar.update()
+        if self.step % self.settings.eval_steps == 0 and self.step < self.steps:
+            self.evaluate()
+        if stop["signal"]:
+            bar.close()
+            raise TrainingInterrupted(self.save_checkpoint(), stop["signal"])
+        if self.settings.checkpoint_steps and self.step % self.settings.checkpoint_steps == 0 and self.step < self.steps:
+            self.save_checkpoint()
+
+    def evaluate(self) -> float:
+        """Eval loss at the current step, recorded in the history and logged."""
+        loss = evaluate(self.model, self.eval_loader, self.accelerator)
+        self.history["eval_loss"].append((self.step, loss))
+        self.run.log_metrics({"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}, self.step)
+        return loss
+
+    def save_checkpoint(self) -> Path:
+        """Write a resumable checkpoint (main process) once every process is here; returns its folder."""
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return self.checkpoints
+        history = {k: list(map(list, v)) for k, v in self.history.items()}
+        position = ckpt.CheckpointState(self.step, self.epoch, self.consumed, self.run.run_id, self.flat_settings, history)
+        path = ckpt.save_checkpoint(self.checkpoints, position, self.accelerator.unwrap_model(self.model),
+                                    self.optimizer, self.scheduler)
+        logger.info("checkpoint written: %s", path)
+        return path
+
+
 def run_training(
     lora: LoraSettings, settings: TrainSettings, explicit: set[str] | None = None, resume: Path | None = None
 ) -> TrainResult:
@@ -391,15 +373,41 @@ def run_training(
         ConfigError, DataError: bad settings or data, raised before any model is loaded.
         TrainingInterrupted: SIGINT/SIGTERM; a checkpoint was written first.
     """
+    from loraflow import tracking
+
+    data = data_lib.load_training_data(settings)  # fails on bad data before anything heavy
+    tracking.check_reachable()  # and on a dead tracking server, within seconds
+    accelerator, model, tokenizer, lora = setup(lora, settings, explicit or set())
+    train_examples, eval_examples = (
+        data_lib.tokenize_table(table, tokenizer, data.columns, settings.max_seq_length, settings.overflow)
+        for table in (data.train, data.eval)
+    )
+    run_id = ckpt.read_state(resume).run_id if resume else None
+    with tracking.RunLogger.start(enabled=accelerator.is_main_process, run_id=run_id) as run:
+        run.log_settings(lora, settings)
+        run.log_datasets(data.train, data.eval)
+        from loraflow.lora import parameter_report
+
+        run.log_metrics(parameter_report(model), None)
+        flat = {**config.to_dict(settings), **config.to_dict(lora)}
+        recipe = FineTune(model, tokenizer, train_examples, eval_examples, settings, accelerator, run,
+                          resume=resume, flat_settings=flat)
+        before, after, history = recipe.train()
+        accelerator.wait_for_everyone()
+        result = TrainResult(ok=True, run_id=run.run_id, model_uri=None, eval_loss_before=before,
+                             eval_loss_after=after, history=history)
+        if accelerator.is_main_process:
+            finish(accelerator.unwrap_model(recipe.model), tokenizer, data, lora, settings, run, result)
+    if accelerator.is_main_process:
+        print_summary(result)
+    return result
+
+
+def setup(lora: LoraSettings, settings: TrainSettings, explicit: set[str]):
+    """The accelerator, the seeded RNG, and the PEFT model with its tokenizer and LoRA settings."""
+    import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-
-    from loraflow import tracking
-    from loraflow.models import load_tokenizer
-
-    read_data(settings)  # fail on bad data before anything heavy (tokenizing needs the tokenizer)
-    tracking.check_reachable()  # and on a dead tracking server, within seconds
-    import torch
 
     accelerator = Accelerator(
         # Without a GPU, accelerate goes multi-process (gloo) only when told it runs on the CPU.
@@ -407,35 +415,26 @@ def run_training(
         mixed_precision=mixed_precision(settings.precision), gradient_accumulation_steps=settings.grad_accum_steps
     )
     set_seed(settings.seed)
-    model, tokenizer, lora = load_model_and_tokenizer(lora, settings, explicit or set())
-    prepared = prepare_data(settings, tokenizer)
-    run_id = ckpt.read_state(resume).run_id if resume else None
-    with tracking.RunLogger.start(enabled=accelerator.is_main_process, run_id=run_id) as run:
-        run.log_settings(lora, settings)
-        run.log_datasets(prepared.train_frame, prepared.eval_frame, prepared.train_source, prepared.eval_source)
-        from loraflow.lora import parameter_report
-
-        run.log_metrics(parameter_report(model), None)
-        flat = {**config.to_dict(settings), **config.to_dict(lora)}
-        before, after, history = fit(model, tokenizer, prepared, settings, accelerator, run, resume=resume, flat_settings=flat)
-        accelerator.wait_for_everyone()
-        result = TrainResult(ok=True, run_id=run.run_id, model_uri=None, eval_loss_before=before, eval_loss_after=after, history=history)
-        if accelerator.is_main_process:
-            run.log_loss_curve(history)
-            _log_or_save_model(accelerator.unwrap_model(model), tokenizer, prepared, lora, settings, run, result)
-            result.ok = result.ok and run.failures == 0
-            checkpoints = ckpt.run_dir(settings.output_dir, run.run_id)
-            result.checkpoint_dir = str(checkpoints.resolve()) if checkpoints.is_dir() else None
-    if accelerator.is_main_process:
-        print_summary(result)
-    return result
+    return (accelerator, *load_model_and_tokenizer(lora, settings, explicit))
 
 
-def _log_or_save_model(model, tokenizer, prepared: PreparedData, lora, settings, run, result: TrainResult) -> None:
+def finish(model, tokenizer, data: data_lib.TrainingData, lora: LoraSettings, settings: TrainSettings,
+           run: "tracking.RunLogger", result: TrainResult) -> None:
+    """Log the loss curve and the model (main process), and record in `result` what became of them."""
+    run.log_loss_curve(result.history)
+    log_model(model, tokenizer, data, lora, settings, run, result)
+    result.ok = result.ok and run.failures == 0
+    checkpoints = ckpt.run_dir(settings.output_dir, run.run_id)
+    result.checkpoint_dir = str(checkpoints.resolve()) if checkpoints.is_dir() else None
+
+
+def log_model(model, tokenizer, data: data_lib.TrainingData, lora: LoraSettings, settings: TrainSettings,
+              run: "tracking.RunLogger", result: TrainResult) -> None:
+    """Log the model to the run; if tracking fails, save it locally and say where."""
     from loraflow import flavor
 
     base_model = settings.base_model
-    prompts = _example_prompts(prepared)
+    prompts = _example_prompts(data.eval)
     info = run.log_model(model, tokenizer, base_model=base_model, base_mode=settings.base_mode,
                          registered_model_name=settings.registered_model_name, input_example=prompts,
                          trust_remote_code=settings.trust_remote_code)
@@ -450,9 +449,9 @@ def _log_or_save_model(model, tokenizer, prepared: PreparedData, lora, settings,
     logger.error("the model could not be logged to MLflow; it is saved locally at %s", result.local_model_dir)
 
 
-def _example_prompts(prepared: PreparedData) -> list[str]:
-    column = "prompt" if "prompt" in prepared.eval_frame.columns else prepared.eval_frame.columns[0]
-    return [str(p) for p in prepared.eval_frame[column].head(2)]
+def _example_prompts(table: data_lib.Table) -> list[str]:
+    column = "prompt" if "prompt" in table.frame.columns else table.frame.columns[0]
+    return [str(p) for p in table.frame[column].head(2)]
 
 
 def print_summary(result: TrainResult) -> None:

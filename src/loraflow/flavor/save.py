@@ -1,24 +1,23 @@
-"""Saving and logging loraflow models: the writing half of the flavor (`loraflow.flavor` documents
-the layout and reads it).
+"""Writing a loraflow model: the adapter, the tokenizer, the base (embedded or referenced), the code that
+loads it, MLmodel and the environment (`layout` describes what is where).
 
-`loraflow.flavor.save_model`, `log_model` and the other public names here are also reachable from
-`loraflow.flavor`, where MLflow's flavor API has them. They live in their own module because loading
-a model never needs them: a served model neither ships nor compiles this code.
+`save_model` runs in MLflow's fixed order: check every argument and that the path can be written,
+write the native artifacts, `pyfunc.add_to_model`, `add_flavor`, save MLmodel, write the
+requirements. The whole model is written into a temporary sibling folder and renamed into place
+when complete (`files.atomic_dir`), so a failed save never leaves half a model at `path`.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
 import mlflow
-from mlflow import pyfunc
+from mlflow import pyfunc as mlflow_pyfunc
 from mlflow.models import Model, ModelSignature
 from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.models.utils import _save_example
@@ -32,24 +31,24 @@ from mlflow.utils.environment import (
     _validate_env_arguments,
 )
 from mlflow.utils.file_utils import get_total_file_size, write_to
-from mlflow.utils.model_utils import _validate_and_copy_code_paths, _validate_and_prepare_target_save_path
+from mlflow.utils.model_utils import _validate_and_copy_code_paths
 from mlflow.utils.requirements_utils import _get_pinned_requirement
 
-from loraflow.flavor import (
+from loraflow.flavor.bases import base_kind, resolve_base, resolved_revision
+from loraflow.flavor.files import atomic_dir, file_sha256, temporary_env
+from loraflow.flavor.fingerprint import base_fingerprint
+from loraflow.flavor.layout import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_SUBPATH,
     ADAPTER_WEIGHTS_FILE,
     BASE_SUBPATH,
     FLAVOR_NAME,
     FLAVOR_VERSION,
-    PYFUNC_DEFAULTS,
     TOKENIZER_SUBPATH,
     TRUST_REMOTE_CODE_ENV,
-    _file_sha256,
-    _invalid,
-    base_fingerprint,
+    invalid,
 )
-from loraflow.models import base_kind, resolve_base, resolved_revision
+from loraflow.flavor.pyfunc import PYFUNC_DEFAULTS, pyfunc_config
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -61,14 +60,16 @@ BASE_FILE_PATTERNS = ("config.json", "generation_config.json", "*.safetensors", 
 
 BaseMode = Literal["auto", "embedded", "reference"]
 
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # src/loraflow
+
 
 # ---------------------------------------------------------------------------------------------
 # Requirements and signature.
 
 
 def get_default_pip_requirements() -> list[str]:
-    """Third-party pins of a saved model. `loraflow` itself travels with `code_paths` (see the
-    module docstring for why)."""
+    """Third-party pins of a saved model. `loraflow` itself travels as code (`code/loraflow`), see
+    `loraflow.flavor`'s docstring for why."""
     packages = ["mlflow", "torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers"]
     return [_get_pinned_requirement(p) for p in packages]
 
@@ -76,12 +77,12 @@ def get_default_pip_requirements() -> list[str]:
 def _validated_generation_defaults(
     overrides: dict[str, Any] | None, max_new_tokens_cap: int = PYFUNC_DEFAULTS["max_new_tokens_cap"]
 ) -> dict[str, Any]:
-    from loraflow.generation import GENERATION_DEFAULTS, generation_settings
+    from loraflow.flavor.generation import GENERATION_DEFAULTS, generation_settings
 
     overrides = dict(overrides or {})
     unknown = [k for k in overrides if k not in GENERATION_DEFAULTS]
     if unknown:
-        raise _invalid(
+        raise invalid(
             f"`generation_defaults` has unknown keys {unknown}; known: {sorted(GENERATION_DEFAULTS)}"
         )
     defaults = {**GENERATION_DEFAULTS, **overrides}
@@ -126,7 +127,7 @@ def default_input_example() -> tuple[list[str], dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Saving.
+# The base section and the code shipped with a model.
 
 
 def _lora_settings(peft_model: "PeftModel") -> dict[str, Any]:
@@ -145,7 +146,7 @@ def _lora_settings(peft_model: "PeftModel") -> dict[str, Any]:
 
 def _resolve_base_mode(kind: str, base_mode: str) -> str:
     if base_mode not in ("auto", "embedded", "reference"):
-        raise _invalid(f"`base_mode` must be one of 'auto', 'embedded', 'reference', got {base_mode!r}")
+        raise invalid(f"`base_mode` must be one of 'auto', 'embedded', 'reference', got {base_mode!r}")
     if base_mode == "auto":
         return "reference" if kind == "hub" else "embedded"
     return base_mode
@@ -160,7 +161,7 @@ def _base_source_dir(base_model: str, kind: str, revision: str | None) -> Path:
     try:  # the weights are already in the Hub cache: the model in memory was loaded from there
         return Path(snapshot_download(base_model, revision=revision, local_files_only=True))
     except Exception as e:
-        raise _invalid(
+        raise invalid(
             f"cannot embed base model {base_model!r}@{revision}: its files are not in the local Hub "
             f"cache ({e}). Load it with from_pretrained first, or use base_mode='reference'"
         ) from e
@@ -172,7 +173,7 @@ def _base_files(source: Path) -> list[Path]:
 
 def _check_base_files(source: Path) -> None:
     if not any(p.suffix == ".safetensors" for p in _base_files(source)):
-        raise _invalid(
+        raise invalid(
             f"cannot embed the base model from {str(source)!r}: it has no *.safetensors weights "
             "(pickled .bin checkpoints are not copied). Re-save it with "
             "`model.save_pretrained(dir, safe_serialization=True)` or use base_mode='reference'"
@@ -192,7 +193,7 @@ def _base_section(peft_model: "PeftModel", base_model: str, base_mode: str, trus
     base = peft_model.get_base_model()
     revision = resolved_revision(base) if kind == "hub" else None
     if kind == "hub" and revision is None:
-        raise _invalid(
+        raise invalid(
             f"cannot record base model {base_model!r}: the loaded model has no resolved Hub commit "
             "(`config._commit_hash`). Load it with `from_pretrained` from the Hub, or pass a local "
             "directory as `base_model`"
@@ -213,24 +214,26 @@ def _base_section(peft_model: "PeftModel", base_model: str, base_mode: str, trus
     return section
 
 
-# The modules a loaded model imports: the package's `__init__` (which imports nothing eagerly),
-# `flavor` and its imports, and `generation` (which `predict` imports on its first call). Only these
-# are shipped, not the whole package (saving and training code, caches), so artifacts stay small.
-LOADER_MODULES = ("__init__.py", "errors.py", "builtin.py", "models.py", "flavor.py", "generation.py")
-# Data files `builtin.py` builds `builtin:*` bases from: shipped with a model that references one.
-BUILTIN_RESOURCES = "resources"
+def _stage_code(staging: Path, builtin_reference: bool) -> str:
+    """Copy the code a loaded model runs into `staging/loraflow`; return that folder (for `code_paths`).
 
-
-def _stage_loader_package(target: Path, with_builtin_resources: bool) -> str:
-    """Copy the loader's modules into `target/loraflow` (for `code_paths`); return that directory."""
-    source = Path(__file__).resolve().parent
-    package = target / "loraflow"
+    That code is the package root (which imports nothing eagerly) and the whole `loraflow.flavor`
+    package; for a referenced built-in base also the recipe that rebuilds it (`loraflow.builtin`
+    and its resources). Nothing else of loraflow (training, tracking, caches) is shipped.
+    """
+    package = staging / "loraflow"
     package.mkdir(parents=True)
-    for name in LOADER_MODULES:
-        shutil.copy2(source / name, package / name)
-    if with_builtin_resources:
-        shutil.copytree(source / BUILTIN_RESOURCES, package / BUILTIN_RESOURCES)
+    shutil.copy2(PACKAGE_ROOT / "__init__.py", package / "__init__.py")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(PACKAGE_ROOT / "flavor", package / "flavor", ignore=ignore)
+    if builtin_reference:
+        shutil.copy2(PACKAGE_ROOT / "builtin.py", package / "builtin.py")
+        shutil.copytree(PACKAGE_ROOT / "resources", package / "resources", ignore=ignore)
     return str(package)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving.
 
 
 def save_model(
@@ -267,10 +270,10 @@ def save_model(
         input_example: default: `default_input_example()` when no signature is given.
         pip_requirements: replace the default requirements.
         extra_pip_requirements: add to the default requirements.
-        code_paths: extra code to ship; the `loraflow` package is always added.
+        code_paths: extra code to ship; loraflow's own loading code is always added.
         metadata: custom metadata for the MLmodel file.
         generation_defaults: defaults for the generation params (keys of `generation.GENERATION_DEFAULTS`).
-        batch_size: how many prompts pyfunc generates together (see `loraflow.generation`).
+        batch_size: how many prompts pyfunc generates together (see `loraflow.flavor.generation`).
         max_new_tokens_cap: the largest `max_new_tokens` pyfunc accepts.
         trust_remote_code: whether the base model was loaded with code shipped with it; recorded
             as `base.trust_remote_code` (loading such a model needs permission again).
@@ -279,93 +282,103 @@ def save_model(
         MlflowException: an invalid argument, a non-empty `path`, or a base model that cannot be
             embedded or referenced.
     """
-    import peft
-    import torch
-    import transformers
-
     _validate_env_arguments(None, pip_requirements, extra_pip_requirements)
-    if not isinstance(peft_model, peft.PeftModel):
-        raise _invalid(f"`peft_model` must be a peft.PeftModel, got {type(peft_model).__name__}")
-    if len(peft_model.peft_config) != 1:
-        raise _invalid(
-            f"`peft_model` has {len(peft_model.peft_config)} adapters {sorted(peft_model.peft_config)}; "
-            "save one adapter per model (delete the others with `delete_adapter`)"
-        )
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise _invalid(f"`batch_size` must be a positive integer, got {batch_size!r}")
-    if not isinstance(max_new_tokens_cap, int) or max_new_tokens_cap < 1:
-        raise _invalid(f"`max_new_tokens_cap` must be a positive integer, got {max_new_tokens_cap!r}")
-    if not isinstance(trust_remote_code, bool):
-        raise _invalid(f"`trust_remote_code` must be True or False, got {trust_remote_code!r}")
+    _check_model(peft_model, trust_remote_code)
+    model_config = pyfunc_config({"batch_size": batch_size, "max_new_tokens_cap": max_new_tokens_cap})
     generation_defaults = _validated_generation_defaults(generation_defaults, max_new_tokens_cap)
-    adapter_config = peft_model.peft_config[peft_model.active_adapter]
-    base_model = base_model or adapter_config.base_model_name_or_path
+    base_model = base_model or peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path
     if not base_model:
-        raise _invalid("`base_model` is unknown: pass it, e.g. base_model='builtin:tiny'")
-
+        raise invalid("`base_model` is unknown: pass it, e.g. base_model='builtin:tiny'")
     base_section = _base_section(peft_model, base_model, base_mode, trust_remote_code)
     source_dir = base_section.pop("source_dir", None)
     if source_dir is not None:
         _check_base_files(Path(source_dir))
     path = Path(os.path.abspath(path))
-    _validate_and_prepare_target_save_path(str(path))
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise invalid(f"Path '{path}' already exists and is not empty")
+    with atomic_dir(path) as tmp:
+        code = _write_artifacts(tmp, peft_model, tokenizer, source_dir, base_section, code_paths)
+        mlflow_model = mlflow_model or Model()
+        if signature is None:
+            signature = default_signature(generation_defaults, max_new_tokens_cap)
+            input_example = default_input_example() if input_example is None else input_example
+        _save_example(mlflow_model, input_example, str(tmp))
+        mlflow_model.signature = signature
+        if metadata is not None:
+            mlflow_model.metadata = metadata
+        mlflow_pyfunc.add_to_model(mlflow_model, loader_module="loraflow.flavor", code=code,
+                                   conda_env=_CONDA_ENV_FILE_NAME, python_env=_PYTHON_ENV_FILE_NAME,
+                                   model_config=model_config)
+        mlflow_model.add_flavor(FLAVOR_NAME, **_flavor_conf(tmp, peft_model, base_section, generation_defaults, code))
+        if size := get_total_file_size(str(tmp)):
+            mlflow_model.model_size_bytes = size
+        mlflow_model.save(str(tmp / MLMODEL_FILE_NAME))
+        _write_environment(tmp, pip_requirements, extra_pip_requirements)
 
-    # 1. The native artifacts: adapter, tokenizer, base (embedded copy or reference).
-    adapter_dir = path / ADAPTER_SUBPATH
-    peft_model.save_pretrained(str(adapter_dir), safe_serialization=True)
+
+def _check_model(peft_model: Any, trust_remote_code: Any) -> None:
+    import peft
+
+    if not isinstance(peft_model, peft.PeftModel):
+        raise invalid(f"`peft_model` must be a peft.PeftModel, got {type(peft_model).__name__}")
+    if len(peft_model.peft_config) != 1:
+        raise invalid(
+            f"`peft_model` has {len(peft_model.peft_config)} adapters {sorted(peft_model.peft_config)}; "
+            "save one adapter per model (delete the others with `delete_adapter`)"
+        )
+    if not isinstance(trust_remote_code, bool):
+        raise invalid(f"`trust_remote_code` must be True or False, got {trust_remote_code!r}")
+
+
+def _write_artifacts(path: Path, peft_model: "PeftModel", tokenizer: "PreTrainedTokenizerBase",
+                     source_dir: str | None, base_section: dict[str, Any], code_paths: list[str] | None) -> str:
+    """The native artifacts (adapter, tokenizer, an embedded base) and the shipped code; returns the
+    code's subpath."""
+    import tempfile
+
+    peft_model.save_pretrained(str(path / ADAPTER_SUBPATH), safe_serialization=True)
     tokenizer.save_pretrained(str(path / TOKENIZER_SUBPATH))
     if source_dir is not None:
         _copy_base_files(Path(source_dir), path / BASE_SUBPATH)
+    # a referenced builtin base is rebuilt on load, from the recipe and its resources
+    builtin_reference = base_section["kind"] == "builtin" and base_section["mode"] == "reference"
     with tempfile.TemporaryDirectory(prefix="loraflow-code-") as staging:
-        # a referenced builtin base is rebuilt on load, from the bundled resources
-        builtin_reference = base_section["kind"] == "builtin" and base_section["mode"] == "reference"
-        loader_package = _stage_loader_package(Path(staging), with_builtin_resources=builtin_reference)
-        code_dir_subpath = _validate_and_copy_code_paths([*(code_paths or []), loader_package], str(path))
+        shipped = _stage_code(Path(staging), builtin_reference)
+        return _validate_and_copy_code_paths([*(code_paths or []), shipped], str(path))
 
-    # 2. MLmodel: signature, example, pyfunc and loraflow flavors.
-    if mlflow_model is None:
-        mlflow_model = Model()
-    if signature is None:
-        signature = default_signature(generation_defaults, max_new_tokens_cap)
-        if input_example is None:
-            input_example = default_input_example()
-    _save_example(mlflow_model, input_example, str(path))
-    mlflow_model.signature = signature
-    if metadata is not None:
-        mlflow_model.metadata = metadata
-    pyfunc.add_to_model(
-        mlflow_model,
-        loader_module="loraflow.flavor",
-        code=code_dir_subpath,
-        conda_env=_CONDA_ENV_FILE_NAME,
-        python_env=_PYTHON_ENV_FILE_NAME,
-        model_config={**PYFUNC_DEFAULTS, "batch_size": batch_size, "max_new_tokens_cap": max_new_tokens_cap},
-    )
+
+def _flavor_conf(path: Path, peft_model: "PeftModel", base_section: dict[str, Any],
+                 generation_defaults: dict[str, Any], code: str) -> dict[str, Any]:
+    """The loraflow flavor configuration recorded in MLmodel."""
+    import peft
+    import torch
+    import transformers
+
     from loraflow import __version__ as loraflow_version
 
-    mlflow_model.add_flavor(
-        FLAVOR_NAME,
-        flavor_version=FLAVOR_VERSION,
-        loraflow_version=loraflow_version,
-        peft_version=str(peft.__version__),
-        transformers_version=str(transformers.__version__),
-        torch_version=str(torch.__version__),
-        adapter=ADAPTER_SUBPATH,
-        adapter_sha256={
-            name: _file_sha256(adapter_dir / name) for name in (ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE)
-        },
-        tokenizer=TOKENIZER_SUBPATH,
-        lora=_lora_settings(peft_model),
-        base=base_section,
-        generation_defaults=generation_defaults,
-        code=code_dir_subpath,
-    )
-    if size := get_total_file_size(str(path)):
-        mlflow_model.model_size_bytes = size
-    mlflow_model.save(str(path / MLMODEL_FILE_NAME))
+    adapter_dir = path / ADAPTER_SUBPATH
+    return {
+        "flavor_version": FLAVOR_VERSION,
+        "loraflow_version": loraflow_version,
+        "peft_version": str(peft.__version__),
+        "transformers_version": str(transformers.__version__),
+        "torch_version": str(torch.__version__),
+        "adapter": ADAPTER_SUBPATH,
+        "adapter_sha256": {name: file_sha256(adapter_dir / name) for name in (ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE)},
+        "tokenizer": TOKENIZER_SUBPATH,
+        "lora": _lora_settings(peft_model),
+        "base": base_section,
+        "generation_defaults": generation_defaults,
+        "code": code,
+    }
 
-    # 3. The environment. Requirements are not inferred by loading the model in a subprocess (as
-    # some MLflow flavors do): the defaults cover every import, and inference costs a model load.
+
+def _write_environment(path: Path, pip_requirements: Any, extra_pip_requirements: Any) -> None:
+    """conda.yaml, requirements.txt, constraints and python_env.yaml.
+
+    Requirements are not inferred by loading the model in a subprocess (as some MLflow flavors do):
+    the defaults cover every import, and inference costs a model load.
+    """
     default_reqs = None if pip_requirements is not None else get_default_pip_requirements()
     conda_env, pip_reqs, pip_constraints = _process_pip_requirements(
         default_reqs, pip_requirements, extra_pip_requirements
@@ -415,7 +428,7 @@ def log_model(
 
     # MLflow checks the input example by loading the logged model through pyfunc in this process;
     # the caller's permission for this model covers that load (and only for this call).
-    with _env(TRUST_REMOTE_CODE_ENV, "1" if trust_remote_code else None):
+    with temporary_env(TRUST_REMOTE_CODE_ENV, "1" if trust_remote_code else None):
         return Model.log(
             artifact_path=None,
             name=name,
@@ -437,20 +450,3 @@ def log_model(
             trust_remote_code=trust_remote_code,
             **kwargs,
         )
-
-
-@contextmanager
-def _env(name: str, value: str | None) -> Iterator[None]:
-    """Set an environment variable for the duration of a block (None: leave it as it is)."""
-    if value is None:
-        yield
-        return
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old

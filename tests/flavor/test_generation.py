@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loraflow import generation
+from loraflow.flavor import generation
 
 pytestmark = pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")
 
@@ -40,7 +40,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_path):
-    from loraflow.models import load_tokenizer
+    from loraflow.flavor.bases import load_tokenizer
 
     return load_tokenizer(tiny_path)
 
@@ -49,7 +49,7 @@ def tokenizer(tiny_path):
 def model(base_model):
     import copy
 
-    from test_flavor import make_peft_model
+    from model_helpers import make_peft_model
 
     return make_peft_model(copy.deepcopy(base_model)).to(torch.float64)
 

@@ -31,9 +31,9 @@ import numbers
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator
 
-from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from transformers import StoppingCriteria
+
+from loraflow.flavor.layout import invalid
 
 if TYPE_CHECKING:
     import torch
@@ -58,10 +58,6 @@ COMPACT_FRACTION = 0.25
 # prompt: with any of them set, a batch is not compacted (a second call would count anew).
 _COUNTED_FROM_CALL_START = ("min_new_tokens", "max_time", "stop_strings", "begin_suppress_tokens",
                             "exponential_decay_length_penalty")
-
-
-def _invalid(message: str) -> MlflowException:
-    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 def generation_settings(params: dict[str, Any] | None, *, max_new_tokens_cap: int) -> dict[str, Any]:
@@ -99,7 +95,7 @@ def generation_settings(params: dict[str, Any] | None, *, max_new_tokens_cap: in
     if not isinstance(s["do_sample"], bool):
         problems.append(f"`do_sample` must be true or false, got {s['do_sample']!r}")
     if problems:
-        raise _invalid("invalid generation params:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise invalid("invalid generation params:\n" + "\n".join(f"  - {p}" for p in problems))
     return {**s, "max_new_tokens": int(s["max_new_tokens"]), "seed": int(s["seed"])}
 
 
@@ -166,7 +162,7 @@ def _check_lengths(encoded: list[list[int]], max_new_tokens: int, limit: int | N
                 f"that exceeds the model's context of {limit} tokens (shorten it or lower max_new_tokens)"
             )
     if problems:
-        raise _invalid("prompts that cannot be generated from:\n" + "\n".join(f"  - {p}" for p in problems[:10]))
+        raise invalid("prompts that cannot be generated from:\n" + "\n".join(f"  - {p}" for p in problems[:10]))
 
 
 def generate_batch(

@@ -1,14 +1,15 @@
-"""Tests for loraflow.manager: the seed's `LoRAManager` static-method contract."""
+"""Tests for loraflow.compat: the seed's `LoRAManager` static-method contract, logging included."""
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import pytest
 from torch import nn
 
 from loraflow import ConfigError, LoRAManager
-from loraflow.lora import TrainabilityError
+from loraflow.lora import TrainabilityError, parameter_report
 
 SEED_CONFIG = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.05}
 REPORT_KEYS = {
@@ -128,3 +129,63 @@ def test_missing_peft_is_an_import_error(model, monkeypatch):
     with pytest.raises(ImportError, match="pip install peft"):
         LoRAManager.apply_lora(model, SEED_CONFIG)
     assert not any("lora_A" in n for n, _ in model.named_parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# MLflow logging: LoRAManager.apply_lora logs to the active run, as the seed did
+
+
+def test_settings_and_report_are_logged_to_the_active_run(model, tracking_uri):
+    import mlflow
+    from mlflow import MlflowClient
+
+    with mlflow.start_run() as run:
+        peft_model = LoRAManager.apply_lora(model, {"r": 4, "target_modules": "q_proj,v_proj", "use_rslora": "true"})
+    report = parameter_report(peft_model)
+    data = MlflowClient(tracking_uri).get_run(run.info.run_id).data
+    assert data.params["r"] == "4"
+    assert data.params["target_modules"] == "q_proj,v_proj"
+    assert data.params["use_rslora"] == "True"
+    assert data.params["modules_to_save"] == ""
+    for key, value in report.items():
+        assert data.metrics[key] == pytest.approx(float(value))
+
+
+def test_nothing_is_logged_without_an_active_run(model, tracking_uri):
+    from mlflow import MlflowClient
+
+    LoRAManager.apply_lora(model, {"target_modules": "q_proj"})
+    client = MlflowClient(tracking_uri)
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert runs == []
+
+
+@pytest.mark.parametrize("broken", ["log_params", "log_metrics"])
+def test_a_logging_failure_warns_and_never_fails_the_caller(model, tracking_uri, monkeypatch, caplog, broken):
+    import mlflow
+    from peft import PeftModel
+
+    def refuse(*args, **kwargs):
+        raise mlflow.exceptions.MlflowException("store is down")
+
+    monkeypatch.setattr(mlflow, broken, refuse)
+    with caplog.at_level(logging.WARNING, logger="loraflow.tracking"), mlflow.start_run():
+        peft_model = LoRAManager.apply_lora(model, {"target_modules": "q_proj"})
+    assert isinstance(peft_model, PeftModel)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "loraflow.tracking"]
+    assert len(warnings) == 1 and "store is down" in warnings[0]
+
+
+def test_pre_logged_param_with_other_text_goes_under_resolved(model, tracking_uri):
+    """`mlflow run -P target_modules="q_proj, v_proj"` pre-logs the user's text; we must not fail."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    with mlflow.start_run() as run:
+        mlflow.log_params({"target_modules": "q_proj, v_proj", "r": "8", "lora_alpha": "16"})
+        LoRAManager.apply_lora(model, {"target_modules": "q_proj, v_proj", "r": "8", "lora_alpha": "16"})
+    params = MlflowClient(tracking_uri).get_run(run.info.run_id).data.params
+    assert params["target_modules"] == "q_proj, v_proj"
+    assert params["target_modules_resolved"] == "q_proj,v_proj"
+    assert params["r"] == "8" and "r_resolved" not in params  # same text: skipped
+    assert params["lora_alpha"] == "16" and params["lora_alpha_resolved"] == "16.0"

@@ -1,7 +1,9 @@
-"""`LoRAManager`: the seed design's static-method contract, as a thin facade over `loraflow.lora`.
+"""`LoRAManager`: the seed design's facade, kept for code written against it.
 
-Code written against the original system (`LoRAManager.apply_lora(model, lora_config)` then
-`LoRAManager.verify_trainable_parameters(model)`) keeps working unchanged.
+The original system's contract (`LoRAManager.apply_lora(model, lora_config)` then
+`LoRAManager.verify_trainable_parameters(model)`, both logging to the active MLflow run) keeps
+working unchanged, as thin static methods over `loraflow.lora` and `loraflow.tracking`. New code
+calls those two modules directly.
 """
 
 from __future__ import annotations
@@ -32,11 +34,15 @@ class LoRAManager:
             import peft  # noqa: F401
         except ImportError as err:
             raise ImportError("LoRAManager.apply_lora needs peft: pip install peft") from err
-        from loraflow.lora import apply_lora
+        from loraflow import tracking
+        from loraflow.config import lora_settings
+        from loraflow.lora import apply_lora, parameter_report
 
         # The seed's callers passed their whole `lora` section, including its on/off switch.
-        settings = {k: v for k, v in dict(lora_config).items() if k != "enabled"}
-        return apply_lora(model, settings)
+        settings = lora_settings({k: v for k, v in dict(lora_config).items() if k != "enabled"})
+        peft_model = apply_lora(model, settings)
+        tracking.log_lora(settings, parameter_report(peft_model))  # the seed logged to the active run
+        return peft_model
 
     @staticmethod
     def verify_trainable_parameters(model: Any) -> dict[str, float | int]:

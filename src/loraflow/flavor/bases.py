@@ -1,0 +1,170 @@
+"""Base models and their sources: the built-in base, a local folder, or a Hugging Face Hub id.
+
+One loader for training and for serving: `load_base_model` and `load_tokenizer` are what both
+`loraflow train` and a saved model's load call, so the base a model is trained on is loaded the
+same way as the base it is served on (its fingerprint depends on that).
+
+- `builtin:<name>` is built from code on first use (`loraflow.builtin`) and cached in
+  `$LORAFLOW_HOME/<name>-v<version>`, written atomically so a crash never leaves half a model there;
+- a local folder is read as it is;
+- anything else is a Hub id, loaded through transformers' cache (no network here: only what is
+  cached already).
+
+Code shipped with a base (`auto_map` in its config) runs only when the caller allows it; otherwise
+transformers' refusal becomes `NeedsRemoteCode`, which each caller turns into its own message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loraflow.flavor.files import atomic_dir
+from loraflow.flavor.layout import cache_root
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+BUILTIN_PREFIX = "builtin:"
+
+
+class NeedsRemoteCode(Exception):
+    """The model ships its own Python code, and `trust_remote_code` is False."""
+
+
+class UnknownBuiltin(ValueError):
+    """A `builtin:` name that loraflow does not know."""
+
+
+def is_builtin(name: str) -> bool:
+    """True for names such as `builtin:tiny`."""
+    return name.startswith(BUILTIN_PREFIX)
+
+
+def base_kind(name_or_path: str) -> str:
+    """`"builtin"`, `"local"` (an existing directory) or `"hub"` (anything else)."""
+    if is_builtin(name_or_path):
+        return "builtin"
+    return "local" if Path(os.path.expanduser(name_or_path)).is_dir() else "hub"
+
+
+def resolve_base(name_or_path: str) -> str:
+    """What `from_pretrained` takes for a base: a built-in base's cached folder (built on first use);
+    a local path or a Hub id unchanged.
+
+    Raises:
+        UnknownBuiltin: an unknown `builtin:` name, listing the known ones.
+    """
+    return str(builtin_dir(name_or_path)) if is_builtin(name_or_path) else name_or_path
+
+
+def builtin_dir(name: str) -> Path:
+    """The cached folder of a built-in base, built on first use (a few seconds to a minute).
+
+    Raises:
+        UnknownBuiltin: an unknown name, listing the known ones.
+    """
+    from loraflow import builtin
+
+    short = name.removeprefix(BUILTIN_PREFIX)
+    if short not in builtin.BUILTIN_NAMES:
+        known = ", ".join(BUILTIN_PREFIX + n for n in builtin.BUILTIN_NAMES)
+        raise UnknownBuiltin(f"{name!r} is not a built-in base model; known: {known}")
+    target = cache_root() / f"{short}-v{builtin.BUILD_VERSION}"
+    if not (target / "config.json").exists():
+        try:
+            with atomic_dir(target) as tmp:
+                builtin.build(short, tmp)
+        except FileExistsError:  # another process built it meanwhile: theirs is complete
+            if not (target / "config.json").exists():
+                raise
+    return target
+
+
+@contextlib.contextmanager
+def remote_code_refused(name_or_path: str) -> Iterator[None]:
+    """Turn transformers' "needs custom code" refusal into `NeedsRemoteCode`.
+
+    transformers raises a bare ValueError ("...contains custom code which must be executed...
+    pass the argument `trust_remote_code=True`") when a config's `auto_map` points at code shipped
+    with the model and `trust_remote_code` is False.
+    """
+    try:
+        yield
+    except ValueError as err:
+        if "trust_remote_code=True" not in str(err):
+            raise
+        raise NeedsRemoteCode(f"{name_or_path!r} ships its own Python code (`auto_map` in its config)") from err
+
+
+def load_base_model(
+    name_or_path: str,
+    *,
+    revision: str | None = None,
+    dtype: "torch.dtype | str | None" = None,
+    trust_remote_code: bool = False,
+    **from_pretrained: Any,
+) -> "PreTrainedModel":
+    """Load a causal LM through `AutoModelForCausalLM`, exactly as a user would (in eval mode).
+
+    Args:
+        name_or_path: `builtin:tiny`, a local directory, or a Hub id.
+        revision: a Hub branch, tag or commit hash.
+        dtype: torch dtype (or its name) to load the weights in; default: as saved, else fp32.
+        trust_remote_code: run code shipped with the model. Off unless the user asks.
+        from_pretrained: more keyword arguments for `from_pretrained` (e.g. `quantization_config`).
+
+    Raises:
+        NeedsRemoteCode: the model needs remote code and `trust_remote_code` is False.
+        UnknownBuiltin: an unknown `builtin:` name.
+    """
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": bool(trust_remote_code), **from_pretrained}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    with remote_code_refused(name_or_path):
+        model = AutoModelForCausalLM.from_pretrained(resolve_base(name_or_path), **kwargs)
+    if base_kind(name_or_path) == "hub" and getattr(model.config, "_commit_hash", None) is None:
+        model.config._commit_hash = _cached_commit(name_or_path, revision)
+    return model
+
+
+def load_tokenizer(
+    name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False
+) -> "PreTrainedTokenizerBase":
+    """Load a tokenizer (a base's, or one saved with a model), with a pad token guaranteed.
+
+    Raises:
+        NeedsRemoteCode: the tokenizer needs remote code and `trust_remote_code` is False.
+    """
+    from transformers import AutoTokenizer
+
+    with remote_code_refused(name_or_path):
+        tokenizer = AutoTokenizer.from_pretrained(
+            resolve_base(name_or_path), revision=revision, trust_remote_code=bool(trust_remote_code)
+        )
+    if tokenizer.pad_token is None:  # batching needs one; EOS is what generation pads with anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def resolved_revision(model: "PreTrainedModel") -> str | None:
+    """The exact Hub commit hash a model was loaded from, when transformers recorded one."""
+    return getattr(model.config, "_commit_hash", None)
+
+
+def _cached_commit(repo_id: str, revision: str | None) -> str | None:
+    """The commit a Hub download resolved to, read back from the local HF cache.
+
+    transformers 5 does not always set `config._commit_hash`; the cache path of config.json holds it.
+    """
+    from huggingface_hub import try_to_load_from_cache
+    from transformers.utils.hub import extract_commit_hash
+
+    cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    return extract_commit_hash(cached, None) if isinstance(cached, str) else None

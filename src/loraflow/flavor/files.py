@@ -1,0 +1,115 @@
+"""Writing files and folders so that a reader sees all of them or none, and digests of files.
+
+Every write that must not leave half a result behind goes through `atomic_dir` or `atomic_file`:
+the content is written into a hidden temporary sibling of the target (same folder, so the same
+file system) and renamed into place only once it is complete. A crash, a full disk or a Ctrl-C
+leaves at most a stray `.tmp-*` entry, never a truncated file or a half-filled folder under the
+target's name. Used by the flavor (saved models, the digest cache, the built-in base's cache) and
+by the rest of loraflow (checkpoints, batch predictions, exports).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_dir(target: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder that becomes `target` when the block ends without error.
+
+    Args:
+        target: the folder to create.
+        replace: replace an existing `target` (it is removed only once the new one is complete);
+            otherwise an existing non-empty `target` is an error, and an empty one is replaced.
+
+    Raises:
+        FileExistsError: `target` exists, is not empty, and `replace` is False (checked before
+            and after the block, so a folder made meanwhile is never overwritten).
+    """
+    target = Path(target)
+    _check_free(target, replace)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        _check_free(target, replace)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".old-{target.name}-", dir=target.parent))
+            os.rename(target, old / target.name)  # out of the way first: a rename cannot replace a folder
+            os.rename(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+        _fsync(target.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path (in `target`'s folder) that replaces `target` when the block ends
+    without error. Write the content to the yielded path; nothing is written to `target` before."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".tmp-{target.name}-", dir=target.parent)
+    os.close(handle)
+    tmp = Path(name)
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, target)  # atomic: a reader sees the old file or the new one
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """`sha256:<hex>` of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+@contextmanager
+def temporary_env(name: str, value: str | None) -> Iterator[None]:
+    """Set an environment variable for the duration of a block (None: leave it as it is)."""
+    if value is None:
+        yield
+        return
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def _check_free(target: Path, replace: bool) -> None:
+    if not replace and target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise FileExistsError(f"{str(target)!r} already exists and is not an empty folder")
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync(Path(folder) / name)
+        _fsync(Path(folder))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

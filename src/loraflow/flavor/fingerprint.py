@@ -1,0 +1,366 @@
+"""Fingerprints: what proves that a loaded base and adapter are the ones a model was saved with.
+
+Base fingerprint (scheme `sha256-tensors`): `sha256` over the base model's normalised config and,
+for every base weight tensor in name order (tied tensors once), its name, dtype, shape and the
+sha256 of its bytes. It is computed from the in-memory model with peft's wrappers stripped, so
+`base_fingerprint(base) == base_fingerprint(get_peft_model(base))`, and each tensor's bytes are
+hashed on their own, in parallel threads. The adapter is checked by the sha256 of its files
+(`files.file_sha256`), so flipped bytes are caught even where safetensors would still parse them.
+
+Verifying a base costs little time, because of two shortcuts kept here behind `start_stored_digests`
+and `start_base_fingerprint`:
+
+- safetensors stores a tensor's bytes exactly as a CPU tensor holds them, so the stored tensors are
+  hashed straight from the base's files, on the cores `from_pretrained` leaves free, while it loads
+  them; a loaded tensor whose name, dtype and shape match a stored one takes that digest. This
+  relies on `from_pretrained` keeping a safetensors tensor's bytes when it keeps its name, dtype and
+  shape. Should the result not match, every loaded tensor is hashed itself before a mismatch is
+  reported, so a good base is never refused for how its files store it.
+- the digest cache: a base outside the artifact (a Hub cache, a local directory, a built-in base)
+  is hashed once; its files' digests are kept under `$LORAFLOW_HOME/digests`, trusted while each
+  file's path, size, inode and modification and change times stay as they were (as Git's index
+  trusts them; `LORAFLOW_DIGEST_CACHE=0` turns the cache off). It is as trustworthy as whoever can
+  write that folder. Measured in benchmarks/RESULTS.md: it brought pyfunc load time from 1.015x
+  the built-in flavor's to parity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import mmap
+import os
+import time
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
+
+from mlflow.exceptions import MlflowException
+
+from loraflow.flavor.bases import resolve_base
+from loraflow.flavor.files import atomic_file
+from loraflow.flavor.layout import DIGEST_CACHE_ENV, cache_root, env_flag
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
+
+FINGERPRINT_SCHEME = "sha256-tensors"  # what `save_model` records, and the only scheme a load verifies
+
+# safetensors dtype codes (the format's spec) as torch names them in a tensor's fingerprint header
+SAFETENSORS_DTYPES = {
+    "F64": "torch.float64", "F32": "torch.float32", "F16": "torch.float16", "BF16": "torch.bfloat16",
+    "I64": "torch.int64", "I32": "torch.int32", "I16": "torch.int16", "I8": "torch.int8", "U8": "torch.uint8",
+    "BOOL": "torch.bool",
+}
+# Config keys that describe how a model was loaded or run, not what it is.
+VOLATILE_CONFIG_KEYS = ("transformers_version", "dtype", "torch_dtype", "use_cache")
+
+_logger = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprints.
+
+
+def _original_name(name: str) -> str | None:
+    """A base tensor's name with peft's wrappers removed; None for an adapter's own tensors."""
+    parts = name.split(".")
+    if any(part.startswith("lora_") or part == "modules_to_save" for part in parts):
+        return None
+    return ".".join(p for p in parts if p not in ("base_layer", "original_module"))
+
+
+def _base_tensors(model: "torch.nn.Module") -> dict[str, "torch.Tensor"]:
+    """Parameters and persistent buffers of the base model, by original name (tied ones once)."""
+    tensors = {}
+    for name, param in model.named_parameters():  # deduplicates tied weights
+        if (original := _original_name(name)) is not None:
+            tensors[original] = param
+    for module_name, module in model.named_modules():
+        for buffer_name, buffer in module.named_buffers(recurse=False):
+            if buffer_name in module._non_persistent_buffers_set:
+                continue  # derived from the config (e.g. rotary inv_freq), which is hashed
+            full = f"{module_name}.{buffer_name}" if module_name else buffer_name
+            if (original := _original_name(full)) is not None:
+                tensors[original] = buffer
+    return tensors
+
+
+def _normalized_config(model: "PreTrainedModel") -> dict[str, Any]:
+    config = model.config.to_dict()
+    return {k: v for k, v in config.items() if not k.startswith("_") and k not in VOLATILE_CONFIG_KEYS}
+
+
+def base_fingerprint(model: "torch.nn.Module") -> str:
+    """`sha256-tensors:<hex>` of the base model's config and weights; a PeftModel gives its base's.
+
+    Hashes the normalised config (volatile keys such as `_name_or_path` and `transformers_version`
+    dropped), then each base tensor's name, dtype, shape and the sha256 of its bytes, in name order.
+    """
+    return _fingerprint(_fingerprint_inputs(model))
+
+
+class _FingerprintInputs(NamedTuple):
+    config: bytes
+    tensors: list[tuple[str, "torch.Tensor"]]
+    """(`name|dtype|shape`, the tensor's bytes as a flat uint8 CPU tensor), sorted by name."""
+
+
+def _tensor_header(name: str, dtype: Any, shape: Any) -> str:
+    return f"{name}|{dtype}|{tuple(shape)}"
+
+
+def _fingerprint_inputs(model: "torch.nn.Module") -> _FingerprintInputs:
+    """What a fingerprint hashes, taken from the model now: hashing it later (in another thread)
+    sees these tensors even if the model's modules are wrapped or moved meanwhile."""
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = json.dumps(_normalized_config(base), sort_keys=True, default=str).encode()
+    tensors = []
+    for name, tensor in sorted(_base_tensors(base).items()):
+        if tensor.device.type == "meta":
+            raise MlflowException(f"cannot fingerprint `{name}`: its weights are on the meta device (offloaded)")
+        header = _tensor_header(name, tensor.dtype, tensor.shape)
+        tensors.append((header, tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)))
+    return _FingerprintInputs(config, tensors)
+
+
+def _fingerprint(inputs: _FingerprintInputs, known: dict[str, bytes] | None = None) -> str:
+    """`sha256-tensors:<hex>` of `inputs`. `known`: tensor digests already computed, by
+    `name|dtype|shape` header; a tensor with a matching header is not hashed again."""
+    known = known or {}
+    todo = [(header, flat) for header, flat in inputs.tensors if header not in known]
+    # hashlib releases the GIL on large buffers, so tensors hash on every core at once
+    workers = max(1, min(len(todo), os.cpu_count() or 1, 8))
+    with ThreadPoolExecutor(workers, thread_name_prefix="loraflow-fingerprint") as pool:
+        digests = pool.map(lambda flat: hashlib.sha256(memoryview(flat.numpy())).digest(), (f for _, f in todo))
+        hashed = dict(zip((header for header, _ in todo), digests))
+    digest = hashlib.sha256(inputs.config)
+    for header, _ in inputs.tensors:
+        digest.update(f"\n{header}\n".encode())
+        digest.update(known[header] if header in known else hashed[header])
+    return f"{FINGERPRINT_SCHEME}:{digest.hexdigest()}"
+
+
+def check_scheme(fingerprint: str) -> None:
+    """Refuse a fingerprint of a scheme this loraflow cannot verify (a newer loraflow's)."""
+    scheme = fingerprint.split(":", 1)[0]
+    if scheme != FINGERPRINT_SCHEME:
+        raise MlflowException(
+            f"unknown base fingerprint scheme {scheme!r} (known: {FINGERPRINT_SCHEME}): "
+            "the model was saved by a newer loraflow; upgrade loraflow"
+        )
+
+
+def stored_tensor_digests(files: list[Path], workers: int = 1, cache: bool = False) -> dict[str, bytes]:
+    """sha256 of each tensor's bytes as stored in these safetensors files, by the `name|dtype|shape`
+    header a loaded tensor with those bytes has in a `sha256-tensors` fingerprint.
+
+    safetensors stores each tensor's bytes contiguously, little-endian, exactly as a CPU tensor holds
+    them, so these digests are those of the loaded tensors whenever loading keeps the name, dtype,
+    shape and values. Hashing them from the file can therefore start before the model is loaded.
+    Tensors of a dtype not in `SAFETENSORS_DTYPES`, and names stored more than once, are left out.
+    With `cache`, a file's digests come from the digest cache while the file is unchanged
+    (`_cached_file_digests`), and are recorded there once hashed.
+    """
+    per_file = [_file_digests(file, workers, cache) for file in files]
+    counts = Counter(name for digests in per_file for name in digests)
+    return {header: digest for digests in per_file for name, (header, digest) in digests.items() if counts[name] == 1}
+
+
+def _file_digests(file: Path, workers: int, cache: bool) -> dict[str, tuple[str, bytes]]:
+    """{tensor name: (header, sha256 of its stored bytes)} for one safetensors file."""
+    if cache and (cached := _cached_file_digests(file)) is not None:
+        return cached
+    identity, started_ns = _file_identity(file), time.time_ns()  # before reading: a later change shows
+    with open(file, "rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        layout = json.loads(f.read(header_size))
+    jobs = [  # (name, header, start, end)
+        (name, _tensor_header(name, SAFETENSORS_DTYPES[info["dtype"]], info["shape"]),
+         8 + header_size + info["data_offsets"][0], 8 + header_size + info["data_offsets"][1])
+        for name, info in layout.items()
+        if name != "__metadata__" and info["dtype"] in SAFETENSORS_DTYPES
+    ]
+    with _mapped(file) as mapped, ThreadPoolExecutor(max(1, workers), thread_name_prefix="loraflow-fingerprint") as pool:
+        digests = list(pool.map(lambda job: _range_sha256(mapped, job[2], job[3]), jobs))
+    result = {name: (header, digest) for (name, header, *_), digest in zip(jobs, digests)}
+    if cache:
+        _record_file_digests(file, identity, started_ns, result)
+    return result
+
+
+# The digest cache: the stored-tensor digests of base weight files that live outside a model
+# artifact (a Hub cache, a local directory, a built-in base), so that loading such a model again does
+# not hash its whole base again. Like Git's index, an entry holds only while the file's path, size,
+# inode and modification and change times are those it had when it was hashed (the change time
+# cannot be set back by `touch`); an entry for a file modified within `_RACY_NS` of being hashed is
+# never written, as a change in the same clock tick would not show. Whatever the cache says, a
+# fingerprint that does not match is rechecked on the loaded tensors themselves (`_start_base_fingerprint`).
+_RACY_NS = 2_000_000_000
+
+
+def _digest_cache_enabled() -> bool:
+    return env_flag(DIGEST_CACHE_ENV, default=True)
+
+
+def _digest_cache_dir() -> Path:
+    return cache_root() / "digests"
+
+
+def _file_identity(file: Path) -> dict[str, Any]:
+    st = file.stat()
+    return {"path": str(file.resolve()), "size": st.st_size, "dev": st.st_dev, "ino": st.st_ino,
+            "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+
+
+def _digest_cache_entry(file: Path) -> Path:
+    return _digest_cache_dir() / (hashlib.sha256(str(file.resolve()).encode()).hexdigest()[:32] + ".json")
+
+
+def _cached_file_digests(file: Path) -> dict[str, tuple[str, bytes]] | None:
+    """The cached digests of `file`, or None when there is no entry or the file has changed since."""
+    try:
+        entry = json.loads(_digest_cache_entry(file).read_text())
+        if entry["identity"] != _file_identity(file):
+            return None
+        return {name: (header, bytes.fromhex(digest)) for name, (header, digest) in entry["digests"].items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _record_file_digests(file: Path, identity: dict[str, Any], started_ns: int,
+                         digests: dict[str, tuple[str, bytes]]) -> None:
+    if identity["mtime_ns"] >= started_ns - _RACY_NS or identity["ctime_ns"] >= started_ns - _RACY_NS:
+        return  # changed too recently to tell a later change in the same clock tick apart
+    entry = {"identity": identity, "digests": {name: [header, d.hex()] for name, (header, d) in digests.items()}}
+    target = _digest_cache_entry(file)
+    try:
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # trusted as far as its writers are
+        with atomic_file(target) as temp:  # a concurrent reader sees the old entry or the new one
+            temp.write_text(json.dumps(entry))
+    except OSError as e:
+        _logger.debug("could not record the digests of %s: %s", file, e)
+        return
+    _prune_digest_cache(target.parent)
+
+
+def _prune_digest_cache(directory: Path) -> None:
+    """Drop the entries of files that are gone (a deleted Hub snapshot, a moved checkpoint).
+
+    Run only when an entry is recorded, which is a cache miss: a hit never scans the cache. A file
+    that changed keeps its entry's key, so its next record replaces that entry.
+    """
+    for entry in directory.glob("*.json"):
+        try:
+            gone = not Path(json.loads(entry.read_text())["identity"]["path"]).exists()
+        except (OSError, ValueError, KeyError, TypeError):
+            gone = True  # unreadable: it would be hashed over anyway
+        if gone:
+            entry.unlink(missing_ok=True)
+
+
+def _base_weight_files(path: Path, base: dict[str, Any]) -> list[Path]:
+    """The safetensors files `from_pretrained` reads for this base, as far as they are local now."""
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+    if base["mode"] == "embedded" or base["kind"] != "hub":
+        root = path / base["path"] if base["mode"] == "embedded" else Path(resolve_base(base["name"]))
+
+        def locate(name: str) -> Path | None:
+            return root / name
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        def locate(name: str) -> Path | None:
+            found = try_to_load_from_cache(base["name"], name, revision=base.get("revision"))
+            return Path(found) if isinstance(found, str) else None
+
+    index = locate(SAFE_WEIGHTS_INDEX_NAME)
+    if index is not None and index.is_file():
+        files = [locate(shard) for shard in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    else:
+        files = [locate(SAFE_WEIGHTS_NAME)]
+    return [file for file in files if file is not None and file.is_file()]
+
+
+def start_stored_digests(path: Path, base: dict[str, Any]) -> "Future[dict[str, bytes]]":
+    """Hash the base's stored tensors in the background while `from_pretrained` loads them, on all
+    cores but the one loading (or take them from the digest cache, for a base outside the artifact).
+    Only a shortcut: whatever fails here, the loaded tensors are hashed."""
+    # Here, not in the background: a `builtin:*` base is built on first use, once; and finding the
+    # files imports from transformers, whose lazy imports are not safe beside the load's own.
+    try:
+        files = _base_weight_files(path, base)
+    except Exception as e:  # the load itself reports a base it cannot find
+        _logger.debug("not hashing the base's files ahead of loading: %s", e)
+        files = []
+    cache = base["mode"] != "embedded" and _digest_cache_enabled()  # an embedded base is a fresh copy
+
+    def run() -> dict[str, bytes]:
+        try:
+            return stored_tensor_digests(files, workers=min(8, (os.cpu_count() or 2) - 1), cache=cache)
+        except Exception as e:
+            _logger.debug("not hashing the base's files ahead of loading: %s", e)
+            return {}
+
+    return in_background(run)
+
+
+def in_background(work: Callable[[], Any]) -> Future:
+    """Start `work` in its own thread now; its Future gives the result (or raises its error)."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="loraflow-fingerprint")
+    try:
+        return pool.submit(work)
+    finally:
+        pool.shutdown(wait=False)  # the submitted work still runs to the end
+
+
+@contextmanager
+def _mapped(file: Path) -> Iterator[mmap.mmap]:
+    with open(file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        yield mapped
+
+
+def _range_sha256(mapped: mmap.mmap, start: int, end: int) -> bytes:
+    with memoryview(mapped) as whole, whole[start:end] as view:  # no copy; released before unmapping
+        return hashlib.sha256(view).digest()
+
+
+def start_base_fingerprint(
+    model: "PreTrainedModel", expected: str, stored: "Future[dict[str, bytes]] | None" = None
+) -> "Future[str]":
+    """Capture the base's tensors now (before the adapter wraps its modules) and fingerprint them in
+    a background thread.
+
+    `stored`: digests of the tensors as stored in the base's files (`start_stored_digests`); a
+    loaded tensor with the same name, dtype and shape takes its digest from there, which relies on
+    `from_pretrained` keeping a safetensors tensor's bytes when it keeps its name, dtype and shape
+    (converting loaders rename, reshape or recast). Should the result not match, every loaded tensor
+    is hashed itself before a mismatch is reported, so a good base is never refused for its files.
+    """
+    inputs = _fingerprint_inputs(model)
+
+    def run() -> str:
+        known = stored.result() if stored is not None else {}
+        actual = _fingerprint(inputs, known)
+        return _fingerprint(inputs) if actual != expected and known else actual
+
+    return in_background(run)
+
+
+def check_base(fingerprint: "Future[str]", base: dict[str, Any], where: str) -> None:
+    """Wait for the base's fingerprint and refuse a base that is not the one the model recorded."""
+    actual = fingerprint.result()
+    if actual != base["fingerprint"]:
+        raise MlflowException(
+            f"base model {where!r} does not match the one the adapter was trained on: its fingerprint "
+            f"is {actual}, expected {base['fingerprint']}. Point the model at the original base "
+            "weights (same files, same revision), or re-log the model with base_mode='embedded'"
+        )
+
+

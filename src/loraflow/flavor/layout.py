@@ -1,0 +1,110 @@
+"""Where things are: a saved model's files and flavor configuration, and loraflow's cache on this machine.
+
+A saved model (no pickle anywhere: safetensors, JSON and YAML only)::
+
+    MLmodel            flavors: loraflow (the flavor configuration) and python_function
+    adapter/           peft `save_pretrained`: adapter_config.json + adapter_model.safetensors
+                       (LoRA A/B and any modules_to_save weights)
+    tokenizer/         the tokenizer's `save_pretrained`
+    base/              embedded mode only: the base model's config.json, generation_config.json
+                       and *.safetensors, copied from its local directory
+    code/loraflow/     the `loraflow.flavor` package (and, for a referenced built-in base, the
+                       recipe that rebuilds it): the code that wrote the model loads it
+
+Also the small rules every module of the flavor shares: how a bad argument is raised, and how an
+environment variable or string is read as a boolean. Light on purpose (MLflow is imported inside
+functions): the settings module reads booleans with `parse_bool` too.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mlflow.exceptions import MlflowException
+
+FLAVOR_NAME = "loraflow"
+FLAVOR_VERSION = 1  # bump when the layout or the flavor config changes incompatibly
+
+ADAPTER_SUBPATH = "adapter"
+TOKENIZER_SUBPATH = "tokenizer"
+BASE_SUBPATH = "base"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+
+# Set to 1 to allow loading models whose base runs its own code (see `loraflow.flavor.load`).
+TRUST_REMOTE_CODE_ENV = "LORAFLOW_TRUST_REMOTE_CODE"
+# Set to 0 to hash every referenced base on every load (see `loraflow.flavor.fingerprint`).
+DIGEST_CACHE_ENV = "LORAFLOW_DIGEST_CACHE"
+# Where built-in bases and base digests are cached (default ~/.cache/loraflow).
+HOME_ENV = "LORAFLOW_HOME"
+
+_TRUE = ("true", "1", "yes", "y", "on")
+_FALSE = ("false", "0", "no", "n", "off")
+
+
+def invalid(message: str) -> "MlflowException":
+    """The error for a bad argument or request (HTTP 400 when served)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def parse_bool(value: Any) -> bool | None:
+    """`True`/`False` for a bool or a boolean word (true/false, 1/0, yes/no, y/n, on/off), else None.
+
+    The one reading of booleans in loraflow: settings, environment variables and flags all use it.
+    """
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    return None
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """An environment variable read as a boolean; unset or unreadable gives `default`."""
+    value = parse_bool(os.environ.get(name, ""))
+    return default if value is None else value
+
+
+def cache_root() -> Path:
+    """Where loraflow caches built-in bases and base digests: `$LORAFLOW_HOME` or `~/.cache/loraflow`."""
+    return Path(os.environ.get(HOME_ENV, Path.home() / ".cache" / "loraflow"))
+
+
+def read_flavor_conf(path: Path) -> dict[str, Any]:
+    """The loraflow flavor configuration of the model saved at `path`.
+
+    Read as `mlflow.models.Model.load` does, with libyaml's parser where PyYAML has it (10x faster).
+
+    Raises:
+        MlflowException: no MLmodel, no loraflow flavor, or a flavor version newer than this code.
+    """
+    import yaml
+    from mlflow.exceptions import MlflowException
+    from mlflow.models.model import MLMODEL_FILE_NAME
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+    try:
+        with open(path / MLMODEL_FILE_NAME, encoding="utf-8") as f:
+            doc = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except FileNotFoundError as e:
+        raise MlflowException(f"no MLmodel file in {str(path)!r}: not an MLflow model", RESOURCE_DOES_NOT_EXIST) from e
+    conf = (doc.get("flavors") or {}).get(FLAVOR_NAME) if isinstance(doc, dict) else None
+    if not isinstance(conf, dict):
+        raise MlflowException(f'the model at {str(path)!r} has no "{FLAVOR_NAME}" flavor', RESOURCE_DOES_NOT_EXIST)
+    version = conf.get("flavor_version")
+    if not isinstance(version, int) or version > FLAVOR_VERSION:
+        raise MlflowException(
+            f"the model at {str(path)!r} has loraflow flavor_version {version!r}, but this loraflow "
+            f"reads versions up to {FLAVOR_VERSION}: upgrade loraflow "
+            f"(it was saved by loraflow {conf.get('loraflow_version')})"
+        )
+    return conf

@@ -1,0 +1,255 @@
+"""Loading a saved loraflow model as a `PeftModel`: the base, the adapter and the tokenizer, each checked.
+
+The order, and why: the flavor configuration is read and the remote-code gate passed before any
+code can run; the adapter's files are hashed and the base's stored tensors digested in the
+background while the base loads (`fingerprint`); the loaded base's tensors are captured before the
+adapter wraps them and fingerprinted meanwhile; nothing is returned before both match what was
+recorded at save time. A mismatch raises an `MlflowException` naming both fingerprints, instead of
+silently producing different outputs.
+
+Remote code (`trust_remote_code`): a base model whose config has an `auto_map` runs Python code
+shipped with it. Whether the model was trained with that permission is recorded as
+`base.trust_remote_code`, and an embedded base carries its `*.py` files. The record is *not* a
+permission: a model artifact is data, and data must not be able to grant itself code execution on
+the machine that loads it. So loading always re-states permission: `load_model(...,
+trust_remote_code=True)`, or the environment variable `LORAFLOW_TRUST_REMOTE_CODE=1` (the only way
+for `mlflow.pyfunc.load_model` and `mlflow models serve`, whose loaders take no such argument).
+Without it, a model recorded with `trust_remote_code: true` is refused before anything is loaded,
+with a message saying how to allow it; a model recorded without it is always loaded with
+`trust_remote_code=False`, so a tampered artifact (an `auto_map` added to its base) is refused too.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
+from mlflow.tracking.artifact_utils import _download_artifact_from_uri
+from mlflow.utils.model_utils import _add_code_from_conf_to_system_path
+
+from loraflow.flavor import fingerprint
+from loraflow.flavor.bases import NeedsRemoteCode, load_base_model, load_tokenizer
+from loraflow.flavor.files import file_sha256
+from loraflow.flavor.layout import ADAPTER_WEIGHTS_FILE, TRUST_REMOTE_CODE_ENV, env_flag, invalid, read_flavor_conf
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+class LoadedModel(NamedTuple):
+    """What `load_model` returns: unpack it as `model, tokenizer = load_model(uri)`."""
+
+    model: "PeftModel"
+    """The base model with the adapter applied."""
+    tokenizer: "PreTrainedTokenizerBase"
+    """The tokenizer saved with the model (a pad token is guaranteed)."""
+
+
+def _adapter_files(adapter_dir: Path, conf: dict[str, Any]) -> dict[Path, str]:
+    """The adapter's files with their recorded sha256.
+
+    Raises:
+        MlflowException: one is missing (checked at once, before anything loads).
+    """
+    files = {adapter_dir / name: expected for name, expected in conf["adapter_sha256"].items()}
+    for file in files:
+        if not file.is_file():
+            raise MlflowException(
+                f"adapter file {str(file)!r} is missing: the model artifact is incomplete; re-log the model",
+                RESOURCE_DOES_NOT_EXIST,
+            )
+    return files
+
+
+def _verify_adapter_files(files: dict[Path, str]) -> None:
+    for file, expected in files.items():
+        if (actual := file_sha256(file)) != expected:
+            raise MlflowException(
+                f"adapter file {str(file)!r} is corrupt: its sha256 is {actual}, but {expected} was "
+                "recorded when the model was saved; re-download or re-log the model"
+            )
+
+
+def _remote_code_allowed(path: Path, base: dict[str, Any], trust_remote_code: bool | None) -> bool:
+    """Whether the base may run its own code: only if recorded *and* allowed again by the caller.
+
+    Raises:
+        MlflowException: the model was saved with `trust_remote_code` and the caller did not allow it.
+    """
+    if not base.get("trust_remote_code", False):
+        return False  # never run code the model did not record needing (a tampered artifact)
+    if trust_remote_code is None:
+        trust_remote_code = env_flag(TRUST_REMOTE_CODE_ENV, default=False)
+    if not trust_remote_code:
+        raise MlflowException(
+            f"the model at {str(path)!r} was trained with trust_remote_code=True: its base model "
+            f"{base.get('name')!r} runs Python code shipped with it. Loading it runs that code, so allow "
+            f"it explicitly: `loraflow.flavor.load_model(uri, trust_remote_code=True)`, or set "
+            f"{TRUST_REMOTE_CODE_ENV}=1 for `mlflow.pyfunc.load_model` and `mlflow models serve`",
+            INVALID_PARAMETER_VALUE,
+        )
+    return True
+
+
+def _load_base(path: Path, base: dict[str, Any], trust_remote_code: bool = False) -> tuple["PreTrainedModel", str]:
+    """Load the base in the recorded dtype; return it and where it came from (for messages).
+
+    Its fingerprint is not checked here: see `fingerprint.check_base`.
+    """
+    if base["mode"] == "embedded":
+        source, revision = str(path / base["path"]), None
+    else:
+        source, revision = base["name"], base.get("revision")
+    where = f"{source}@{revision}" if revision else source
+    try:
+        # in eval mode: `from_pretrained` sets it
+        model = load_base_model(source, revision=revision, dtype=base["dtype"], trust_remote_code=trust_remote_code)
+    except NeedsRemoteCode as e:
+        if base.get("trust_remote_code", False):
+            raise MlflowException(f"cannot load the {base['mode']} base model {where!r}: {e}") from e
+        raise MlflowException(
+            f"the {base['mode']} base model {where!r} wants to run its own code, but the model was saved with "
+            "trust_remote_code=False, so it is not run: the base is not the one the model was saved with. "
+            "Re-log the model (with trust_remote_code=True if its base really needs code)"
+        ) from e
+    except Exception as e:
+        raise MlflowException(f"cannot load the {base['mode']} base model {where!r}: {e}") from e
+    return model, where
+
+
+def _apply_adapter(base: "PreTrainedModel", adapter_dir: Path, is_trainable: bool) -> "PeftModel":
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)
+    except Exception as e:
+        raise MlflowException(f"cannot load the adapter from {str(adapter_dir / ADAPTER_WEIGHTS_FILE)!r}: {e}") from e
+
+
+def load_local(
+    path: Path,
+    *,
+    is_trainable: bool = False,
+    device: "str | torch.device | None" = None,
+    dtype: "torch.dtype | str | None" = None,
+    trust_remote_code: bool | None = None,
+) -> LoadedModel:
+    """Load the model saved in the local folder `path` (see `load_model`)."""
+    import torch
+
+    conf = read_flavor_conf(path)
+    allowed = _remote_code_allowed(path, conf["base"], trust_remote_code)  # before any code can run
+    _add_code_from_conf_to_system_path(str(path), conf)
+    fingerprint.check_scheme(conf["base"]["fingerprint"])
+    adapter_dir = path / conf["adapter"]
+    # Verification runs beside the load: the adapter's files and the base's stored tensors are
+    # hashed while the base loads; the loaded tensors are captured before the adapter touches them
+    # and fingerprinted meanwhile. Nothing is returned before both match.
+    adapter_files = _adapter_files(adapter_dir, conf)
+    adapter_checked = fingerprint.in_background(lambda: _verify_adapter_files(adapter_files))
+    stored = fingerprint.start_stored_digests(path, conf["base"])
+    try:
+        base, where = _load_base(path, conf["base"], allowed)
+    except Exception:
+        adapter_checked.result()  # a corrupt artifact explains a failure best
+        raise
+    base_checked = fingerprint.start_base_fingerprint(base, conf["base"]["fingerprint"], stored)
+    adapter_checked.result()  # before peft reads the adapter, so its errors never come first
+    try:
+        model = _apply_adapter(base, adapter_dir, is_trainable)
+        tokenizer = load_tokenizer(str(path / conf["tokenizer"]), trust_remote_code=allowed)
+    except Exception:
+        fingerprint.check_base(base_checked, conf["base"], where)  # a different base explains a failure best
+        raise
+    fingerprint.check_base(base_checked, conf["base"], where)
+    if dtype is not None:
+        model.to(dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    if device is not None and not _on_device(model, torch.device(device)):
+        model.to(device)  # walks every module even when nothing moves: skipped then
+    return LoadedModel(model, tokenizer)
+
+
+def _on_device(model: "torch.nn.Module", device: "torch.device") -> bool:
+    """Whether every parameter and buffer is already on `device` (`cuda` matches `cuda:<current>`)."""
+    import torch
+
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return all(t.device == device for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def load_model(
+    model_uri: str,
+    is_trainable: bool = False,
+    device: "str | torch.device | None" = None,
+    dtype: "torch.dtype | str | None" = None,
+    dst_path: str | None = None,
+    trust_remote_code: bool | None = None,
+) -> LoadedModel:
+    """Load a model saved by this flavor: the base (verified by fingerprint) plus the adapter.
+
+    Args:
+        model_uri: `runs:/...`, `models:/...`, a local path, or any MLflow artifact URI.
+        is_trainable: reload LoRA (and modules_to_save) parameters as trainable, to continue training.
+        device: where to put the model; default: the CPU.
+        dtype: cast the loaded model to this dtype; default: the base's saved dtype.
+        dst_path: where to download the artifacts; default: a temporary directory.
+        trust_remote_code: allow a base recorded with `trust_remote_code` to run its code; default
+            (None): the `LORAFLOW_TRUST_REMOTE_CODE` environment variable, else not allowed. Never
+            turns remote code on for a model that did not record it.
+
+    Returns:
+        `LoadedModel(model, tokenizer)`: use `.model`/`.tokenizer` or unpack it.
+
+    Raises:
+        MlflowException: a bad argument (`is_trainable` that is not a bool, a device that does not
+            exist here), a URI with no model, a newer flavor version, a missing or corrupt adapter,
+            a base that needs remote code that was not allowed, or a base model that cannot be
+            loaded or does not match the recorded fingerprint.
+    """
+    _check_arguments(is_trainable=is_trainable, trust_remote_code=trust_remote_code, device=device)
+    try:
+        local_path = _download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise MlflowException(f"no loraflow model at {model_uri!r}: {e.message}", RESOURCE_DOES_NOT_EXIST) from e
+    return load_local(
+        Path(local_path), is_trainable=is_trainable, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+    )
+
+
+
+def _check_arguments(*, is_trainable: Any, trust_remote_code: Any, device: Any) -> None:
+    """Refuse arguments that would silently mean something else (`is_trainable="no"` is truthy)."""
+    problems = []
+    if not isinstance(is_trainable, bool):
+        problems.append(f"`is_trainable` must be True or False, got {is_trainable!r}")
+    if trust_remote_code is not None and not isinstance(trust_remote_code, bool):
+        problems.append(f"`trust_remote_code` must be True, False or None, got {trust_remote_code!r}")
+    if device is not None and (problem := device_problem(device)):
+        problems.append(problem)
+    if problems:
+        raise invalid("; ".join(problems))
+
+
+def device_problem(device: Any) -> str | None:
+    """Why `device` cannot hold a model on this machine (naming the devices that exist), or None."""
+    import torch
+
+    try:
+        wanted = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        return f"`device` {device!r} is not a torch device ({err}); use e.g. 'cpu' or 'cuda:0'"
+    available = ["cpu"]
+    if torch.cuda.is_available():
+        available += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if wanted.type == "cpu" or (wanted.type == "cuda" and torch.cuda.is_available()
+                                and (wanted.index or 0) < torch.cuda.device_count()):
+        return None
+    return f"`device` {device!r} does not exist on this machine; devices here: {', '.join(available)}"

@@ -1,0 +1,75 @@
+"""The pyfunc model: params, input forms, bad requests (loraflow.flavor.pyfunc)."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, ErrorCode
+from model_helpers import PROMPTS, base_args, logits, make_peft_model, mlmodel, perturb_safetensors, write_mlmodel
+
+from loraflow import flavor
+from loraflow.flavor import fingerprint, generation, layout, load, save
+from loraflow.flavor.files import file_sha256
+
+INVALID = ErrorCode.Name(INVALID_PARAMETER_VALUE)
+pytestmark = pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: every case is an MlflowException with INVALID_PARAMETER_VALUE (HTTP 400 when served).
+
+
+@pytest.fixture
+def pyfunc_model(saved):
+    return mlflow.pyfunc.load_model(str(saved))
+
+
+LONG_PROMPT = "word " * 400  # the built-in model's context is 256 tokens
+
+
+@pytest.mark.parametrize(
+    ("data", "params", "match"),
+    [
+        (pd.DataFrame({"question": ["hi"]}), None, "no `prompt` column"),
+        (pd.DataFrame({"prompt": ["hi", None]}), None, "must be a string"),
+        ([1, 2], None, "must be a string"),
+        (pd.DataFrame({"prompt": pd.Series([], dtype=object)}), None, "no prompts"),
+        ([], None, "no prompts"),
+        (["hi"], {"max_new_tokens": 0}, "`max_new_tokens` must be an integer in 1..4096, got 0"),
+        (["hi"], {"max_new_tokens": -3}, "`max_new_tokens`"),
+        (["hi"], {"max_new_tokens": 5000}, "`max_new_tokens` must be an integer in 1..4096, got 5000"),
+        (["hi"], {"temperature": 0.0, "do_sample": True}, "`temperature`"),
+        (["hi"], {"top_p": 1.5}, "`top_p`"),
+        ([LONG_PROMPT], None, "exceeds the model's context of 256 tokens"),
+        (["hi", "hi " * 220], {"max_new_tokens": 64}, "prompt 1 has .* tokens; with max_new_tokens=64"),
+    ],
+)
+def test_bad_input_is_rejected_clearly(pyfunc_model, data, params, match):
+    # Through MLflow's PyFuncModel (its schema enforcement runs first and may word a wrong type
+    # itself), then through our wrapper alone, whose message is checked.
+    with pytest.raises(MlflowException) as err:
+        pyfunc_model.predict(data, params=params)
+    assert err.value.error_code == INVALID, err.value.message
+    with pytest.raises(MlflowException, match=match) as err:
+        pyfunc_model._model_impl.predict(data, params=params)
+    assert err.value.error_code == INVALID
+
+
+def test_unknown_params_get_a_did_you_mean(pyfunc_model):
+    with pytest.raises(MlflowException, match="did you mean `max_new_tokens`"):
+        pyfunc_model._model_impl.predict(["hi"], params={"max_new_token": 3})
+
+
+def test_max_new_tokens_cap_is_configurable(pyfunc_model, saved):
+    capped = mlflow.pyfunc.load_model(str(saved), model_config={"max_new_tokens_cap": 8})
+    with pytest.raises(MlflowException, match=r"1\.\.8, got 9"):
+        capped.predict(["hi"], params={"max_new_tokens": 9})
