@@ -34,6 +34,7 @@ BIASES = ("none", "all", "lora_only")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BASE_MODES = ("auto", "embedded", "reference")
 OVERFLOWS = ("truncate", "drop")
+TRAIN_ON = ("assistant", "last", "all")
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 LARGE_RANK = 256
 
@@ -76,6 +77,13 @@ class TrainSettings:
     text_column: str | None = _help("Column of plain text to train on (instead of prompt + completion).", None)
     prompt_column: str | None = _help("Prompt column; its tokens are masked from the loss. Default: 'prompt'.", None)
     completion_column: str | None = _help("Completion column; the loss is computed on it. Default: 'completion'.", None)
+    messages_column: str | None = _help(
+        "Column of conversations (OpenAI `messages`: lists of {role, content}). Default: 'messages' when the "
+        "data has that column and no text/prompt/completion column is named.", None)
+    chat_template: str = _help("Chat template for conversations: auto (the tokenizer's own), chatml, or a .jinja file.",
+                               "auto")
+    train_on: str = _help("Where the loss falls in conversations: assistant (every reply and its end-of-turn "
+                          "token), last (the last reply) or all (every token).", "assistant")
     max_seq_length: int = _help("Longest example in tokens; longer ones are handled by `overflow`.", 256)
     overflow: str = _help("What to do with examples longer than max_seq_length: truncate or drop.", "truncate")
     packing: bool = _help("Pack several examples per row (no cross-example attention) instead of padding.", False)
@@ -272,14 +280,19 @@ def _train_rules(s: dict[str, Any]) -> list[str]:
         problems.append(f"`eval_fraction` must be > 0 and < 1, got {s['eval_fraction']}")
     if "epochs" in s and s["epochs"] <= 0:
         problems.append(f"`epochs` must be a positive number, got {s['epochs']}")
-    for name, choices in (("precision", PRECISIONS), ("base_mode", BASE_MODES), ("overflow", OVERFLOWS)):
+    for name, choices in (("precision", PRECISIONS), ("base_mode", BASE_MODES), ("overflow", OVERFLOWS),
+                          ("train_on", TRAIN_ON)):
         if name in s and s[name] not in choices:
             problems.append(_choice_problem(name, s[name], choices))
     return problems
 
 
 def _column_rules(s: dict[str, Any]) -> list[str]:
-    return column_problems(s.get("text_column"), s.get("prompt_column"), s.get("completion_column"))
+    problems = column_problems(s.get("text_column"), s.get("prompt_column"), s.get("completion_column"))
+    if s.get("messages_column") and any(s.get(k) for k in ("text_column", "prompt_column", "completion_column")):
+        problems.append("give either `messages_column` (conversations), or `text_column`, or `prompt_column` + "
+                        "`completion_column`, not several")
+    return problems
 
 
 def column_problems(text: str | None, prompt: str | None, completion: str | None, *, resolved: bool = False) -> list[str]:

@@ -17,7 +17,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, ErrorCode
 from model_helpers import PROMPTS, base_args, logits, make_peft_model, mlmodel, perturb_safetensors, write_mlmodel
 
 from loraflow import flavor
-from loraflow.flavor import fingerprint, generation, layout, load, save
+from loraflow.flavor import fingerprint, generation, layout, load, pyfunc, save
 from loraflow.flavor.files import file_sha256
 
 INVALID = ErrorCode.Name(INVALID_PARAMETER_VALUE)

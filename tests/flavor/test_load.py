@@ -17,7 +17,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, ErrorCode
 from model_helpers import PROMPTS, base_args, logits, make_peft_model, mlmodel, perturb_safetensors, write_mlmodel
 
 from loraflow import flavor
-from loraflow.flavor import fingerprint, generation, layout, load, save
+from loraflow.flavor import fingerprint, generation, layout, load, pyfunc, save
 from loraflow.flavor.files import file_sha256
 
 INVALID = ErrorCode.Name(INVALID_PARAMETER_VALUE)
@@ -79,13 +79,13 @@ def test_logged_signature_has_params_schema_and_input_example(peft_model, tiny_t
                                 generation_defaults={"max_new_tokens": 16})
     params = {p.name: p.default for p in info.signature.params.params}
     assert params == {"max_new_tokens": 16, "temperature": 1.0, "top_p": 1.0, "do_sample": False,
-                      "repetition_penalty": 1.0, "seed": 0}
+                      "repetition_penalty": 1.0, "seed": 0, "max_tokens": None}  # OpenAI's name, unset
     assert info.signature.outputs.input_names() == ["text"]
     # The default example is read back as it was logged, and is a request the model answers.
     local = Path(mlflow.artifacts.download_artifacts(info.model_uri))
     meta = Model.load(local)
     example, example_params = meta.load_input_example(local), meta.load_input_example_params(local)
-    assert (example, example_params) == save.default_input_example()
+    assert (example, example_params) == pyfunc.default_input_example()
     texts = mlflow.pyfunc.load_model(info.model_uri).predict(example, params=example_params)["text"].tolist()
     assert len(texts) == 1 and isinstance(texts[0], str)
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 from functools import partial
 from typing import TYPE_CHECKING, Any, Iterator
 
-from loraflow.data.tokenize import IGNORE_INDEX, TokenizedExamples
+from loraflow.data.tables import IGNORE_INDEX
+from loraflow.data.tokenize import TokenizedExamples
 from loraflow.errors import ConfigError, DataError
 
 if TYPE_CHECKING:

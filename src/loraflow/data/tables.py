@@ -14,6 +14,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from loraflow.config import column_problems
@@ -24,8 +25,14 @@ if TYPE_CHECKING:
 
     from loraflow.config import TrainSettings
 
-SAMPLE_DATA = Path(__file__).resolve().parents[1] / "resources" / "sample.jsonl"
-"""The bundled sample dataset (`prompt` + `completion`), used when no train_data is given."""
+RESOURCES = Path(__file__).resolve().parents[1] / "resources"
+SAMPLE_DATA = RESOURCES / "sample.jsonl"
+"""The bundled sample dataset (`prompt` + `completion`, `builtin:qa`), used when no train_data is given."""
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_DATA = {"qa": SAMPLE_DATA, "chat": RESOURCES / "chat.jsonl"}
+"""The bundled datasets, written for this project (`scripts/make_sample_data.py`), by `builtin:` name."""
+CHAT_COLUMN = "messages"
+IGNORE_INDEX = -100  # the label value torch's cross-entropy (and so every HF causal LM) skips: the loss mask
 
 FORMATS = {".csv": "CSV", ".jsonl": "JSON Lines", ".json": "JSON Lines", ".parquet": "Parquet"}
 _FIRST_ROWS = 5  # how many bad row numbers an error lists
@@ -38,7 +45,7 @@ _BINARY_SNIFF = 64 * 1024
 
 @dataclass(frozen=True)
 class Columns:
-    """Which columns hold the training text: `text`, or `prompt` + `completion` (not both)."""
+    """Which columns hold the training text: `messages`, or `text`, or `prompt` + `completion`."""
 
     text: str | None = None
     """Column of plain text; the loss is on every token."""
@@ -46,6 +53,8 @@ class Columns:
     """Column of prompts; masked from the loss."""
     completion: str | None = None
     """Column of completions; the loss is computed on these tokens only."""
+    messages: str | None = None
+    """Column of conversations (OpenAI `messages`); the loss falls where `train_on` says."""
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -54,6 +63,10 @@ class Columns:
 
     def problems(self) -> list[str]:
         """Every problem with this choice of columns (empty when it is valid): `config`'s rule."""
+        if self.messages:
+            return [] if not (self.text or self.prompt or self.completion) else [
+                "give either `messages_column` (conversations), or `text_column`, or `prompt_column` + "
+                "`completion_column`, not several"]
         problems = column_problems(self.text, self.prompt, self.completion, resolved=True)
         got = f" (got prompt_column={self.prompt!r}, completion_column={self.completion!r})"
         return [p + got if "prompt_column" in p and not self.text else p for p in problems]
@@ -61,25 +74,50 @@ class Columns:
     @property
     def names(self) -> tuple[str, ...]:
         """The column names to read, in order."""
+        if self.messages:
+            return (self.messages,)
         return (self.text,) if self.text else (self.prompt, self.completion)  # type: ignore[return-value]
 
     @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
+
+    @property
     def is_prompt_completion(self) -> bool:
-        return self.text is None
+        return self.text is None and self.messages is None
 
     def flag_for(self, name: str) -> str:
         """The CLI flag that sets the column called `name`."""
-        kind = {self.text: "text", self.prompt: "prompt", self.completion: "completion"}[name]
+        kind = {self.text: "text", self.prompt: "prompt", self.completion: "completion", self.messages: "messages"}[name]
         return f"--{kind}-column"
 
 
-
-def columns_of(settings: "TrainSettings") -> Columns:
-    """The columns a training run reads: `text_column`, or `prompt_column` + `completion_column`
-    (default `prompt` + `completion`)."""
+def columns_of(settings: "TrainSettings", available: Sequence[str] = ()) -> Columns:
+    """The columns a training run reads: `messages_column`, `text_column`, or `prompt_column` +
+    `completion_column`; with none named, `messages` when the data (`available`) has that column
+    and no `prompt` one, else `prompt` + `completion`."""
+    if settings.messages_column:
+        return Columns(messages=settings.messages_column)
     if settings.text_column:
         return Columns(text=settings.text_column)
+    named = settings.prompt_column or settings.completion_column
+    if not named and CHAT_COLUMN in available and "prompt" not in available:
+        return Columns(messages=CHAT_COLUMN)
     return Columns(prompt=settings.prompt_column or "prompt", completion=settings.completion_column or "completion")
+
+
+def resolve_data(value: str | Path | None) -> str:
+    """A data file from a setting: a path, or a bundled sample (`builtin:qa`, the default; `builtin:chat`)."""
+    if value is None or str(value) == "":
+        return str(SAMPLE_DATA)
+    text = str(value)
+    if text.startswith(BUILTIN_PREFIX):
+        name = text.removeprefix(BUILTIN_PREFIX)
+        if name not in BUILTIN_DATA:
+            known = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_DATA)
+            raise DataError(f"train_data {text!r} is not a bundled dataset; known: {known}, or pass a file")
+        return str(BUILTIN_DATA[name])
+    return text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,10 +163,14 @@ def load_training_data(settings: "TrainSettings") -> TrainingData:
     Raises:
         DataError: a file that cannot be trained on (see `load_examples`), or too few rows to split.
     """
-    columns = columns_of(settings)
-    train = load_examples(settings.train_data or SAMPLE_DATA, columns, role="train_data")
+    path = resolve_data(settings.train_data)
+    frame = read_table(path, "train_data")
+    columns = columns_of(settings, [str(c) for c in frame.columns])
+    train = check_examples(frame, path, columns, "train_data", settings.train_on)
     if settings.eval_data:
-        return TrainingData(train, load_examples(settings.eval_data, columns, role="eval_data"), columns)
+        eval_path = resolve_data(settings.eval_data)
+        evaluation = check_examples(read_table(eval_path, "eval_data"), eval_path, columns, "eval_data", settings.train_on)
+        return TrainingData(train, evaluation, columns)
     train_part, eval_part = split_examples(train, settings.eval_fraction, settings.seed)
     return TrainingData(train_part, eval_part, columns)
 
@@ -253,19 +295,26 @@ def _read_parquet(raw: bytes, where: str) -> "pd.DataFrame":
 # Checking.
 
 
-def load_examples(path: str | Path, columns: Columns, role: str = "train_data") -> Table:
+def load_examples(path: str | Path, columns: Columns, role: str = "train_data", train_on: str = "assistant") -> Table:
     """Read a data file and check it can be trained on; keep only the needed columns.
 
     Row numbers in messages count data rows from 1 (a CSV header is not a row).
 
     Returns:
-        A `Table` of `columns.names` as string columns (fresh 0-based index), with `role` and `path`.
+        A `Table` of `columns.names` (fresh 0-based index), with `role` and `path`: string
+        columns, or for conversations a column of lists of message dicts.
 
     Raises:
         DataError: every problem `read_table` finds, no rows, a missing column (the message lists
-            the columns that exist), null or non-string cells, empty text or completions.
+            the columns that exist), null or non-string cells, empty text or completions, or
+            conversations that are not valid (`loraflow.data.chat.check_conversations`).
     """
-    frame = read_table(path, role)
+    return check_examples(read_table(path, role), path, columns, role, train_on)
+
+
+def check_examples(frame: "pd.DataFrame", path: str | Path, columns: Columns, role: str,
+                   train_on: str = "assistant") -> Table:
+    """`load_examples` on a table already read (a run reads each file once)."""
     where = _where(role, path)
     if len(frame) == 0:
         raise DataError(f"{where}: has no rows (only a header or an empty table); add at least one example")
@@ -277,10 +326,23 @@ def load_examples(path: str | Path, columns: Columns, role: str = "train_data") 
                 f"{where}: column {name!r} not found; columns are: [{', '.join(existing)}]{more}. "
                 f"Pass {columns.flag_for(name)} with one of them."
             )
+    if columns.is_chat:
+        return _check_conversation_column(frame, path, columns.messages, role, train_on)  # type: ignore[arg-type]
     for name in columns.names:
         _check_string_cells(frame[name], name, where, allow_empty=name == columns.prompt)
     selected = frame[list(columns.names)].reset_index(drop=True).astype(object)
     return Table(selected, role=role, source=str(path))
+
+
+def _check_conversation_column(frame: "pd.DataFrame", path: str | Path, name: str, role: str, train_on: str) -> Table:
+    import pandas as pd
+
+    from loraflow.data.conversations import as_conversation, check_conversations
+
+    values = frame[name].tolist()
+    keep = check_conversations(values, _where(role, path), train_on)
+    conversations = pd.DataFrame({name: pd.Series([as_conversation(values[i]) for i in keep], dtype=object)})
+    return Table(conversations, role=role, source=str(path))
 
 
 def _check_string_cells(column: "pd.Series", name: str, where: str, *, allow_empty: bool) -> None:

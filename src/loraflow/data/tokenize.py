@@ -1,9 +1,11 @@
 """Tokenizing training rows, with the loss mask, and what happens to rows longer than the context.
 
 A completion row becomes `[bos] + prompt + completion + [eos]` with the loss on the completion and
-EOS only; a text row becomes `[bos] + text + [eos]` with the loss on every token after BOS. Rows
-longer than `max_seq_length` are truncated or dropped (`overflow`), and a row whose trained tokens
-were all cut is always dropped; a warning counts both.
+EOS only; a text row becomes `[bos] + text + [eos]` with the loss on every token after BOS; a
+conversation is rendered with its chat template, with the loss where `train_on` says
+(`loraflow.data.chat.tokenize_conversation`). Rows longer than `max_seq_length` are truncated or
+dropped (`overflow`), and a row whose trained tokens were all cut is always dropped; a warning
+counts both.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from loraflow.config import OVERFLOWS
-from loraflow.data.tables import Columns, Table, _where
+from loraflow.data.tables import IGNORE_INDEX, Columns, Table, _where
 from loraflow.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -21,7 +23,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100  # label value that torch's cross-entropy (and so every HF causal LM) skips
 MAX_CHARS_PER_TOKEN = 100  # no real tokenizer has longer tokens; cells beyond this are cut early
 
 
@@ -57,18 +58,26 @@ class TokenizedExamples:
 
 @dataclass
 class _Encoded:
-    """Each row's full ids, how many leading tokens are masked, and whether a cell was cut early."""
+    """Each row's full ids and labels, and whether a cell was cut before tokenizing."""
 
     ids: list[list[int]] = field(default_factory=list)
-    masked: list[int] = field(default_factory=list)
+    labels: list[list[int]] = field(default_factory=list)
     cut: list[bool] = field(default_factory=list)
 
 
-def tokenize_table(table: Table, tokenizer: Any, columns: Columns, max_seq_length: int,
-                   overflow: str = "truncate") -> TokenizedExamples:
-    """`tokenize_examples` of a table, its messages naming the table's parameter and file."""
-    return tokenize_examples(table.frame, tokenizer, columns, max_seq_length, overflow,
-                             role=table.role, source=table.source)
+def tokenize_table(table: Table, tokenizer: Any, columns: Columns, max_seq_length: int, overflow: str = "truncate",
+                   *, chat_template: str | None = None, train_on: str = "assistant") -> TokenizedExamples:
+    """`tokenize_examples` of a table (or of its conversations, rendered with `chat_template`),
+    its messages naming the table's parameter and file."""
+    if not columns.is_chat:
+        return tokenize_examples(table.frame, tokenizer, columns, max_seq_length, overflow,
+                                 role=table.role, source=table.source)
+    from loraflow.data import chat
+
+    _check_length_settings(overflow, max_seq_length)
+    rows = table.frame[columns.messages].tolist()
+    ids, labels = chat.tokenize_conversations(tokenizer, rows, table.where, train_on, chat_template)
+    return _fit(_Encoded(ids, labels, [False] * len(ids)), max_seq_length, overflow, table.where)
 
 
 def tokenize_examples(
@@ -100,14 +109,23 @@ def tokenize_examples(
         DataError: no rows are left to train on.
         ConfigError: an unknown `overflow` or a max_seq_length below 2.
     """
-    if overflow not in OVERFLOWS:
-        raise ConfigError(f"`overflow` must be one of {', '.join(OVERFLOWS)}, got {overflow!r}")
-    if max_seq_length < 2:
-        raise ConfigError(f"`max_seq_length` must be at least 2 (BOS + one token), got {max_seq_length}")
+    _check_length_settings(overflow, max_seq_length)
     where = _where(role, source)
     if len(df) == 0:
         raise DataError(f"{where}: has no rows to tokenize")
     encoded = _encode(df, tokenizer, columns, max_seq_length * MAX_CHARS_PER_TOKEN)
+    return _fit(encoded, max_seq_length, overflow, where)
+
+
+def _check_length_settings(overflow: str, max_seq_length: int) -> None:
+    if overflow not in OVERFLOWS:
+        raise ConfigError(f"`overflow` must be one of {', '.join(OVERFLOWS)}, got {overflow!r}")
+    if max_seq_length < 2:
+        raise ConfigError(f"`max_seq_length` must be at least 2 (BOS + one token), got {max_seq_length}")
+
+
+def _fit(encoded: _Encoded, max_seq_length: int, overflow: str, where: str) -> TokenizedExamples:
+    """Apply `overflow` to over-long rows, warn with the counts, and refuse a result with no row."""
     result, too_long, unlearnable = _fit_to_length(encoded, max_seq_length, overflow)
     if too_long:
         _warn_overflow(where, encoded, too_long, unlearnable, max_seq_length, overflow)
@@ -136,10 +154,13 @@ def _encode(df: "pd.DataFrame", tokenizer: Any, columns: Columns, char_cap: int)
     if columns.is_prompt_completion:
         prompts, cut_p = encode(columns.prompt)  # type: ignore[arg-type]
         completions, cut_c = encode(columns.completion)  # type: ignore[arg-type]
-        return _Encoded([bos + p + c + eos for p, c in zip(prompts, completions)],
-                        [len(bos) + len(p) for p in prompts], [a or b for a, b in zip(cut_p, cut_c)])
-    texts, cut = encode(columns.text)  # type: ignore[arg-type]
-    return _Encoded([bos + t + eos for t in texts], [len(bos)] * len(texts), cut)
+        ids = [bos + p + c + eos for p, c in zip(prompts, completions)]
+        masked = [len(bos) + len(p) for p in prompts]
+        cut = [a or b for a, b in zip(cut_p, cut_c)]
+    else:
+        texts, cut = encode(columns.text)  # type: ignore[arg-type]
+        ids, masked = [bos + t + eos for t in texts], [len(bos)] * len(texts)
+    return _Encoded(ids, [[IGNORE_INDEX] * n + row[n:] for row, n in zip(ids, masked)], cut)
 
 
 def _fit_to_length(encoded: _Encoded, max_seq_length: int, overflow: str) -> tuple[TokenizedExamples, int, int]:
@@ -147,18 +168,18 @@ def _fit_to_length(encoded: _Encoded, max_seq_length: int, overflow: str) -> tup
     rows too long and of rows left with nothing to learn."""
     result = TokenizedExamples([], [])
     too_long = unlearnable = 0
-    for ids, n_masked, was_cut in zip(encoded.ids, encoded.masked, encoded.cut):
+    for ids, labels, was_cut in zip(encoded.ids, encoded.labels, encoded.cut):
         long = len(ids) > max_seq_length or was_cut
         too_long += long
         if long and overflow == "drop":
             continue
-        ids = ids[:max_seq_length]
-        if n_masked >= len(ids):  # truncation left no completion token to learn from
+        ids, labels = ids[:max_seq_length], labels[:max_seq_length]
+        if all(label == IGNORE_INDEX for label in labels):  # truncation left no trained token to learn from
             unlearnable += 1
             continue
         result.n_truncated += long
         result.input_ids.append(ids)
-        result.labels.append([IGNORE_INDEX] * n_masked + ids[n_masked:])
+        result.labels.append(labels)
     result.n_dropped = len(encoded.ids) - len(result.input_ids)
     return result, too_long, unlearnable
 

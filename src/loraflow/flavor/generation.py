@@ -29,7 +29,7 @@ import difflib
 import math
 import numbers
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
 
 from transformers import StoppingCriteria
 
@@ -109,6 +109,18 @@ def context_length(model: "torch.nn.Module", tokenizer: "PreTrainedTokenizerBase
     return limit if isinstance(limit, int) and limit < 10**8 else None
 
 
+class Generated(NamedTuple):
+    """One prompt's generation: the text, and what an OpenAI-style response reports about it."""
+
+    text: str
+    """The generated text only (no prompt), special tokens removed."""
+    prompt_tokens: int
+    completion_tokens: int
+    """Tokens generated, the one that stopped generation included."""
+    stopped: bool
+    """True when an EOS or stop token ended it, False when it ran to `max_new_tokens`."""
+
+
 def generate_texts(
     model: "torch.nn.Module",
     tokenizer: "PreTrainedTokenizerBase",
@@ -127,10 +139,34 @@ def generate_texts(
         MlflowException: (INVALID_PARAMETER_VALUE) an invalid param, an empty prompt or one that
             does not fit the model's context with `max_new_tokens` more tokens.
     """
+    generated = generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens_cap=max_new_tokens_cap,
+                         **params)
+    return [g.text for g in generated]
+
+
+def generate(
+    model: "torch.nn.Module",
+    tokenizer: "PreTrainedTokenizerBase",
+    prompts: list[str],
+    *,
+    batch_size: int,
+    max_new_tokens_cap: int,
+    stop_token_ids: list[int] | None = None,
+    add_special_tokens: bool = True,
+    **params: Any,
+) -> list[Generated]:
+    """`generate_texts`, with the token counts and whether each generation stopped by itself.
+
+    Args:
+        stop_token_ids: tokens that end a generation besides the model's EOS (a chat template's
+            end-of-turn token).
+        add_special_tokens: tokenize prompts with the tokenizer's special tokens (BOS); False
+            for prompts a chat template rendered, which writes them itself.
+    """
     import torch
 
     settings = generation_settings(params, max_new_tokens_cap=max_new_tokens_cap)
-    encoded = tokenizer(prompts)["input_ids"]
+    encoded = tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]
     _check_lengths(encoded, settings["max_new_tokens"], context_length(model, tokenizer))
     kwargs: dict[str, Any] = {
         "do_sample": settings["do_sample"],
@@ -140,15 +176,18 @@ def generate_texts(
     if settings["do_sample"]:  # passing these to greedy search only makes transformers warn
         kwargs.update(temperature=float(settings["temperature"]), top_p=float(settings["top_p"]))
     device = next(model.parameters()).device
+    eos = _eos_ids(model.generation_config, device, stop_token_ids)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    texts: list[str] = [""] * len(encoded)
+    results: list[Generated | None] = [None] * len(encoded)
     with torch.inference_mode(), _seeded(settings["seed"] if settings["do_sample"] else None, device):
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            tokens = generate_batch(model, [encoded[i] for i in batch], settings["max_new_tokens"], **kwargs)
-            for i, text in zip(batch, tokenizer.batch_decode(tokens, skip_special_tokens=True)):
-                texts[i] = text
-    return texts
+            tokens = generate_batch(model, [encoded[i] for i in batch], settings["max_new_tokens"],
+                                    stop_token_ids=stop_token_ids, **kwargs)
+            for i, row, text in zip(batch, tokens, tokenizer.batch_decode(tokens, skip_special_tokens=True)):
+                stopped = eos is not None and len(row) > 0 and bool(torch.isin(row[-1:], eos).any())
+                results[i] = Generated(text, len(encoded[i]), len(row), stopped)
+    return results  # type: ignore[return-value]  (every position is filled)
 
 
 def _check_lengths(encoded: list[list[int]], max_new_tokens: int, limit: int | None) -> None:
@@ -166,15 +205,19 @@ def _check_lengths(encoded: list[list[int]], max_new_tokens: int, limit: int | N
 
 
 def generate_batch(
-    model: "torch.nn.Module", rows: list[list[int]], max_new_tokens: int, **kwargs: Any
+    model: "torch.nn.Module", rows: list[list[int]], max_new_tokens: int, *,
+    stop_token_ids: list[int] | None = None, **kwargs: Any
 ) -> list["torch.Tensor"]:
-    """The generated token ids of each row of prompt ids, up to and including its first EOS.
+    """The generated token ids of each row of prompt ids, up to and including its first EOS (or
+    stop token).
 
     `kwargs` go to `model.generate` (`pad_token_id` is required). Rows are best sorted by length.
     """
     device = next(model.parameters()).device
     input_ids, attention_mask = _left_pad(rows, kwargs["pad_token_id"], device)
-    eos = _eos_ids(model.generation_config, device)
+    eos = _eos_ids(model.generation_config, device, stop_token_ids)
+    if stop_token_ids:  # `generate` stops at these too
+        kwargs["eos_token_id"] = eos.tolist()
     cache = _new_cache(model, device, input_ids.shape[1] + max_new_tokens)
     if not _plain_attention(cache):  # as one `generate` call; its own cache unless a static one pays
         passed = {"cache": cache} if _static_cache_pays(model, device) else {}
@@ -248,13 +291,14 @@ def _until_eos(tokens: "torch.Tensor", eos: "torch.Tensor | None") -> "torch.Ten
     return tokens[: int(hits[0]) + 1] if len(hits) else tokens
 
 
-def _eos_ids(config: "GenerationConfig", device: "torch.device") -> "torch.Tensor | None":
+def _eos_ids(config: "GenerationConfig", device: "torch.device",
+             extra: list[int] | None = None) -> "torch.Tensor | None":
+    """The ids that end a generation: the model's EOS, and `extra` stop tokens."""
     import torch
 
     eos = config.eos_token_id
-    if eos is None:
-        return None
-    return torch.tensor([eos] if isinstance(eos, int) else list(eos), device=device)
+    ids = ([] if eos is None else [eos] if isinstance(eos, int) else list(eos)) + list(extra or [])
+    return torch.tensor(list(dict.fromkeys(ids)), device=device) if ids else None
 
 
 def _restartable(config: "GenerationConfig") -> bool:

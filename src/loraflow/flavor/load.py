@@ -138,11 +138,13 @@ def load_local(
     device: "str | torch.device | None" = None,
     dtype: "torch.dtype | str | None" = None,
     trust_remote_code: bool | None = None,
+    conf: dict[str, Any] | None = None,
 ) -> LoadedModel:
-    """Load the model saved in the local folder `path` (see `load_model`)."""
+    """Load the model saved in the local folder `path` (see `load_model`); `conf`: its flavor
+    configuration, when the caller read it already."""
     import torch
 
-    conf = read_flavor_conf(path)
+    conf = conf or read_flavor_conf(path)
     allowed = _remote_code_allowed(path, conf["base"], trust_remote_code)  # before any code can run
     _add_code_from_conf_to_system_path(str(path), conf)
     fingerprint.check_scheme(conf["base"]["fingerprint"])

@@ -1,8 +1,11 @@
 """The python_function model: what `mlflow.pyfunc.load_model(...).predict` and `mlflow models serve` run.
 
-`predict` takes a DataFrame with a `prompt` column (or a list of strings, a dict, a string) and
-params (`max_new_tokens`, `temperature`, `top_p`, `do_sample`, `repetition_penalty`, `seed`), and
-returns a DataFrame with a `text` column: the continuation only. Settings of the served model itself
+A completion model's `predict` takes a DataFrame with a `prompt` column (or a list of strings, a
+dict, a string, or OpenAI's completions body `{"prompt": ..., "max_tokens": N}`) and params
+(`max_new_tokens`, `temperature`, `top_p`, `do_sample`, `repetition_penalty`, `seed`), and returns a
+DataFrame with a `text` column: the continuation only. A chat model (`task: chat`) takes OpenAI's
+chat body `{"messages": [...], "max_tokens": N, ...}` (or a list of them) and returns
+`chat.completion` objects (`loraflow.flavor.chat`). Settings of the served model itself
 are its `model_config` (`PYFUNC_DEFAULTS`; override with `mlflow.pyfunc.load_model(uri,
 model_config={...})`), checked by `pyfunc_config` at save time and at load time alike.
 """
@@ -20,6 +23,7 @@ from loraflow.flavor.load import LoadedModel, device_problem, load_local
 
 if TYPE_CHECKING:
     import pandas as pd
+    from mlflow.models import ModelSignature
 
 PYFUNC_DEFAULTS: dict[str, Any] = {
     "batch_size": 32,  # prompts generated together (sorted by length; see `loraflow.flavor.generation`)
@@ -31,6 +35,34 @@ PYFUNC_DEFAULTS: dict[str, Any] = {
     "max_request_chars": 1_000_000,
     "device": None,  # None: CUDA when available, else CPU
 }
+
+
+# OpenAI's completions body, `{"prompt": ..., "max_tokens": N}`, reaches `predict` unwrapped from
+# MLflow's server: its generation keys, by their OpenAI names.
+OPENAI_COMPLETION_KEYS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p",
+                          "seed": "seed"}
+
+
+def _prompts_and_params(data: Any, params: dict[str, Any] | None) -> tuple[list[str], dict[str, Any]]:
+    """The prompts of a request, and its params: `params`, and for OpenAI's completions body the
+    generation keys beside `prompt` (by their OpenAI names); an unknown key is refused by name."""
+    params = dict(params or {})
+    if (max_tokens := params.pop("max_tokens", None)) is not None:  # the OpenAI spelling, in `params`
+        params["max_new_tokens"] = max_tokens
+    if isinstance(data, dict) and "prompt" in data:
+        unknown = sorted(set(data) - {"prompt", *OPENAI_COMPLETION_KEYS})
+        if unknown:
+            raise invalid(f"unknown request keys {unknown}; a completion request takes `prompt` and "
+                          f"{sorted(OPENAI_COMPLETION_KEYS)}")
+        for theirs, ours in OPENAI_COMPLETION_KEYS.items():
+            if data.get(theirs) is not None:
+                params[ours] = data[theirs]
+        if "temperature" in data and data["temperature"] is not None:
+            params["do_sample"] = data["temperature"] != 0
+            if data["temperature"] == 0:
+                params.pop("temperature")
+        data = {"prompt": data.get("prompt")}
+    return _prompts_from_input(data), params
 
 
 def _prompts_from_input(data: Any) -> list[str]:
@@ -73,21 +105,28 @@ def _prompts_from_input(data: Any) -> list[str]:
 
 
 class LoraflowPyfunc:
-    """The pyfunc model: a DataFrame with a `prompt` column in, a DataFrame with `text` out."""
+    """The pyfunc model: prompts in, continuations out; or, for a chat model, chat completions."""
 
-    def __init__(self, loaded: LoadedModel, config: dict[str, Any]):
+    def __init__(self, loaded: LoadedModel, config: dict[str, Any], flavor_conf: dict[str, Any] | None = None):
         self.loaded = loaded
         self.config = config
+        flavor_conf = flavor_conf or {}
+        self.task = flavor_conf.get("task", "completion")
+        self.end_of_turn_ids = list((flavor_conf.get("chat") or {}).get("end_of_turn_ids") or [])
+        self.generation_defaults = dict(flavor_conf.get("generation_defaults") or {})
+        self.model_name = str((flavor_conf.get("base") or {}).get("name") or "loraflow")
 
     def get_raw_model(self) -> LoadedModel:
         return self.loaded
 
-    def predict(self, data: Any, params: dict[str, Any] | None = None) -> "pd.DataFrame":
+    def predict(self, data: Any, params: dict[str, Any] | None = None) -> Any:
         import pandas as pd
 
         from loraflow.flavor.generation import generate_texts  # here, not at load: loading never needs it
 
-        prompts = _prompts_from_input(data)
+        if self.task == "chat":
+            return self._predict_chat(data)
+        prompts, params = _prompts_and_params(data, params)
         if _MLFLOW_IS_IN_SERVING_ENVIRONMENT.get():  # set by MLflow's scoring server
             self._check_request_size(prompts)
         texts = generate_texts(
@@ -99,6 +138,32 @@ class LoraflowPyfunc:
             **(params or {}),
         )
         return pd.DataFrame({"text": texts})
+
+    def _predict_chat(self, data: Any) -> Any:
+        """OpenAI chat requests in, `chat.completion` objects out (one object for one request)."""
+        from loraflow.flavor import chat
+        from loraflow.flavor.generation import generate
+
+        requests, single = chat.chat_requests(data)
+        parsed = [chat.request_settings(r, self.generation_defaults) for r in requests]
+        tokenizer = self.loaded.tokenizer
+        prompts = [chat.render_prompt(tokenizer, messages) for messages, _, _ in parsed]
+        if _MLFLOW_IS_IN_SERVING_ENVIRONMENT.get():
+            self._check_request_size(prompts)
+        answers: list[Any] = [None] * len(parsed)
+        groups: dict[str, list[int]] = {}
+        for i, (_, settings, _) in enumerate(parsed):  # one generation per distinct setting
+            groups.setdefault(repr(sorted(settings.items())), []).append(i)
+        for rows in groups.values():
+            generated = generate(self.loaded.model, tokenizer, [prompts[i] for i in rows],
+                                 batch_size=self.config["batch_size"], max_new_tokens_cap=self.config["max_new_tokens_cap"],
+                                 stop_token_ids=self.end_of_turn_ids, add_special_tokens=False, **parsed[rows[0]][1])
+            for i, g in zip(rows, generated):
+                text, cut = chat.cut_at_stop(g.text, parsed[i][2])
+                answers[i] = chat.completion_object(
+                    text, prompt_tokens=g.prompt_tokens, completion_tokens=g.completion_tokens,
+                    finish_reason="stop" if g.stopped or cut else "length", model=self.model_name)
+        return answers[0] if single else answers
 
     def _check_request_size(self, prompts: list[str]) -> None:
         problems = []
@@ -135,7 +200,88 @@ def load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> Lorafl
     """The pyfunc model of the model saved at `path` (what `loraflow.flavor._load_pyfunc` returns)."""
     import torch
 
+    from loraflow.flavor.layout import read_flavor_conf
+
     config = pyfunc_config(model_config)
     device = config["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
-    loaded = load_local(Path(path), device=device)  # in eval mode: peft sets it unless trainable
-    return LoraflowPyfunc(loaded, config)
+    conf = read_flavor_conf(Path(path))
+    loaded = load_local(Path(path), device=device, conf=conf)  # in eval mode: peft sets it unless trainable
+    return LoraflowPyfunc(loaded, config, conf)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a request looks like: the signatures and input examples saved with a model.
+
+
+def validated_generation_defaults(
+    overrides: dict[str, Any] | None, max_new_tokens_cap: int = PYFUNC_DEFAULTS["max_new_tokens_cap"]
+) -> dict[str, Any]:
+    from loraflow.flavor.generation import GENERATION_DEFAULTS, generation_settings
+
+    overrides = dict(overrides or {})
+    unknown = [k for k in overrides if k not in GENERATION_DEFAULTS]
+    if unknown:
+        raise invalid(
+            f"`generation_defaults` has unknown keys {unknown}; known: {sorted(GENERATION_DEFAULTS)}"
+        )
+    defaults = {**GENERATION_DEFAULTS, **overrides}
+    generation_settings(defaults, max_new_tokens_cap=max_new_tokens_cap)
+    return defaults
+
+
+def default_signature(
+    generation_defaults: dict[str, Any] | None = None, max_new_tokens_cap: int = PYFUNC_DEFAULTS["max_new_tokens_cap"]
+) -> "ModelSignature":
+    """Input: one string column; output `text` (string); and a params schema for generation.
+
+    Without a params schema MLflow silently drops the params of a request. The input column is
+    left unnamed on purpose: MLflow's schema enforcement turns a list of strings or a single string
+    into a DataFrame with column `0` and would reject it against a named `prompt` column; `predict`
+    then reads the `prompt` column, or that single unnamed column, and rejects anything else.
+    """
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    d = validated_generation_defaults(generation_defaults, max_new_tokens_cap)
+    return ModelSignature(
+        inputs=Schema([ColSpec("string")]),
+        outputs=Schema([ColSpec("string", "text")]),
+        params=ParamSchema([
+            ParamSpec("max_new_tokens", "long", int(d["max_new_tokens"])),
+            ParamSpec("temperature", "double", float(d["temperature"])),
+            ParamSpec("top_p", "double", float(d["top_p"])),
+            ParamSpec("do_sample", "boolean", bool(d["do_sample"])),
+            ParamSpec("repetition_penalty", "double", float(d["repetition_penalty"])),
+            ParamSpec("seed", "long", int(d["seed"])),
+            # OpenAI's name for max_new_tokens: without a spec MLflow's server drops it unseen
+            ParamSpec("max_tokens", "long", None),
+        ]),
+    )
+
+
+def chat_signature() -> "ModelSignature":
+    """A chat model's signature: MLflow's chat schema (`mlflow.types.llm`), plus `seed`.
+
+    `messages` in and an OpenAI `chat.completion` object out; the generation settings travel in
+    the request itself (`max_tokens`, `temperature`, `top_p`, `stop`, `seed`), as OpenAI sends them.
+    """
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+    from mlflow.types.llm import CHAT_MODEL_INPUT_SCHEMA, CHAT_MODEL_OUTPUT_SCHEMA
+
+    inputs = Schema([*CHAT_MODEL_INPUT_SCHEMA.inputs, ColSpec("long", "seed", required=False)])
+    return ModelSignature(inputs=inputs, outputs=CHAT_MODEL_OUTPUT_SCHEMA)
+
+
+def chat_input_example() -> dict[str, Any]:
+    """A small chat request; short `max_tokens` keeps MLflow's log-time validation quick."""
+    return {"messages": [{"role": "user", "content": "What is LoRA?"}], "max_tokens": 8}
+
+
+def default_input_example() -> tuple[list[str], dict[str, Any]]:
+    """A small example request; short `max_new_tokens` keeps MLflow's log-time validation quick.
+
+    A list of prompts rather than a DataFrame: `mlflow.pyfunc.load_model` reads the example on
+    every load, and a DataFrame example costs ~8 ms there (pandas' JSON reader); a list, 0.1 ms.
+    """
+    return ["Question: What is LoRA?\nAnswer:"], {"max_new_tokens": 8}

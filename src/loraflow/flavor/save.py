@@ -48,7 +48,15 @@ from loraflow.flavor.layout import (
     TRUST_REMOTE_CODE_ENV,
     invalid,
 )
-from loraflow.flavor.pyfunc import PYFUNC_DEFAULTS, pyfunc_config
+from loraflow.flavor.pyfunc import (
+    PYFUNC_DEFAULTS,
+    validated_generation_defaults,
+    chat_input_example,
+    chat_signature,
+    default_input_example,
+    default_signature,
+    pyfunc_config,
+)
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -64,7 +72,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # src/loraflow
 
 
 # ---------------------------------------------------------------------------------------------
-# Requirements and signature.
+# Requirements.
 
 
 def get_default_pip_requirements() -> list[str]:
@@ -72,58 +80,6 @@ def get_default_pip_requirements() -> list[str]:
     `loraflow.flavor`'s docstring for why."""
     packages = ["mlflow", "torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers"]
     return [_get_pinned_requirement(p) for p in packages]
-
-
-def _validated_generation_defaults(
-    overrides: dict[str, Any] | None, max_new_tokens_cap: int = PYFUNC_DEFAULTS["max_new_tokens_cap"]
-) -> dict[str, Any]:
-    from loraflow.flavor.generation import GENERATION_DEFAULTS, generation_settings
-
-    overrides = dict(overrides or {})
-    unknown = [k for k in overrides if k not in GENERATION_DEFAULTS]
-    if unknown:
-        raise invalid(
-            f"`generation_defaults` has unknown keys {unknown}; known: {sorted(GENERATION_DEFAULTS)}"
-        )
-    defaults = {**GENERATION_DEFAULTS, **overrides}
-    generation_settings(defaults, max_new_tokens_cap=max_new_tokens_cap)
-    return defaults
-
-
-def default_signature(
-    generation_defaults: dict[str, Any] | None = None, max_new_tokens_cap: int = PYFUNC_DEFAULTS["max_new_tokens_cap"]
-) -> ModelSignature:
-    """Input: one string column; output `text` (string); and a params schema for generation.
-
-    Without a params schema MLflow silently drops the params of a request. The input column is
-    left unnamed on purpose: MLflow's schema enforcement turns a list of strings or a single string
-    into a DataFrame with column `0` and would reject it against a named `prompt` column; `predict`
-    then reads the `prompt` column, or that single unnamed column, and rejects anything else.
-    """
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-
-    d = _validated_generation_defaults(generation_defaults, max_new_tokens_cap)
-    return ModelSignature(
-        inputs=Schema([ColSpec("string")]),
-        outputs=Schema([ColSpec("string", "text")]),
-        params=ParamSchema([
-            ParamSpec("max_new_tokens", "long", int(d["max_new_tokens"])),
-            ParamSpec("temperature", "double", float(d["temperature"])),
-            ParamSpec("top_p", "double", float(d["top_p"])),
-            ParamSpec("do_sample", "boolean", bool(d["do_sample"])),
-            ParamSpec("repetition_penalty", "double", float(d["repetition_penalty"])),
-            ParamSpec("seed", "long", int(d["seed"])),
-        ]),
-    )
-
-
-def default_input_example() -> tuple[list[str], dict[str, Any]]:
-    """A small example request; short `max_new_tokens` keeps MLflow's log-time validation quick.
-
-    A list of prompts rather than a DataFrame: `mlflow.pyfunc.load_model` reads the example on
-    every load, and a DataFrame example costs ~8 ms there (pandas' JSON reader); a list, 0.1 ms.
-    """
-    return ["Question: What is LoRA?\nAnswer:"], {"max_new_tokens": 8}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,6 +210,7 @@ def save_model(
     batch_size: int = PYFUNC_DEFAULTS["batch_size"],
     max_new_tokens_cap: int = PYFUNC_DEFAULTS["max_new_tokens_cap"],
     trust_remote_code: bool = False,
+    chat_template: str | None = None,
 ) -> None:
     """Save a PEFT LoRA model, its tokenizer and its base model (embedded or referenced) to `path`.
 
@@ -277,6 +234,10 @@ def save_model(
         max_new_tokens_cap: the largest `max_new_tokens` pyfunc accepts.
         trust_remote_code: whether the base model was loaded with code shipped with it; recorded
             as `base.trust_remote_code` (loading such a model needs permission again).
+        chat_template: for a model trained on conversations, the chat template training used: it
+            is saved with the tokenizer (inference renders with exactly it), the flavor records
+            `task: chat` and the template's end-of-turn tokens, and the pyfunc model answers
+            OpenAI chat requests (`chat_signature`).
 
     Raises:
         MlflowException: an invalid argument, a non-empty `path`, or a base model that cannot be
@@ -285,7 +246,7 @@ def save_model(
     _validate_env_arguments(None, pip_requirements, extra_pip_requirements)
     _check_model(peft_model, trust_remote_code)
     model_config = pyfunc_config({"batch_size": batch_size, "max_new_tokens_cap": max_new_tokens_cap})
-    generation_defaults = _validated_generation_defaults(generation_defaults, max_new_tokens_cap)
+    generation_defaults = validated_generation_defaults(generation_defaults, max_new_tokens_cap)
     base_model = base_model or peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path
     if not base_model:
         raise invalid("`base_model` is unknown: pass it, e.g. base_model='builtin:tiny'")
@@ -296,10 +257,14 @@ def save_model(
     path = Path(os.path.abspath(path))
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise invalid(f"Path '{path}' already exists and is not empty")
+    tokenizer = _with_chat_template(tokenizer, chat_template)
     with atomic_dir(path) as tmp:
         code = _write_artifacts(tmp, peft_model, tokenizer, source_dir, base_section, code_paths)
         mlflow_model = mlflow_model or Model()
-        if signature is None:
+        if signature is None and chat_template is not None:
+            signature = chat_signature()
+            input_example = chat_input_example() if input_example is None else input_example
+        elif signature is None:
             signature = default_signature(generation_defaults, max_new_tokens_cap)
             input_example = default_input_example() if input_example is None else input_example
         _save_example(mlflow_model, input_example, str(tmp))
@@ -309,11 +274,35 @@ def save_model(
         mlflow_pyfunc.add_to_model(mlflow_model, loader_module="loraflow.flavor", code=code,
                                    conda_env=_CONDA_ENV_FILE_NAME, python_env=_PYTHON_ENV_FILE_NAME,
                                    model_config=model_config)
-        mlflow_model.add_flavor(FLAVOR_NAME, **_flavor_conf(tmp, peft_model, base_section, generation_defaults, code))
+        conf = _flavor_conf(tmp, peft_model, base_section, generation_defaults, code)
+        mlflow_model.add_flavor(FLAVOR_NAME, **conf, **_task_conf(tokenizer, chat_template))
         if size := get_total_file_size(str(tmp)):
             mlflow_model.model_size_bytes = size
         mlflow_model.save(str(tmp / MLMODEL_FILE_NAME))
         _write_environment(tmp, pip_requirements, extra_pip_requirements)
+
+
+def _with_chat_template(tokenizer: "PreTrainedTokenizerBase", chat_template: str | None) -> "PreTrainedTokenizerBase":
+    """The tokenizer to save: for a chat model, a copy carrying the template training used."""
+    import copy
+
+    if chat_template is None:
+        return tokenizer
+    if not isinstance(chat_template, str) or not chat_template.strip():
+        raise invalid(f"`chat_template` must be the text of a chat template, got {chat_template!r}")
+    saved = copy.copy(tokenizer)  # the caller's tokenizer keeps its own template
+    saved.chat_template = chat_template
+    return saved
+
+
+def _task_conf(tokenizer: "PreTrainedTokenizerBase", chat_template: str | None) -> dict[str, Any]:
+    """The flavor config's `task`, and for a chat model the tokens that end a reply."""
+    if chat_template is None:
+        return {"task": "completion"}
+    from loraflow.flavor.chat import end_of_turn_ids, end_of_turn_text
+
+    return {"task": "chat", "chat": {"end_of_turn_ids": end_of_turn_ids(tokenizer, chat_template),
+                                     "end_of_turn_text": end_of_turn_text(tokenizer, chat_template)}}
 
 
 def _check_model(peft_model: Any, trust_remote_code: Any) -> None:
@@ -409,14 +398,15 @@ def log_model(
     batch_size: int = PYFUNC_DEFAULTS["batch_size"],
     max_new_tokens_cap: int = PYFUNC_DEFAULTS["max_new_tokens_cap"],
     trust_remote_code: bool = False,
+    chat_template: str | None = None,
     **kwargs: Any,
 ) -> "mlflow.models.model.ModelInfo":
     """Log a PEFT LoRA model to the active run (one is started if none is active).
 
     Args:
         peft_model, tokenizer, base_model, base_mode, generation_defaults, batch_size,
-        max_new_tokens_cap, trust_remote_code, signature, input_example, pip_requirements,
-        extra_pip_requirements, code_paths, metadata: as for `save_model`.
+        max_new_tokens_cap, trust_remote_code, chat_template, signature, input_example,
+        pip_requirements, extra_pip_requirements, code_paths, metadata: as for `save_model`.
         name: the logged model's name (MLflow 3).
         registered_model_name: also register a version under this name.
         kwargs: passed to `mlflow.models.Model.log` (e.g. `params`, `tags`, `step`).
@@ -448,5 +438,6 @@ def log_model(
             batch_size=batch_size,
             max_new_tokens_cap=max_new_tokens_cap,
             trust_remote_code=trust_remote_code,
+            chat_template=chat_template,
             **kwargs,
         )
