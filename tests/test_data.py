@@ -63,7 +63,7 @@ def test_columns_need_text_or_prompt_and_completion():
 
 def test_the_sample_dataset_ships_and_loads():
     frame = data.load_examples(data.SAMPLE_DATA, PC)
-    assert data.SAMPLE_DATA.name == "sample.jsonl" and len(frame) == 160
+    assert data.SAMPLE_DATA.name == "sample.jsonl" and len(frame) == 261
     assert list(frame.columns) == ["prompt", "completion"]
     assert frame.attrs == {"source": str(data.SAMPLE_DATA), "role": "train_data"}
 
@@ -312,7 +312,7 @@ def test_overflow_drop_removes_the_rows_and_warns(tiny_tokenizer, caplog):
 def test_a_prompt_that_fills_max_seq_length_is_dropped_even_when_truncating(tiny_tokenizer, caplog):
     frame = pd.DataFrame(sample_rows(2) + [{"prompt": "Question" * 40, "completion": " yes"}])
     with caplog.at_level(logging.WARNING, logger="loraflow.data"):
-        kept = data.tokenize_examples(frame, tiny_tokenizer, PC, max_seq_length=24)
+        kept = data.tokenize_examples(frame, tiny_tokenizer, PC, max_seq_length=40)
     assert (kept.n_truncated, kept.n_dropped, len(kept)) == (0, 1, 2)
     assert "1 of them kept no completion token and were dropped" in caplog.text
 
@@ -517,17 +517,21 @@ def _solo_logits(model, ids: list[int]) -> torch.Tensor:
         return model(input_ids=torch.tensor([ids])).logits[0]
 
 
+PACKED_ROW = 96  # tokens per packed row: more than two sample rows (about 35 tokens each)
+
+
 @pytest.fixture
 def real_examples(tiny_tokenizer) -> TokenizedExamples:
+    """The first 10 sample rows and a longer one; several fit in one packed row of PACKED_ROW tokens."""
     frame = data.load_examples(data.SAMPLE_DATA, PC).iloc[:10]
     frame = pd.concat([frame, pd.DataFrame([{"prompt": "A longer one:", "completion": " word" * 30}])])
-    return data.tokenize_examples(frame, tiny_tokenizer, PC, max_seq_length=64)
+    return data.tokenize_examples(frame, tiny_tokenizer, PC, max_seq_length=PACKED_ROW)
 
 
 def test_packed_examples_do_not_see_each_other(tiny_model, tiny_tokenizer, real_examples):
     """Logits and loss of every packed example equal those of the example run alone."""
     loader = data.make_dataloader(real_examples, 2, pad_token_id=tiny_tokenizer.pad_token_id, shuffle=True, seed=0,
-                                  packing=True, max_seq_length=64)
+                                  packing=True, max_seq_length=PACKED_ROW)
     assert any(len(batch["input_ids"]) == 2 for batch in loader)  # batch size > 1 is covered
     solo = {tuple(ids): _solo_logits(tiny_model, ids) for ids in real_examples.input_ids}
     checked, packed_loss, solo_loss = 0, 0.0, 0.0
@@ -556,7 +560,7 @@ def test_without_use_cache_false_packed_examples_would_leak(tiny_model, tiny_tok
     """Why the batch carries use_cache=False: with the config's use_cache=True, transformers
     skips packed-sequence detection and the second example in a row attends to the first."""
     loader = data.make_dataloader(real_examples, 1, pad_token_id=tiny_tokenizer.pad_token_id, shuffle=False, seed=0,
-                                  packing=True, max_seq_length=64)
+                                  packing=True, max_seq_length=PACKED_ROW)
     batch = next(iter(loader))
     first = len(real_examples.input_ids[0])
     second = real_examples.input_ids[1]
