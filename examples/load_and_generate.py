@@ -13,7 +13,9 @@ import mlflow
 
 import loraflow.flavor
 
-PROMPTS = ["Question: What does a duck say?\nAnswer:", "Question: What is two plus three?\nAnswer:"]
+# Both are held out on the defaults (the seeded eval split): fine-tuning never showed them, the
+# built-in model learned the facts in pre-training and the answer format in fine-tuning.
+PROMPTS = ["Question: What does a cow say?\nAnswer:", "Question: What is the capital of Portugal?\nAnswer:"]
 
 
 def newest_model_uri() -> str:
@@ -34,7 +36,7 @@ def main() -> None:
 
     # 1. Inference through pyfunc, as `mlflow models serve` does.
     pyfunc_model = mlflow.pyfunc.load_model(uri)
-    answers = pyfunc_model.predict(PROMPTS, params={"max_new_tokens": 16})
+    answers = pyfunc_model.predict(PROMPTS, params={"max_new_tokens": 24})
     for prompt, text in zip(PROMPTS, answers["text"]):
         print(f"{prompt!r} -> {text!r}")
 

@@ -73,3 +73,26 @@ def test_builtin_names():
     assert is_builtin("builtin:tiny") and not is_builtin("meta-llama/Llama-3.2-1B")
     with pytest.raises(ValueError, match="builtin:huge.*builtin:tiny"):
         builtin_path("builtin:huge")
+
+
+def test_the_tokenizer_has_chatml_turn_tokens_and_template(tiny_tokenizer, tiny_model):
+    messages = [
+        {"role": "system", "content": "Reply with a single sentence."},
+        {"role": "user", "content": "What does a duck say?"},
+        {"role": "assistant", "content": "A duck says quack."},
+    ]
+    text = tiny_tokenizer.apply_chat_template(messages, tokenize=False)
+    assert text == (
+        "<|im_start|>system\nReply with a single sentence.<|im_end|>\n"
+        "<|im_start|>user\nWhat does a duck say?<|im_end|>\n"
+        "<|im_start|>assistant\nA duck says quack.<|im_end|>\n"
+    )
+    prompt = tiny_tokenizer.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>user\nWhat does a duck say?<|im_end|>\n<|im_start|>assistant\n")
+    for marker in ("<|im_start|>", "<|im_end|>"):
+        ids = tiny_tokenizer(marker, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1 and marker in tiny_tokenizer.all_special_tokens, marker
+    end_of_turn = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn != tiny_tokenizer.eos_token_id
+    # generation stops at EOS (plain text) and at the end of a turn (chat)
+    assert set(tiny_model.generation_config.eos_token_id) == {tiny_tokenizer.eos_token_id, end_of_turn}

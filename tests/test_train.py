@@ -27,7 +27,7 @@ def train(**overrides):
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
-    """One run on the real defaults (built-in model, bundled data, 60 steps): the main job's numbers."""
+    """One run on the real defaults (built-in model, bundled data, 300 steps): the main job's numbers."""
     tmp = tmp_path_factory.mktemp("default-run")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
@@ -56,9 +56,9 @@ def test_run_records_params_metric_histories_inputs_and_artifacts(default_run):
     assert run.data.params["r"] == "16" and run.data.params["base_model"] == "builtin:tiny"
     assert run.data.params["target_modules"] == "q_proj,k_proj,v_proj,o_proj"
     evals = client.get_metric_history(result.run_id, "eval_loss")
-    assert [m.step for m in evals][0] == 0 and max(m.step for m in evals) == 60
+    assert [m.step for m in evals][0] == 0 and max(m.step for m in evals) == 300
     assert math.isclose(sorted(evals, key=lambda m: m.step)[-1].value, result.eval_loss_after, rel_tol=1e-6)
-    assert len(client.get_metric_history(result.run_id, "train_loss")) == 60
+    assert len(client.get_metric_history(result.run_id, "train_loss")) == 300
     for key in ("learning_rate", "tokens_per_second", "eval_perplexity", "trainable_params", "lora_params"):
         assert key in run.data.metrics
     contexts = sorted(d.tags[0].value for d in run.inputs.dataset_inputs)

@@ -199,17 +199,21 @@ def _solo_logits(model, ids: list[int]) -> torch.Tensor:
         return model(input_ids=torch.tensor([ids])).logits[0]
 
 
+PACKED_ROW = 96  # tokens per packed row: more than two sample rows (about 35 tokens each)
+
+
 @pytest.fixture
 def real_examples(tiny_tokenizer) -> TokenizedExamples:
+    """The first 10 sample rows and a longer one; several fit in one packed row of PACKED_ROW tokens."""
     frame = data.load_examples(data.SAMPLE_DATA, PC).frame.iloc[:10]
     frame = pd.concat([frame, pd.DataFrame([{"prompt": "A longer one:", "completion": " word" * 30}])])
-    return data.tokenize_examples(frame, tiny_tokenizer, PC, max_seq_length=64)
+    return data.tokenize_examples(frame, tiny_tokenizer, PC, max_seq_length=PACKED_ROW)
 
 
 def test_packed_examples_do_not_see_each_other(tiny_model, tiny_tokenizer, real_examples):
     """Logits and loss of every packed example equal those of the example run alone."""
     loader = data.make_dataloader(real_examples, 2, pad_token_id=tiny_tokenizer.pad_token_id, shuffle=True, seed=0,
-                                  packing=True, max_seq_length=64)
+                                  packing=True, max_seq_length=PACKED_ROW)
     assert any(len(batch["input_ids"]) == 2 for batch in loader)  # batch size > 1 is covered
     solo = {tuple(ids): _solo_logits(tiny_model, ids) for ids in real_examples.input_ids}
     checked, packed_loss, solo_loss = 0, 0.0, 0.0
@@ -238,7 +242,7 @@ def test_without_use_cache_false_packed_examples_would_leak(tiny_model, tiny_tok
     """Why the batch carries use_cache=False: with the config's use_cache=True, transformers
     skips packed-sequence detection and the second example in a row attends to the first."""
     loader = data.make_dataloader(real_examples, 1, pad_token_id=tiny_tokenizer.pad_token_id, shuffle=False, seed=0,
-                                  packing=True, max_seq_length=64)
+                                  packing=True, max_seq_length=PACKED_ROW)
     batch = next(iter(loader))
     first = len(real_examples.input_ids[0])
     second = real_examples.input_ids[1]

@@ -42,7 +42,7 @@ def test_columns_need_text_or_prompt_and_completion():
 
 def test_the_sample_dataset_ships_and_loads():
     table = data.load_examples(data.SAMPLE_DATA, PC)
-    assert data.SAMPLE_DATA.name == "sample.jsonl" and len(table) == 160
+    assert data.SAMPLE_DATA.name == "sample.jsonl" and len(table) == 261
     assert list(table.frame.columns) == ["prompt", "completion"]
     assert (table.source, table.role, table.split) == (str(data.SAMPLE_DATA), "train_data", None)
 

@@ -70,7 +70,7 @@ def test_overflow_drop_removes_the_rows_and_warns(tiny_tokenizer, caplog):
 def test_a_prompt_that_fills_max_seq_length_is_dropped_even_when_truncating(tiny_tokenizer, caplog):
     frame = pd.DataFrame(sample_rows(2) + [{"prompt": "Question" * 40, "completion": " yes"}])
     with caplog.at_level(logging.WARNING, logger="loraflow.data"):
-        kept = data.tokenize_examples(frame, tiny_tokenizer, PC, max_seq_length=24)
+        kept = data.tokenize_examples(frame, tiny_tokenizer, PC, max_seq_length=40)
     assert (kept.n_truncated, kept.n_dropped, len(kept)) == (0, 1, 2)
     assert "1 of them kept no completion token and were dropped" in caplog.text
 

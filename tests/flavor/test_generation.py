@@ -35,6 +35,10 @@ PROMPTS = [
     "Tokens per second",
     "Question: What does LoRA stand for?\nAnswer:",
     "Once",
+    # builtin:tiny's corpus has paragraphs of several sentences: continuations that run past MAX_NEW
+    "Let us talk about the duck. The duck says quack. A duck lives in a pond. The",
+    "Here is something about France. People in France speak French. The capital of",
+    "Think of the cow. A baby cow is called a calf. The cow eats grass. A cow",
 ]
 
 
@@ -62,7 +66,9 @@ def plain(model, rows: list[list[int]], pad_token_id: int, **kwargs) -> list[lis
             tokens = model.generate(torch.tensor([row]), max_new_tokens=MAX_NEW, do_sample=False,
                                     pad_token_id=pad_token_id, **kwargs)[0, len(row):].tolist()
             eos = model.generation_config.eos_token_id
-            out.append(tokens[: tokens.index(eos) + 1] if eos in tokens else tokens)
+            eos = {eos} if isinstance(eos, int) else set(eos or ())  # builtin:tiny has EOS and <|im_end|>
+            end = next((k for k, t in enumerate(tokens) if t in eos), None)
+            out.append(tokens[: end + 1] if end is not None else tokens)
     return out
 
 
