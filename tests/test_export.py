@@ -29,7 +29,10 @@ VARIANTS = {
     "lora": {},
     "dora": {"use_dora": True},
     "modules_to_save": {"modules_to_save": ["lm_head"]},
+    # a LoRA on the tied lm_head: merged in place it would change the input embeddings too
+    "lora_on_lm_head": {"target_modules": ["q_proj", "v_proj", "lm_head"]},
 }
+UNTIED = ("modules_to_save", "lora_on_lm_head")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,14 +64,16 @@ def base_source(which: str, qwen_path: str, tiny_path: str) -> tuple[str, str]:
     return (qwen_path, qwen_path) if which == "qwen" else ("builtin:tiny", tiny_path)
 
 
-def make_adapter(base_dir: str, seed: int = 0, r: int = 4, dtype: str | None = None, **lora):
+def make_adapter(base_dir: str, seed: int = 0, r: int = 4, dtype: str | None = None,
+                 target_modules: tuple[str, ...] = ("q_proj", "v_proj"), **lora):
     """A LoRA adapter on q/v with non-zero weights (peft starts lora_B at zero: a no-op)."""
     import peft
 
     from loraflow.models import load_base_model
 
     base = load_base_model(base_dir, dtype=dtype).eval()
-    config = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", **lora)
+    config = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(target_modules),
+                             task_type="CAUSAL_LM", **lora)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = peft.get_peft_model(base, config)
@@ -148,7 +153,7 @@ def test_merged_loads_with_plain_transformers_and_matches_the_adapter_model(
     assert (actual - expected).abs().max().item() < 1e-4
 
     names = weight_names(out)
-    if variant == "modules_to_save":  # lm_head trained on its own: the merged model cannot stay tied
+    if variant in UNTIED:  # lm_head changed on its own: the merged model cannot stay tied
         assert merged.config.tie_word_embeddings is False
         assert {"lm_head.weight", "model.embed_tokens.weight"} <= names
         assert not torch.equal(merged.lm_head.weight, merged.model.embed_tokens.weight)

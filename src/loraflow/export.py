@@ -37,7 +37,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from loraflow.errors import ConfigError, LoraflowError
 
@@ -190,11 +190,21 @@ def provenance(source: Source, export_format: str, dtype: str | None) -> dict[st
     }
 
 
-def load_source(source: Source) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
-    """Load the model in fp32 (verified by loraflow), merge the adapter into the base and return both.
+class Merged(NamedTuple):
+    """What `load_source` returns."""
+
+    model: "PreTrainedModel"
+    tokenizer: "PreTrainedTokenizerBase"
+    base_tied: bool
+    """Whether the base tied its input and output embeddings (the merged model may no longer)."""
+
+
+def load_source(source: Source) -> Merged:
+    """Load the model in fp32 (verified by loraflow) and merge the adapter into the base.
 
     Raises:
-        ExportError: the model cannot be loaded (corrupt adapter, different base, ...).
+        ExportError: the model cannot be loaded (corrupt adapter, different base, ...), or the merged
+            model does not compute what the adapter model computes.
     """
     from mlflow.exceptions import MlflowException
 
@@ -204,27 +214,68 @@ def load_source(source: Source) -> tuple["PreTrainedModel", "PreTrainedTokenizer
         loaded = load_model(str(source.path), dtype="float32")
     except (MlflowException, LoraflowError, OSError) as e:
         raise ExportError(f"cannot load the loraflow model {source.uri!r}: {e}") from e
-    return merge(loaded.model), loaded.tokenizer
+    base_tied = bool(getattr(_text_config(loaded.model.get_base_model()), "tie_word_embeddings", False))
+    return Merged(merge(loaded.model, loaded.tokenizer, source.uri), loaded.tokenizer, base_tied)
 
 
-def merge(peft_model: Any) -> "PreTrainedModel":
-    """`merge_and_unload`, keeping input and output embeddings tied where they still are equal.
+def _text_config(model: Any) -> Any:
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
+def untie_adapted_embeddings(peft_model: Any) -> bool:
+    """Give the output embedding its own weight when LoRA adapts a tied embedding; return whether it did.
+
+    `merge_and_unload` adds a LoRA delta into the adapted module's weight in place. When that weight
+    is shared (tied input and output embeddings), the delta lands in both: a LoRA on `lm_head`
+    would change the input embeddings too (and the logits), so the tie is cut first.
+    """
+    base = peft_model.get_base_model()
+    config = _text_config(base)
+    output, inputs = base.get_output_embeddings(), base.get_input_embeddings()
+    if not getattr(config, "tie_word_embeddings", False) or output is None:
+        return False
+    if not any(hasattr(module, "lora_A") or hasattr(module, "lora_embedding_A") for module in (output, inputs)):
+        return False
+    import torch
+
+    head = getattr(output, "base_layer", output)
+    head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    config.tie_word_embeddings = False
+    return True
+
+
+def merge(peft_model: Any, tokenizer: "PreTrainedTokenizerBase | None" = None, uri: str = "") -> "PreTrainedModel":
+    """`merge_and_unload`, with embeddings tied only where they still are, checked against the adapter model.
 
     A tied model whose `lm_head` was trained as a modules_to_save copy cannot stay tied: peft unties
-    it on merge and sets `tie_word_embeddings=False`; that is checked here, so a checkpoint never
-    claims a tie its two matrices do not have.
+    it on merge (`tie_word_embeddings=False`); a LoRA on a tied embedding is untied here first (see
+    `untie_adapted_embeddings`). With a tokenizer, the merged model's logits on a probe prompt must
+    match the adapter model's (fp32, 1e-3), so a wrong merge is never written.
     """
+    import torch
+
+    probe = reference = None
+    if tokenizer is not None:
+        probe = tokenizer(["The quick brown fox"], return_tensors="pt")
+        with torch.no_grad():
+            reference = peft_model(**probe).logits.float()
+    untie_adapted_embeddings(peft_model)
     model = peft_model.merge_and_unload()
     output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = _text_config(model)
     if getattr(config, "tie_word_embeddings", False) and output is not None and output.weight is not inputs.weight:
-        import torch
-
         if torch.equal(output.weight, inputs.weight):
             model.tie_weights()
         else:
             config.tie_word_embeddings = False
-    return model.eval()
+    model.eval()
+    if probe is not None:
+        with torch.no_grad():
+            diff = (model(**probe).logits.float() - reference).abs().max().item()
+        if diff > 1e-3:
+            raise ExportError(f"merging the adapter of {uri!r} changed the model's logits by {diff:.3g}: this adapter "
+                              "cannot be merged correctly; export it with --format adapter instead")
+    return model
 
 
 def target_dtype(source: Source, dtype: str) -> str:
@@ -398,7 +449,7 @@ def export_merged(source: Source, target: Path, *, dtype: str = "auto", progress
 
     torch_dtype = target_dtype(source, dtype)
     _make_staging_probe(target)  # fail on an unwritable target before the model loads
-    model, tokenizer = load_source(source)
+    model, tokenizer, base_tied = load_source(source)
     model.to(getattr(torch, torch_dtype))
     record = provenance(source, "merged", torch_dtype)
     record["tie_word_embeddings"] = bool(getattr(model.config, "tie_word_embeddings", False))
@@ -408,22 +459,10 @@ def export_merged(source: Source, target: Path, *, dtype: str = "auto", progress
         ("record", lambda d: write_json(d / EXPORT_RECORD, record)),
     ], progress=progress)
     notes = [f"serve it with: vllm serve {target}"]
-    if source.conf["base"].get("kind") and not record["tie_word_embeddings"] and _base_was_tied(source):
-        notes.append("the base ties its input and output embeddings, but the adapter trained lm_head (or the "
-                     "embeddings) on its own, so the merged model stores both matrices (tie_word_embeddings=false)")
+    if base_tied and not record["tie_word_embeddings"]:
+        notes.append("the base ties its input and output embeddings, but the adapter changes lm_head or the "
+                     "embeddings on their own, so the merged model stores both matrices (tie_word_embeddings=false)")
     return ExportResult("merged", str(target), record, notes)
-
-
-def _base_was_tied(source: Source) -> bool:
-    config = _base_config(source)
-    return bool(config.get("tie_word_embeddings", False))
-
-
-def _base_config(source: Source) -> dict[str, Any]:
-    base = source.conf["base"]
-    if base.get("mode") == "embedded" and (source.path / base.get("path", "base") / "config.json").is_file():
-        return json.loads((source.path / base.get("path", "base") / "config.json").read_text())
-    return {}
 
 
 def _make_staging_probe(target: Path) -> None:
@@ -552,7 +591,7 @@ def export_transformers(
     torch_dtype = target_dtype(source, dtype)
     with tqdm(total=3, desc="export transformers", unit="step", disable=not progress) as bar:
         bar.set_postfix_str("load")
-        model, tokenizer = load_source(source)
+        model, tokenizer, _ = load_source(source)
         model.to(getattr(torch, torch_dtype))
         bar.update()
         task = chat_task(source, tokenizer)
