@@ -308,7 +308,9 @@ def _unset_if_empty(ctx: click.Context, param: click.Parameter, value: str | Non
 
 
 @main.command("export")
-@click.argument("model_uri")
+@click.argument("model_uri", required=False)
+@click.option("--model-uri", "model_uri_option", default=None, callback=_unset_if_empty,
+              help="The model, as an option instead of the MODEL_URI argument (as MLproject passes it).")
 @click.option("--format", "export_format", required=True, type=click.Choice(["merged", "adapter", "transformers"]),
               help="merged: a plain Hugging Face folder (adapter merged in); adapter: a peft folder (vLLM "
                    "--lora-modules); transformers: log it with MLflow's transformers flavor.")
@@ -320,11 +322,19 @@ def _unset_if_empty(ctx: click.Context, param: click.Parameter, value: str | Non
               help="Replace a non-empty --output folder (once the new export is complete).")
 @click.option("--registered-model-name", default=None, callback=_unset_if_empty,
               help="--format transformers: also register the logged model under this name.")
-def export(model_uri: str, export_format: str, output: str | None, dtype: str, overwrite: bool,
-           registered_model_name: str | None) -> None:
-    """Export the loraflow model MODEL_URI (models:/NAME@champion, runs:/..., a folder) for serving elsewhere."""
+def export(model_uri: str | None, model_uri_option: str | None, export_format: str, output: str | None, dtype: str,
+           overwrite: bool, registered_model_name: str | None) -> None:
+    """Export the loraflow model MODEL_URI (models:/NAME@champion, runs:/..., a folder) for serving elsewhere.
+
+    Writes a merged Hugging Face folder, a plain peft adapter folder (vLLM --lora-modules), or logs
+    the merged model with MLflow's transformers flavor, and records the source in loraflow_export.json.
+    """
     from loraflow.export import export_model
 
+    if bool(model_uri) == bool(model_uri_option):
+        raise click.UsageError("give the model once: as the MODEL_URI argument or as --model-uri "
+                               "(e.g. loraflow export models:/NAME@champion --format merged --output DIR)")
+    model_uri = model_uri or model_uri_option
     with user_errors():
         result = export_model(model_uri, export_format, output, dtype=dtype, overwrite=overwrite,
                               registered_model_name=registered_model_name)

@@ -35,9 +35,10 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
 
 from loraflow.errors import ConfigError, LoraflowError
 
@@ -142,23 +143,43 @@ class Source:
     conf: dict[str, Any]
 
 
-def resolve_source(model_uri: str) -> Source:
-    """Download `model_uri` (a local folder stays where it is) and read its loraflow flavor config.
+@contextmanager
+def open_source(model_uri: str) -> Iterator[Source]:
+    """The loraflow model at `model_uri`, read where it is (a local folder) or downloaded into a
+    temporary folder that is removed afterwards (`runs:/`, `models:/`, other artifact URIs).
 
     Raises:
         ExportError: nothing is there, or it is not a loraflow model.
     """
+    local = Path(os.path.expanduser(model_uri))
+    if "://" not in model_uri and ":/" not in model_uri and local.is_dir():
+        yield read_source(model_uri, local.resolve())
+        return
+    with tempfile.TemporaryDirectory(prefix="loraflow-export-source-") as download:
+        yield read_source(model_uri, _download(model_uri, download))
+
+
+def _download(model_uri: str, dst_path: str) -> Path:
     import mlflow
     from mlflow.exceptions import MlflowException
+
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst_path))
+    except (MlflowException, OSError) as e:
+        raise ExportError(f"no model at `model_uri` {model_uri!r}: {e}. Give models:/NAME@ALIAS, "
+                          "runs:/RUN_ID/model or a local model folder") from e
+
+
+def read_source(model_uri: str, local: Path) -> Source:
+    """Read the loraflow flavor config of the model folder `local`.
+
+    Raises:
+        ExportError: it is not an MLflow model, or not a loraflow one.
+    """
     from mlflow.models import Model
 
     from loraflow.flavor import FLAVOR_NAME
 
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
-    except (MlflowException, OSError) as e:
-        raise ExportError(f"no model at `model_uri` {model_uri!r}: {e}. Give models:/NAME@ALIAS, "
-                          "runs:/RUN_ID/model or a local model folder") from e
     if not (local / "MLmodel").is_file():
         raise ExportError(f"`model_uri` {model_uri!r} is not an MLflow model (no MLmodel file in "
                           f"{str(local)!r}): give a model logged by loraflow (loraflow train, flavor.log_model)")
@@ -432,15 +453,15 @@ def export_model(
     """
     validate_options(export_format, str(output) if output else None, dtype, registered_model_name)
     target = check_target(output, overwrite) if output else None
-    source = resolve_source(model_uri)
-    if target is not None:
-        check_not_inside(target, source.path)
-    if export_format == "adapter":
-        return export_adapter(source, target, progress=progress)
-    if export_format == "merged":
-        return export_merged(source, target, dtype=dtype, progress=progress)
-    return export_transformers(source, dtype=dtype, registered_model_name=registered_model_name, name=name,
-                               progress=progress)
+    with open_source(model_uri) as source:
+        if target is not None:
+            check_not_inside(target, source.path)
+        if export_format == "adapter":
+            return export_adapter(source, target, progress=progress)
+        if export_format == "merged":
+            return export_merged(source, target, dtype=dtype, progress=progress)
+        return export_transformers(source, dtype=dtype, registered_model_name=registered_model_name, name=name,
+                                   progress=progress)
 
 
 def export_merged(source: Source, target: Path, *, dtype: str = "auto", progress: bool = True) -> ExportResult:
