@@ -304,7 +304,11 @@ def test_a_chat_model_is_logged_with_the_chat_task(tmp_path, tracking_uri, qwen_
     assert logged["metadata"]["task"] == "llm/v1/chat"
 
 
-def test_cli_exports_a_champion_from_the_registry(tmp_path, tracking_uri, tiny_path, tiny_tokenizer):
+def test_cli_exports_a_champion_from_the_registry(tmp_path, tracking_uri, tiny_path, tiny_tokenizer, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
     with mlflow.start_run():
         flavor.log_model(make_adapter(tiny_path), "model", tiny_tokenizer, base_model="builtin:tiny",
                          registered_model_name="tiny-lora")
@@ -314,6 +318,19 @@ def test_cli_exports_a_champion_from_the_registry(tmp_path, tracking_uri, tiny_p
     assert "exported models:/tiny-lora@champion as merged" in result.output
     record = json.loads((tmp_path / "merged" / export.EXPORT_RECORD).read_text())
     assert record["source_model_uri"] == "models:/tiny-lora@champion"
+    assert list((tmp_path / "tmp").iterdir()) == []  # the downloaded copy of the model is gone
+
+
+def test_cli_takes_the_arguments_as_mlproject_passes_them(tmp_path, source):
+    """`--model-uri` instead of the argument, "" for unset values, `--overwrite false`."""
+    args = ["--model-uri", str(source), "--format", "adapter", "--output", str(tmp_path / "out"), "--dtype", "auto",
+            "--overwrite", "false", "--registered-model-name", ""]
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    assert cli(*args).exit_code == 2  # not empty now, and --overwrite is false
+    assert cli(*args[:-4], "--overwrite", "true").exit_code == 0
+    result = cli(str(source), "--model-uri", str(source), "--format", "adapter", "--output", str(tmp_path / "x"))
+    assert result.exit_code == 2 and "give the model once" in result.output
 
 
 # ---------------------------------------------------------------------------------------------

@@ -568,8 +568,9 @@ def vllm_limits(adapter_config: dict[str, Any]) -> list[str]:
     if adapter_config.get("use_dora"):
         notes.append("vLLM does not support DoRA adapters (use_dora=true): serve --format merged instead")
     if adapter_config.get("modules_to_save"):
-        notes.append(f"vLLM only serves adapters with modules_to_save None, this one has "
-                     f"{sorted(adapter_config['modules_to_save'])}: serve --format merged instead")
+        notes.append(f"vLLM's LoRA loader refuses modules_to_save (recent versions accept only None, some older "
+                     f"ones lm_head/embed_tokens), this adapter has {sorted(adapter_config['modules_to_save'])}: "
+                     "serve --format merged instead")
     ranks = [int(adapter_config.get("r") or 0), *(int(r) for r in (adapter_config.get("rank_pattern") or {}).values())]
     rank = max(ranks)
     if rank > VLLM_DEFAULT_MAX_LORA_RANK:
