@@ -467,3 +467,15 @@ def test_a_full_disk_keeps_the_previous_export_when_overwriting(tmp_path, source
     with pytest.raises(export.ExportError, match="disk is full"):
         export.export_model(str(source), "adapter", out, overwrite=True, progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before and leftovers(out) == []
+
+
+def test_a_merge_that_changes_the_logits_is_refused_and_nothing_is_written(
+    tmp_path, monkeypatch, qwen_path, tiny_path, tiny_tokenizer
+):
+    """Without untying first, merging a LoRA on a tied lm_head would also change the input embeddings."""
+    source = save_loraflow(tmp_path / "model", "qwen", qwen_path, tiny_path, tiny_tokenizer,
+                           **VARIANTS["lora_on_lm_head"])
+    monkeypatch.setattr(export, "untie_adapted_embeddings", lambda peft_model: False)
+    result = cli(str(source), "--format", "merged", "--output", str(tmp_path / "merged"))
+    assert result.exit_code == 2 and "cannot be merged correctly" in result.output and "--format adapter" in result.output
+    assert not (tmp_path / "merged").exists() and leftovers(tmp_path / "merged") == []
