@@ -479,3 +479,46 @@ def test_a_merge_that_changes_the_logits_is_refused_and_nothing_is_written(
     result = cli(str(source), "--format", "merged", "--output", str(tmp_path / "merged"))
     assert result.exit_code == 2 and "cannot be merged correctly" in result.output and "--format adapter" in result.output
     assert not (tmp_path / "merged").exists() and leftovers(tmp_path / "merged") == []
+
+
+FILE_SIZE_LIMITED_CLI = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv.pop(1)), resource.RLIM_INFINITY))
+from loraflow.cli import main
+main()
+"""
+
+
+def test_a_real_write_failure_in_the_weights_writer_leaves_nothing(tmp_path, source):
+    """Not a monkeypatch: the process may write no file over 20 kB, so safetensors' own writer fails
+    mid-file (it raises SafetensorError "... (os error 27)", which is not an OSError)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "merged"
+    env = {**os.environ, "PYTHONPATH": str(Path(export.__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMITED_CLI, "20000", "export", str(source),
+                           "--format", "merged", "--output", str(out)], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "could not write" in proc.stderr and "File too large" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists() and leftovers(out) == []
+
+
+def test_the_export_folder_is_readable_by_others(tmp_path, source):
+    old = os.umask(0o022)
+    try:
+        export.export_model(str(source), "adapter", tmp_path / "adapter", progress=False)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o755
+
+
+def test_os_error_codes_are_found_in_safetensors_errors():
+    from safetensors import SafetensorError
+
+    assert export.os_errno(SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")) \
+        == errno.ENOSPC
+    assert export.os_errno(OSError(errno.EROFS, "Read-only file system")) == errno.EROFS
+    assert export.os_errno(ValueError("a bug")) is None

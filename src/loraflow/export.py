@@ -336,11 +336,18 @@ def _make_staging(target: Path) -> tuple[Path, list[Path]]:
             folder.mkdir()
             created.append(folder)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.export-", dir=target.parent))
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the export from a serving user
     except OSError as e:
         _remove_created(created)
         raise ExportError(f"`output` {str(target)!r} cannot be written: {e.strerror or e} ({str(e.filename or target)!r}); "
                           "choose a folder you can write to") from e
     return staging, created
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _remove_created(created: list[Path]) -> None:
@@ -375,7 +382,8 @@ def write_folder(target: Path, steps: list[tuple[str, Callable[[Path], None]]], 
     `target`, if any, is left as it was.
 
     Raises:
-        ExportError: a write failed with an OSError (a full disk, a permission); other errors pass.
+        ExportError: a write failed for an OS reason (a full disk, a file too large, a permission);
+            other errors pass on unchanged (after the cleanup).
     """
     from tqdm.auto import tqdm
 
@@ -391,16 +399,33 @@ def write_folder(target: Path, steps: list[tuple[str, Callable[[Path], None]]], 
         shutil.rmtree(staging, ignore_errors=True)
         if not target.exists():
             _remove_created(created)
-        if isinstance(e, OSError):
-            raise ExportError(_write_failure(target, e)) from e
+        code = os_errno(e)
+        if code is not None:
+            raise ExportError(_write_failure(target, e, code)) from e
         raise
 
 
-def _write_failure(target: Path, e: OSError) -> str:
-    reason = e.strerror or str(e)
-    if e.errno == errno.ENOSPC:
+def os_errno(error: BaseException) -> int | None:
+    """The OS error code behind an exception: an OSError's `errno`, or the "(os error N)" that
+    safetensors' Rust writer puts in its `SafetensorError` message (it is no OSError), also in the
+    exceptions it was raised from."""
+    import re
+
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return seen.errno
+        if match := re.search(r"\(os error (\d+)\)", str(seen)):
+            return int(match.group(1))
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _write_failure(target: Path, e: BaseException, code: int) -> str:
+    reason = getattr(e, "strerror", None) or os.strerror(code)
+    if code == errno.ENOSPC:
         fix = "the disk is full: free space or choose --output on another disk"
-    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
         fix = "choose a folder you can write to"
     else:
         fix = "check the path and retry"
