@@ -319,7 +319,8 @@ def _unset_if_empty(ctx: click.Context, param: click.Parameter, value: str | Non
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
               help="Weights dtype of a merged export; auto: the base model's recorded dtype.")
 @click.option("--overwrite", type=click.BOOL, default=False, is_flag=False, flag_value=True,
-              help="Replace a non-empty --output folder (once the new export is complete).")
+              help="Replace a non-empty --output folder (once the new export is complete). A flag, or "
+                   "--overwrite true/false.")
 @click.option("--registered-model-name", default=None, callback=_unset_if_empty,
               help="--format transformers: also register the logged model under this name.")
 def export(model_uri: str | None, model_uri_option: str | None, export_format: str, output: str | None, dtype: str,

@@ -636,7 +636,13 @@ def export_transformers(
     name: str = "model",
     progress: bool = True,
 ) -> ExportResult:
-    """Log the merged model with `mlflow.transformers.log_model` into a new run; tag the run with the source."""
+    """Log the merged model with `mlflow.transformers.log_model` into a new run; tag the run with the source.
+
+    The run is new, nested under an active run if there is one; under `mlflow run . -e export` it is
+    the project's run (MLflow starts it for the entry point). MLflow's transformers pyfunc strips
+    whitespace around every generated text, so its continuations can lack the loraflow model's
+    leading space; the tokens are the same (greedy).
+    """
     import mlflow
     import torch
     from tqdm.auto import tqdm
@@ -670,7 +676,10 @@ def export_transformers(
             )
         bar.update(2)
     version = str(info.registered_model_version) if getattr(info, "registered_model_version", None) else None
-    return ExportResult("transformers", info.model_uri, record, [], run_id=run.info.run_id, registered_version=version)
+    served = f"models:/{registered_model_name}/{version}" if version else info.model_uri
+    notes = [f"task {task}; serve it with: mlflow models serve -m {served}"]
+    return ExportResult("transformers", info.model_uri, record, notes, run_id=run.info.run_id,
+                        registered_version=version)
 
 
 def _transformers_requirements() -> list[str]:
