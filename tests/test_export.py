@@ -20,6 +20,11 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 from loraflow import export, flavor
+from loraflow.export import adapter as adapter_format
+from loraflow.export import logged as logged_format
+from loraflow.export import merged as merged_format
+from loraflow.export import target as export_target
+from loraflow.export import vllm as export_vllm
 from loraflow.cli import main
 from loraflow.errors import ConfigError
 
@@ -69,7 +74,7 @@ def make_adapter(base_dir: str, seed: int = 0, r: int = 4, dtype: str | None = N
     """A LoRA adapter on q/v with non-zero weights (peft starts lora_B at zero: a no-op)."""
     import peft
 
-    from loraflow.models import load_base_model
+    from loraflow.flavor.bases import load_base_model
 
     base = load_base_model(base_dir, dtype=dtype).eval()
     config = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(target_modules),
@@ -119,8 +124,10 @@ def weight_dtypes(folder: Path) -> set[torch.dtype]:
 
 
 def leftovers(target: Path) -> list[str]:
-    """Anything an export left beside its target (staging or backup folders)."""
-    return sorted(p.name for p in target.parent.iterdir() if p.name.startswith(f".{target.name}."))
+    """Anything an export left beside its target: atomic_dir's temporary and backup folders
+    (`.tmp-NAME-*`, `.old-NAME-*`), or any other hidden sibling named after it."""
+    prefixes = (f".{target.name}.", f".tmp-{target.name}-", f".old-{target.name}-")
+    return sorted(p.name for p in target.parent.iterdir() if p.name.startswith(prefixes))
 
 
 def cli(*args: str):
@@ -248,7 +255,7 @@ def test_adapter_export_warns_about_vllm_limits(tmp_path, adapter, expected, qwe
 
 
 def test_a_plain_rank_16_adapter_has_no_vllm_warning():
-    assert export.vllm_limits({"r": 16, "use_dora": False, "modules_to_save": None, "bias": "none"}) == []
+    assert export_vllm.vllm_limits({"r": 16, "use_dora": False, "modules_to_save": None, "bias": "none"}) == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,7 +355,8 @@ def never_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the output was checked")
 
-    monkeypatch.setattr(export, "load_source", refuse)
+    monkeypatch.setattr(merged_format, "load_source", refuse)
+    monkeypatch.setattr(logged_format, "load_source", refuse)
 
 
 def test_a_non_empty_output_is_refused_unless_overwrite(tmp_path, source):
@@ -443,7 +451,7 @@ def disk_full_after_a_partial_write(path: Path) -> None:
 
 def test_a_full_disk_leaves_no_output_and_no_temp_folder(tmp_path, source, monkeypatch):
     # the merged weights are written, then the disk fills up while the tokenizer is written
-    monkeypatch.setattr(export, "save_tokenizer", lambda tokenizer, d: disk_full_after_a_partial_write(d))
+    monkeypatch.setattr(merged_format, "save_tokenizer", lambda tokenizer, d: disk_full_after_a_partial_write(d))
     out = tmp_path / "deep" / "merged"
     result = cli(str(source), "--format", "merged", "--output", str(out))
     assert result.exit_code == 2 and "disk is full" in result.output and "Traceback" not in result.output
@@ -454,7 +462,7 @@ def test_a_full_disk_keeps_the_previous_export_when_overwriting(tmp_path, source
     out = tmp_path / "adapter"
     export.export_model(str(source), "adapter", out, progress=False)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    real_copy = export.copy_file
+    real_copy = adapter_format.copy_file
     calls = []
 
     def copy_then_fail(src, dst):
@@ -463,7 +471,7 @@ def test_a_full_disk_keeps_the_previous_export_when_overwriting(tmp_path, source
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
         real_copy(src, dst)
 
-    monkeypatch.setattr(export, "copy_file", copy_then_fail)
+    monkeypatch.setattr(adapter_format, "copy_file", copy_then_fail)
     with pytest.raises(export.ExportError, match="disk is full"):
         export.export_model(str(source), "adapter", out, overwrite=True, progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before and leftovers(out) == []
@@ -475,7 +483,7 @@ def test_a_merge_that_changes_the_logits_is_refused_and_nothing_is_written(
     """Without untying first, merging a LoRA on a tied lm_head would also change the input embeddings."""
     source = save_loraflow(tmp_path / "model", "qwen", qwen_path, tiny_path, tiny_tokenizer,
                            **VARIANTS["lora_on_lm_head"])
-    monkeypatch.setattr(export, "untie_adapted_embeddings", lambda peft_model: False)
+    monkeypatch.setattr(merged_format, "untie_adapted_embeddings", lambda peft_model: False)
     result = cli(str(source), "--format", "merged", "--output", str(tmp_path / "merged"))
     assert result.exit_code == 2 and "cannot be merged correctly" in result.output and "--format adapter" in result.output
     assert not (tmp_path / "merged").exists() and leftovers(tmp_path / "merged") == []
@@ -497,7 +505,7 @@ def test_a_real_write_failure_in_the_weights_writer_leaves_nothing(tmp_path, sou
     import sys
 
     out = tmp_path / "merged"
-    env = {**os.environ, "PYTHONPATH": str(Path(export.__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(export.__file__).resolve().parents[2])}
     proc = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMITED_CLI, "20000", "export", str(source),
                            "--format", "merged", "--output", str(out)], capture_output=True, text=True, env=env,
                           timeout=120)
@@ -518,7 +526,7 @@ def test_the_export_folder_is_readable_by_others(tmp_path, source):
 def test_os_error_codes_are_found_in_safetensors_errors():
     from safetensors import SafetensorError
 
-    assert export.os_errno(SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")) \
+    assert export_target.os_errno(SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")) \
         == errno.ENOSPC
-    assert export.os_errno(OSError(errno.EROFS, "Read-only file system")) == errno.EROFS
-    assert export.os_errno(ValueError("a bug")) is None
+    assert export_target.os_errno(OSError(errno.EROFS, "Read-only file system")) == errno.EROFS
+    assert export_target.os_errno(ValueError("a bug")) is None
