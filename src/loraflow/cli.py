@@ -17,6 +17,8 @@ import click
 
 from loraflow import config
 from loraflow.errors import LoraflowError
+from loraflow.export import DTYPES as EXPORT_DTYPES
+from loraflow.export import FORMATS as EXPORT_FORMATS
 
 
 def option_name(field: str) -> str:
@@ -311,12 +313,12 @@ def _unset_if_empty(ctx: click.Context, param: click.Parameter, value: str | Non
 @click.argument("model_uri", required=False)
 @click.option("--model-uri", "model_uri_option", default=None, callback=_unset_if_empty,
               help="The model, as an option instead of the MODEL_URI argument (as MLproject passes it).")
-@click.option("--format", "export_format", required=True, type=click.Choice(["merged", "adapter", "transformers"]),
+@click.option("--format", "export_format", required=True, type=click.Choice(EXPORT_FORMATS),
               help="merged: a plain Hugging Face folder (adapter merged in); adapter: a peft folder (vLLM "
                    "--lora-modules); transformers: log it with MLflow's transformers flavor.")
 @click.option("--output", default=None, callback=_unset_if_empty,
               help="The folder to write (merged, adapter). Written beside it first, then renamed into place.")
-@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(list(EXPORT_DTYPES)),
               help="Weights dtype of a merged export; auto: the base model's recorded dtype.")
 @click.option("--overwrite", type=click.BOOL, default=False, is_flag=False, flag_value=True,
               help="Replace a non-empty --output folder (once the new export is complete). A flag, or "
