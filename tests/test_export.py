@@ -398,6 +398,15 @@ def test_a_model_of_another_flavor_is_not_a_loraflow_model(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_model_of_a_newer_flavor_version_asks_for_a_newer_loraflow(tmp_path, source, never_loads):
+    doc = yaml.safe_load((source / "MLmodel").read_text())
+    doc["flavors"]["loraflow"]["flavor_version"] = 99
+    (source / "MLmodel").write_text(yaml.safe_dump(doc))
+    result = cli(str(source), "--format", "merged", "--output", str(tmp_path / "out"))
+    assert result.exit_code == 2 and "upgrade loraflow" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_unknown_uri_is_an_error(tmp_path):
     result = cli(str(tmp_path / "missing"), "--format", "adapter", "--output", str(tmp_path / "out"))
     assert result.exit_code == 2 and "Traceback" not in result.output
