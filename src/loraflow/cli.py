@@ -17,6 +17,8 @@ import click
 
 from loraflow import config
 from loraflow.errors import LoraflowError
+from loraflow.export import DTYPES as EXPORT_DTYPES
+from loraflow.export import FORMATS as EXPORT_FORMATS
 
 
 def option_name(field: str) -> str:
@@ -296,6 +298,55 @@ def rollback(model_name: str, alias: str) -> None:
     with user_errors(), registry_errors():
         result = rollback_alias(model_name, alias=alias)
     click.echo(result.summary())
+
+
+# ---------------------------------------------------------------------------------------------
+# Export (loraflow.export): a merged HF folder, a peft adapter folder, or MLflow's transformers flavor.
+
+
+def _unset_if_empty(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """MLproject passes "" for an unset value."""
+    return value if value else None
+
+
+@main.command("export")
+@click.argument("model_uri", required=False)
+@click.option("--model-uri", "model_uri_option", default=None, callback=_unset_if_empty,
+              help="The model, as an option instead of the MODEL_URI argument (as MLproject passes it).")
+@click.option("--format", "export_format", required=True, type=click.Choice(EXPORT_FORMATS),
+              help="merged: a plain Hugging Face folder (adapter merged in); adapter: a peft folder (vLLM "
+                   "--lora-modules); transformers: log it with MLflow's transformers flavor.")
+@click.option("--output", default=None, callback=_unset_if_empty,
+              help="The folder to write (merged, adapter). Written beside it first, then renamed into place.")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(list(EXPORT_DTYPES)),
+              help="Weights dtype of a merged export; auto: the base model's recorded dtype.")
+@click.option("--overwrite", type=click.BOOL, default=False, is_flag=False, flag_value=True,
+              help="Replace a non-empty --output folder (once the new export is complete). A flag, or "
+                   "--overwrite true/false.")
+@click.option("--registered-model-name", default=None, callback=_unset_if_empty,
+              help="--format transformers: also register the logged model under this name.")
+def export(model_uri: str | None, model_uri_option: str | None, export_format: str, output: str | None, dtype: str,
+           overwrite: bool, registered_model_name: str | None) -> None:
+    """Export the loraflow model MODEL_URI (models:/NAME@champion, runs:/..., a folder) for serving elsewhere.
+
+    Writes a merged Hugging Face folder, a plain peft adapter folder (vLLM --lora-modules), or logs
+    the merged model with MLflow's transformers flavor, and records the source in loraflow_export.json.
+    """
+    from loraflow.export import export_model
+
+    if bool(model_uri) == bool(model_uri_option):
+        raise click.UsageError("give the model once: as the MODEL_URI argument or as --model-uri "
+                               "(e.g. loraflow export models:/NAME@champion --format merged --output DIR)")
+    model_uri = model_uri or model_uri_option
+    with user_errors():
+        result = export_model(model_uri, export_format, output, dtype=dtype, overwrite=overwrite,
+                              registered_model_name=registered_model_name)
+    click.echo(f"loraflow: exported {model_uri} as {export_format} to {result.output}")
+    if result.run_id:
+        click.echo(f"loraflow: run {result.run_id}" + (
+            f", registered {registered_model_name} version {result.registered_version}" if result.registered_version else ""))
+    for note in result.notes:
+        click.echo(f"loraflow: {note}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -72,3 +72,47 @@ def test_temporary_env_restores_what_was_there(monkeypatch):
     assert "LORAFLOW_TEST_VAR" not in os.environ
     with temporary_env("LORAFLOW_TEST_VAR", None):
         assert "LORAFLOW_TEST_VAR" not in os.environ
+
+
+def test_a_folder_gets_the_umask_mode_not_mkdtemps_0700(tmp_path):
+    """A saved model or an export must be readable by another user (a serving account)."""
+    for umask, mode in ((0o022, 0o755), (0o077, 0o700)):
+        old = os.umask(umask)
+        try:
+            with atomic_dir(tmp_path / f"model-{umask:o}") as tmp:
+                (tmp / "a.txt").write_text("a")
+        finally:
+            os.umask(old)
+        assert (tmp_path / f"model-{umask:o}").stat().st_mode & 0o777 == mode
+
+
+def test_a_failure_removes_the_parent_folders_it_created_and_only_those(tmp_path):
+    (tmp_path / "kept").mkdir()
+    target = tmp_path / "kept" / "new" / "deeper" / "model"
+    with pytest.raises(OSError, match="disk full"):
+        with atomic_dir(target) as tmp:
+            assert (tmp_path / "kept" / "new" / "deeper").is_dir()
+            raise OSError(28, "disk full")
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and list((tmp_path / "kept").iterdir()) == []
+    with atomic_dir(target) as tmp:  # on success they stay, of course
+        (tmp / "a.txt").write_text("a")
+    assert (target / "a.txt").read_text() == "a"
+
+
+def test_a_failed_rename_into_place_puts_the_previous_folder_back(tmp_path, monkeypatch):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "keep").write_text("old")
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if os.path.basename(src).startswith(".tmp-model-"):
+            raise OSError(5, "Input/output error")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="Input/output error"):
+        with atomic_dir(target, replace=True) as tmp:
+            (tmp / "new").write_text("new")
+    monkeypatch.undo()
+    assert [p.name for p in target.iterdir()] == ["keep"] and [p.name for p in tmp_path.iterdir()] == ["model"]

@@ -10,8 +10,10 @@ by the rest of loraflow (checkpoints, batch predictions, exports).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -23,10 +25,16 @@ from pathlib import Path
 def atomic_dir(target: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder that becomes `target` when the block ends without error.
 
+    The folder gets the mode a plain `mkdir` gives (0777 less the umask), not `mkdtemp`'s 0700, so
+    another user (a serving account) can read what was written. When the block fails, the
+    temporary folder is removed, and so are the parent folders this call created (those still
+    empty): a failure leaves the file system as it found it.
+
     Args:
         target: the folder to create.
-        replace: replace an existing `target` (it is removed only once the new one is complete);
-            otherwise an existing non-empty `target` is an error, and an empty one is replaced.
+        replace: replace an existing `target` (it is removed only once the new one is complete, and
+            put back if the new one cannot be renamed into place); otherwise an existing non-empty
+            `target` is an error, and an empty one is replaced.
 
     Raises:
         FileExistsError: `target` exists, is not empty, and `replace` is False (checked before
@@ -34,22 +42,25 @@ def atomic_dir(target: str | os.PathLike, *, replace: bool = False) -> Iterator[
     """
     target = Path(target)
     _check_free(target, replace)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    created = _make_parents(target.parent)
+    published = False
     try:
-        yield tmp
-        _fsync_tree(tmp)
-        _check_free(target, replace)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".old-{target.name}-", dir=target.parent))
-            os.rename(target, old / target.name)  # out of the way first: a rename cannot replace a folder
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-        _fsync(target.parent)
+        tmp = _new_dir(target.parent, f".tmp-{target.name}-")
+        try:
+            yield tmp
+            _fsync_tree(tmp)
+            _check_free(target, replace)
+            if target.exists():
+                _swap(tmp, target)
+            else:
+                os.rename(tmp, target)
+            published = True
+            _fsync(target.parent)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not published:
+            _remove_empty(created)
 
 
 @contextmanager
@@ -93,6 +104,60 @@ def temporary_env(name: str, value: str | None) -> Iterator[None]:
             os.environ.pop(name, None)
         else:
             os.environ[name] = old
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Create `folder` and its missing parents; return the ones this call created, outermost first."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    created: list[Path] = []
+    try:
+        for path in reversed(missing):
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue  # made meanwhile by someone else: not ours to remove
+            created.append(path)
+    except BaseException:
+        _remove_empty(created)
+        raise
+    return created
+
+
+def _remove_empty(created: list[Path]) -> None:
+    """Remove the folders `_make_parents` created, innermost first, where they are still empty."""
+    for path in reversed(created):
+        try:
+            path.rmdir()
+        except OSError:
+            return  # not empty (someone else wrote there) or gone: leave it and its parents
+
+
+def _new_dir(parent: Path, prefix: str) -> Path:
+    """A new empty folder `parent/<prefix><random>`, made by `os.mkdir` so the umask sets its mode."""
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(parent / prefix))
+
+
+def _swap(tmp: Path, target: Path) -> None:
+    """Replace the folder `target` by `tmp` (a rename cannot replace a folder: the old one moves aside first)."""
+    old = _new_dir(target.parent, f".old-{target.name}-")
+    os.rename(target, old / target.name)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(old / target.name, target)  # the previous folder is back, as if nothing happened
+        os.rmdir(old)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _check_free(target: Path, replace: bool) -> None:
