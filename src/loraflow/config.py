@@ -99,6 +99,8 @@ class TrainSettings:
     warmup_ratio: float = _help("Share of steps spent in linear warmup, 0 <= x < 1; then cosine decay.", 0.1)
     max_grad_norm: float = _help("Clip the gradient norm to this; 0 disables clipping.", 1.0)
     eval_steps: int = _help("Evaluate every N optimizer steps (also at step 0 and at the end).", 50)
+    eval_samples: int = _help("Eval rows answered greedily at each evaluation, scored by exact match and token F1 "
+                              "(logged with a table of samples); 0 turns it off.", 64)
     seed: int = _help("Random seed for init, data order and dropout.", 42)
     precision: str = _help("auto (bf16 where the GPU supports it, else fp32), fp32, bf16 or fp16.", "auto")
     registered_model_name: str | None = _help("Register the logged model under this name. Empty: do not register.", None)
@@ -269,7 +271,7 @@ def _train_rules(s: dict[str, Any]) -> list[str]:
     for name in ("max_seq_length", "batch_size", "grad_accum_steps", "eval_steps"):
         if name in s and s[name] <= 0:
             problems.append(f"`{name}` must be a positive integer, got {s[name]}")
-    for name in ("max_steps", "checkpoint_steps", "max_grad_norm", "weight_decay", "micro_batch_tokens"):
+    for name in ("max_steps", "checkpoint_steps", "max_grad_norm", "weight_decay", "micro_batch_tokens", "eval_samples"):
         if name in s and s[name] < 0:
             problems.append(f"`{name}` must be >= 0, got {s[name]}")
     if "learning_rate" in s and not 0 < s["learning_rate"] < 1:

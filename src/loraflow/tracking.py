@@ -235,6 +235,18 @@ class RunLogger:
 
         self._guard("log the loss curve", lambda: mlflow.log_figure(loss_curve_figure(history), "loss_curve.png"))
 
+    def log_samples(self, rows: list[dict[str, Any]], history: Mapping[str, list[tuple[int, float]]]) -> None:
+        """The generated eval answers as the MLflow table `eval_samples.json` (one row per sample per
+        evaluation: step, prompt, expected, generated, exact_match), and the figure `eval_quality.png`."""
+        if not self.enabled:
+            return
+        import mlflow
+        import pandas as pd
+
+        self._guard("log the eval samples table", mlflow.log_table, pd.DataFrame(rows), "eval_samples.json")
+        self._guard("log the eval quality figure",
+                    lambda: mlflow.log_figure(eval_quality_figure(history), "eval_quality.png"))
+
     def log_model(self, model: Any, tokenizer: Any, **kwargs: Any):
         """Log the PEFT model with the loraflow flavor; None if it could not be logged."""
         from loraflow import flavor
@@ -293,6 +305,35 @@ def loss_curve_figure(history: Mapping[str, list[tuple[int, float]]]):
     ax.set_title("loraflow training")
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def eval_quality_figure(history: Mapping[str, list[tuple[int, float]]]):
+    """Matplotlib figure of exact match and token F1 (left axis) and eval loss (right) against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for key, style in (("eval_exact_match", "o-"), ("eval_token_f1", "s--")):
+        if points := history.get(key):
+            steps, values = zip(*points)
+            ax.plot(steps, values, style, label=key.removeprefix("eval_").replace("_", " "))
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("held-out answers (0-1)")
+    loss_axis = ax.twinx()
+    if points := history.get("eval_loss"):
+        steps, values = zip(*points)
+        loss_axis.plot(steps, values, "^:", color="grey", label="eval loss")
+    loss_axis.set_ylabel("eval loss (nats/token)")
+    lines = ax.get_legend_handles_labels()[0] + loss_axis.get_legend_handles_labels()[0]
+    ax.legend(lines, [line.get_label() for line in lines], loc="center right")
+    ax.set_title("loraflow: answers on the eval set")
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     plt.close(fig)
     return fig

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     import torch
     from accelerate import Accelerator
 
-    from loraflow import tracking
+    from loraflow import evaluation, tracking
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ class TrainResult:
     checkpoint_dir: str | None = None
     registered_version: str | None = None
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    """Generated answers at each evaluation (`evaluation.table_rows`): step, prompt, expected, generated."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,12 +236,14 @@ class FineTune:
 
     def __init__(self, model, tokenizer, train_examples: data_lib.TokenizedExamples,
                  eval_examples: data_lib.TokenizedExamples, settings: TrainSettings, accelerator: "Accelerator",
-                 run: "tracking.RunLogger", *, resume: Path | None = None, flat_settings: dict[str, Any] | None = None):
+                 run: "tracking.RunLogger", *, resume: Path | None = None, flat_settings: dict[str, Any] | None = None,
+                 samples: "evaluation.Samples | None" = None):
         import torch
         from transformers import get_cosine_schedule_with_warmup
 
         self.settings, self.accelerator, self.run, self.tokenizer = settings, accelerator, run, tokenizer
         self.flat_settings = flat_settings or {}
+        self.samples, self.sample_rows = samples, []  # generation metrics at each evaluation
         self.train_loader, self.eval_loader = self._loader(train_examples, True), self._loader(eval_examples, False)
         self.budget = micro_batch_budget(settings.micro_batch_tokens, accelerator.device)
         self.steps = total_steps(settings, len(self.train_loader))
@@ -338,11 +342,25 @@ class FineTune:
             self.save_checkpoint()
 
     def evaluate(self) -> float:
-        """Eval loss at the current step, recorded in the history and logged."""
+        """Eval loss at the current step (and the generation metrics), recorded in the history and logged."""
         loss = evaluate(self.model, self.eval_loader, self.accelerator)
         self.history["eval_loss"].append((self.step, loss))
-        self.run.log_metrics({"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}, self.step)
+        logged = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+        if self.samples is not None and self.samples.prompts and self.accelerator.is_main_process:
+            logged.update(self._generation_metrics())
+        self.run.log_metrics(logged, self.step)
         return loss
+
+    def _generation_metrics(self) -> dict[str, float]:
+        """Answer the eval samples greedily and score them (main process; the others wait at the next sync)."""
+        from loraflow import evaluation
+
+        answers = evaluation.answer(self.accelerator.unwrap_model(self.model), self.tokenizer, self.samples)
+        scores = evaluation.score(answers, self.samples.expected)
+        for key, value in scores.items():
+            self.history.setdefault(key, []).append((self.step, value))
+        self.sample_rows += evaluation.table_rows(self.step, self.samples, answers)
+        return scores
 
     def save_checkpoint(self) -> Path:
         """Write a resumable checkpoint (main process) once every process is here; returns its folder."""
@@ -375,13 +393,19 @@ def run_training(
     """
     from loraflow import tracking
 
+    from loraflow import evaluation
+
     data = data_lib.load_training_data(settings)  # fails on bad data before anything heavy
     tracking.check_reachable()  # and on a dead tracking server, within seconds
     accelerator, model, tokenizer, lora = setup(lora, settings, explicit or set())
+    template = data_lib.resolve_chat_template(tokenizer, settings.chat_template) if data.columns.is_chat else None
     train_examples, eval_examples = (
-        data_lib.tokenize_table(table, tokenizer, data.columns, settings.max_seq_length, settings.overflow)
+        data_lib.tokenize_table(table, tokenizer, data.columns, settings.max_seq_length, settings.overflow,
+                                chat_template=template, train_on=settings.train_on)
         for table in (data.train, data.eval)
     )
+    samples = (evaluation.pick_samples(data.eval, data.columns, settings.eval_samples, settings.seed, tokenizer, template)
+               if settings.eval_samples else None)
     run_id = ckpt.read_state(resume).run_id if resume else None
     with tracking.RunLogger.start(enabled=accelerator.is_main_process, run_id=run_id) as run:
         run.log_settings(lora, settings)
@@ -391,14 +415,16 @@ def run_training(
         run.log_metrics(parameter_report(model), None)
         flat = {**config.to_dict(settings), **config.to_dict(lora)}
         recipe = FineTune(model, tokenizer, train_examples, eval_examples, settings, accelerator, run,
-                          resume=resume, flat_settings=flat)
+                          resume=resume, flat_settings=flat, samples=samples)
         before, after, history = recipe.train()
         accelerator.wait_for_everyone()
         result = TrainResult(ok=True, run_id=run.run_id, model_uri=None, eval_loss_before=before,
-                             eval_loss_after=after, history=history)
+                             eval_loss_after=after, history=history, samples=recipe.sample_rows)
         if accelerator.is_main_process:
-            finish(accelerator.unwrap_model(recipe.model), tokenizer, data, lora, settings, run, result)
+            finish(accelerator.unwrap_model(recipe.model), tokenizer, data, lora, settings, run, result, template)
     if accelerator.is_main_process:
+        from loraflow.report import print_summary
+
         print_summary(result)
     return result
 
@@ -419,56 +445,45 @@ def setup(lora: LoraSettings, settings: TrainSettings, explicit: set[str]):
 
 
 def finish(model, tokenizer, data: data_lib.TrainingData, lora: LoraSettings, settings: TrainSettings,
-           run: "tracking.RunLogger", result: TrainResult) -> None:
-    """Log the loss curve and the model (main process), and record in `result` what became of them."""
+           run: "tracking.RunLogger", result: TrainResult, chat_template: str | None = None) -> None:
+    """Log the loss curve, the samples and the model (main process), and record in `result` what became of them."""
     run.log_loss_curve(result.history)
-    log_model(model, tokenizer, data, lora, settings, run, result)
+    if result.samples:
+        run.log_samples(result.samples, result.history)
+    log_model(model, tokenizer, data, lora, settings, run, result, chat_template)
     result.ok = result.ok and run.failures == 0
     checkpoints = ckpt.run_dir(settings.output_dir, run.run_id)
     result.checkpoint_dir = str(checkpoints.resolve()) if checkpoints.is_dir() else None
 
 
 def log_model(model, tokenizer, data: data_lib.TrainingData, lora: LoraSettings, settings: TrainSettings,
-              run: "tracking.RunLogger", result: TrainResult) -> None:
+              run: "tracking.RunLogger", result: TrainResult, chat_template: str | None = None) -> None:
     """Log the model to the run; if tracking fails, save it locally and say where."""
     from loraflow import flavor
 
     base_model = settings.base_model
-    prompts = _example_prompts(data.eval)
+    example = _chat_example(data.eval, data.columns) if chat_template else _example_prompts(data.eval)
     info = run.log_model(model, tokenizer, base_model=base_model, base_mode=settings.base_mode,
-                         registered_model_name=settings.registered_model_name, input_example=prompts,
-                         trust_remote_code=settings.trust_remote_code)
+                         registered_model_name=settings.registered_model_name, input_example=example,
+                         trust_remote_code=settings.trust_remote_code, chat_template=chat_template)
     if info is not None:
         result.model_uri = info.model_uri
         result.registered_version = run.tag_version(info, settings, lora, result.eval_loss_after)
         return
     local = Path(settings.output_dir) / f"model-{run.run_id or 'untracked'}"
     flavor.save_model(model, str(local), tokenizer, base_model=base_model, base_mode=settings.base_mode,
-                      trust_remote_code=settings.trust_remote_code)
+                      trust_remote_code=settings.trust_remote_code, chat_template=chat_template)
     result.ok, result.local_model_dir = False, str(local.resolve())
     logger.error("the model could not be logged to MLflow; it is saved locally at %s", result.local_model_dir)
+
+
+def _chat_example(table: data_lib.Table, columns: data_lib.Columns) -> dict[str, Any]:
+    """A chat request from the first eval conversation: everything before its first assistant reply."""
+    messages = table.frame[columns.messages].iloc[0]
+    first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return {"messages": list(messages[:first]), "max_tokens": 16}
 
 
 def _example_prompts(table: data_lib.Table) -> list[str]:
     column = "prompt" if "prompt" in table.frame.columns else table.frame.columns[0]
     return [str(p) for p in table.frame[column].head(2)]
-
-
-def print_summary(result: TrainResult) -> None:
-    change = f"{result.eval_loss_before:.4f} -> {result.eval_loss_after:.4f}"
-    lines = ["", "loraflow: training finished", f"  run id:     {result.run_id}", f"  eval loss:  {change}"]
-    if result.model_uri:
-        lines += [
-            f"  model URI:  {result.model_uri}",
-            "  load it:",
-            f"    mlflow.pyfunc.load_model({result.model_uri!r}).predict(['Question: What does a cow say?\\nAnswer:'])",
-            f"    model, tokenizer = loraflow.flavor.load_model({result.model_uri!r}, is_trainable=True)",
-        ]
-    if result.local_model_dir:
-        lines.append(f"  NOT logged to MLflow; the model is saved at {result.local_model_dir}")
-        lines.append(f"  log it later with: loraflow upload {result.local_model_dir}")
-    if not result.ok:
-        lines.append("  some tracking calls failed: see the warnings above")
-        if result.checkpoint_dir:
-            lines.append(f"  checkpoints: {result.checkpoint_dir}")
-    print("\n".join(lines), flush=True)
