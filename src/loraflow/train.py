@@ -383,7 +383,7 @@ def run_training(
         for table in (data.train, data.eval)
     )
     run_id = ckpt.read_state(resume).run_id if resume else None
-    with tracking.RunLogger.start(enabled=accelerator.is_main_process, run_id=run_id) as run:
+    with tracking.RunLogger.start(enabled=accelerator.is_main_process, run_id=run_id, run_name=settings.run_name) as run:
         run.log_settings(lora, settings)
         run.log_datasets(data.train, data.eval)
         from loraflow.lora import parameter_report
@@ -423,6 +423,7 @@ def finish(model, tokenizer, data: data_lib.TrainingData, lora: LoraSettings, se
     """Log the loss curve and the model (main process), and record in `result` what became of them."""
     run.log_loss_curve(result.history)
     log_model(model, tokenizer, data, lora, settings, run, result)
+    run.describe(result, lora, settings)
     result.ok = result.ok and run.failures == 0
     checkpoints = ckpt.run_dir(settings.output_dir, run.run_id)
     result.checkpoint_dir = str(checkpoints.resolve()) if checkpoints.is_dir() else None
@@ -434,7 +435,7 @@ def log_model(model, tokenizer, data: data_lib.TrainingData, lora: LoraSettings,
     from loraflow import flavor
 
     base_model = settings.base_model
-    prompts = _example_prompts(data.eval)
+    prompts = _example_prompts(data.eval, model, tokenizer)
     info = run.log_model(model, tokenizer, base_model=base_model, base_mode=settings.base_mode,
                          registered_model_name=settings.registered_model_name, input_example=prompts,
                          trust_remote_code=settings.trust_remote_code)
@@ -449,9 +450,14 @@ def log_model(model, tokenizer, data: data_lib.TrainingData, lora: LoraSettings,
     logger.error("the model could not be logged to MLflow; it is saved locally at %s", result.local_model_dir)
 
 
-def _example_prompts(table: data_lib.Table) -> list[str]:
+def _example_prompts(table: data_lib.Table, model, tokenizer) -> list[str]:
+    """Short prompts of the eval set that the model can answer, cut to fit its context if need be."""
+    from loraflow import tracking
+    from loraflow.flavor.generation import GENERATION_DEFAULTS, context_length
+
     column = "prompt" if "prompt" in table.frame.columns else table.frame.columns[0]
-    return [str(p) for p in table.frame[column].head(2)]
+    return tracking.input_example_prompts([str(p) for p in table.frame[column].head(64)], tokenizer,
+                                          context_length(model, tokenizer), GENERATION_DEFAULTS["max_new_tokens"])
 
 
 def print_summary(result: TrainResult) -> None:
