@@ -64,7 +64,7 @@ def _description(**overrides):
 def test_the_description_says_what_was_trained_the_losses_and_the_three_commands():
     note = _description()
     assert "`builtin:tiny`" in note and "`qa.jsonl`" in note and "60 optimizer steps" in note
-    assert "| eval_loss | 5.316 | 2.725 |" in note
+    assert "**eval_loss** 5.316 → 2.725" in note
     assert 'mlflow.pyfunc.load_model("models:/m-1")' in note
     assert "mlflow models serve -m models:/m-1 --env-manager local" in note
     assert "-P registered_model_name=NAME" in note and "loraflow promote --model-name NAME" in note
@@ -77,7 +77,7 @@ def test_a_registered_run_says_how_to_promote_it_and_exact_match_is_shown_when_l
                         metrics={"eval_loss": (5.0, 2.0), "eval_exact_match": (0.0, 0.5)})
     assert "loraflow promote --model-name qa-lora" in note and "version 3" in note
     assert "registered_model_name=NAME" not in note
-    assert "| eval_exact_match | 0 | 0.5 |" in note
+    assert "**eval_exact_match** 0 → 0.5" in note
 
 
 def test_a_run_without_a_logged_model_says_so():
@@ -110,7 +110,7 @@ def test_a_new_run_is_named_tagged_and_described(tracking_uri):
     assert got.info.run_name == "lora-r8-tiny-qa"
     assert got.data.tags["lora.r"] == "8" and got.data.tags["task"] == "completion"
     note = got.data.tags[run_info.NOTE_TAG]
-    assert "| eval_loss | 5 | 2.5 |" in note and "| eval_exact_match | 0.1 | 0.4 |" in note
+    assert "**eval_loss** 5 → 2.5" in note and "**eval_exact_match** 0.1 → 0.4" in note
 
 
 def test_a_chosen_name_is_kept_and_run_name_overrides(tracking_uri):
@@ -141,7 +141,7 @@ def test_a_registered_version_gets_a_description(tracking_uri):
         run.describe(_result(registered_version=str(version)), lora, train)
     description = client.get_model_version("qa-lora", str(version)).description
     assert run.run_id in description and "lora-r16-tiny-sample" in description
-    assert "eval_loss: 5 -> 2.5" in description
+    assert "**eval_loss** 5 → 2.5" in description
     assert "loraflow promote --model-name qa-lora" in mlflow.get_run(run.run_id).data.tags[run_info.NOTE_TAG]
 
 

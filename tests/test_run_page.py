@@ -59,11 +59,11 @@ def test_a_default_run_is_quiet_and_explains_itself_in_the_ui(tmp_path):
         assert tags["quantization"] == "none" and tags["base_fingerprint"].startswith("sha256-tensors:")
         assert re.fullmatch(r"[0-9a-f]+", tags["dataset.train.digest"]) and tags["dataset.eval.digest"]
         note = tags["mlflow.note.content"]
-        assert "**`builtin:tiny`**" in note and "6 optimizer steps" in note and "| eval_loss |" in note
+        assert "**`builtin:tiny`**" in note and "6 optimizer steps" in note and "**eval_loss** " in note
         model_uri = re.search(r"Model: `(models:/[^`]+)`", note).group(1)
         assert f'mlflow.pyfunc.load_model("{model_uri}")' in note
         assert f"mlflow models serve -m {model_uri} --env-manager local" in note
         assert "loraflow promote --model-name qa-lora" in note
 
         version = _get(url, "/api/2.0/mlflow/model-versions/get", name="qa-lora", version="1")["model_version"]
-        assert run["info"]["run_id"] in version["description"] and "eval_loss:" in version["description"]
+        assert run["info"]["run_id"] in version["description"] and "**eval_loss** " in version["description"]

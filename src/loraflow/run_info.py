@@ -85,12 +85,9 @@ def _number(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4g}"
 
 
-def metric_lines(metrics: Mapping[str, tuple[float | None, float | None]]) -> list[str]:
-    """One Markdown table row per metric: before training, after, and the change."""
-    rows = ["| metric | before | after |", "|---|---|---|"]
-    for name, (before, after) in metrics.items():
-        rows.append(f"| {name} | {_number(before)} | {_number(after)} |")
-    return rows
+def metric_line(metrics: Mapping[str, tuple[float | None, float | None]]) -> str:
+    """`**eval_loss** 5.316 → 2.725 · **eval_exact_match** 0 → 0.5`: each metric before and after training."""
+    return " · ".join(f"**{name}** {_number(before)} → {_number(after)}" for name, (before, after) in metrics.items())
 
 
 def run_description(*, base_model: str, train_data: str | None, r: int, target_modules: Any,
@@ -98,42 +95,48 @@ def run_description(*, base_model: str, train_data: str | None, r: int, target_m
                     model_uri: str | None, registered_model_name: str | None = None,
                     registered_version: str | None = None) -> str:
     """The run's Markdown description: what was trained on what, the metrics before and after,
-    and how to load, serve and promote (or first register) the model."""
+    the model and whether it is registered, then how to load, serve and promote (or first register) it.
+
+    The UI shows the first few lines until "Show more": what matters comes first.
+    """
     data = f"`{train_data}`" if train_data else "the bundled sample (`src/loraflow/resources/sample.jsonl`)"
     trained = f"{steps} optimizer steps" if steps else "training"
     lines = [
         f"**LoRA** (r={r}, `{_modules_text(target_modules)}`) on **`{base_model}`**, task `{task or DEFAULT_TASK}`, "
         f"{trained} on {data}.",
         "",
-        *metric_lines(metrics),
+        f"Before → after training: {metric_line(metrics)}",
         "",
     ]
     if not model_uri:
         lines.append("The model was **not logged** to MLflow (see the training output for where it was saved).")
         return "\n".join(lines)
-    lines += [f"Model: `{model_uri}`", "", "```", "# load",
+    if registered_model_name:
+        status = f"registered as `{registered_model_name}` version {registered_version or '?'}"
+    else:
+        status = ("not registered, hence \"Registered models: None\": no `registered_model_name` was given "
+                  "(how to register: below)")
+    lines += [f"Model: `{model_uri}`, {status}.", "", "```", "# load",
               f"mlflow.pyfunc.load_model(\"{model_uri}\").predict([\"Question: ...\\nAnswer:\"])",
               "# serve",
               f"mlflow models serve -m {model_uri} --env-manager local --port 5001"]
     if registered_model_name:
-        lines += ["# promote (give it @champion if it beats the current champion)",
-                  f"loraflow promote --model-name {registered_model_name}", "```", "",
-                  f"Registered as `{registered_model_name}` version {registered_version or '?'}."]
+        lines += ["# promote (gives it @champion if it beats the current champion)",
+                  f"loraflow promote --model-name {registered_model_name}", "```"]
     else:
         lines += ["# promote: register first, by training with a name ...",
                   "mlflow run . -P registered_model_name=NAME   # or: loraflow train --registered-model-name NAME",
                   "# ... then",
-                  "loraflow promote --model-name NAME", "```", "",
-                  "Not registered (\"Registered models: None\"): no `registered_model_name` was given."]
+                  "loraflow promote --model-name NAME", "```"]
     return "\n".join(lines)
 
 
 def version_description(*, run_id: str | None, run_name: str | None, base_model: str, train_data: str | None,
                         r: int, metric: str, before: float | None, after: float | None) -> str:
     """A registered version's description: where it came from and its headline metric."""
-    data = train_data or "the bundled sample"
-    return (f"LoRA r={r} on `{base_model}`, trained on `{data}` in run `{run_name or run_id}` "
-            f"(run id `{run_id}`). {metric}: {_number(before)} -> {_number(after)}.")
+    data = f"`{train_data}`" if train_data else "the bundled sample"
+    return (f"LoRA r={r} on `{base_model}`, trained on {data} in run `{run_name or run_id}` "
+            f"(run id `{run_id}`). **{metric}** {_number(before)} → {_number(after)}.")
 
 
 def before_after(history: Sequence[tuple[int, float]]) -> tuple[float | None, float | None]:
