@@ -104,6 +104,7 @@ class TrainSettings:
     seed: int = _help("Random seed for init, data order and dropout.", 42)
     precision: str = _help("auto (bf16 where the GPU supports it, else fp32), fp32, bf16 or fp16.", "auto")
     registered_model_name: str | None = _help("Register the logged model under this name. Empty: do not register.", None)
+    run_name: str | None = _help("MLflow run name. Empty: named from what is trained, e.g. lora-r16-tiny-qa.", None)
     init_model: str | None = _help("A logged loraflow model URI to continue training from (models:/NAME@champion).", None)
     base_mode: str = _help("How the logged model holds its base: auto, embedded or reference.", "auto")
     output_dir: str = _help("Local folder for checkpoints and the fallback copy of the model.", "outputs")

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from loraflow.config import ALL_LINEAR, LoraSettings, TrainSettings, build_lora_config, lora_settings, parse_settings
 from loraflow.errors import ConfigError
+from loraflow.flavor.bases import peft_wrapping
 from loraflow.flavor.layout import parse_bool
 
 if TYPE_CHECKING:
@@ -214,7 +215,8 @@ def apply_lora(model: "nn.Module", settings: LoraSettings | Mapping[str, Any]) -
     peft_config = build_lora_config(settings)
     check_modules(model, settings, peft_config)
     try:
-        return get_peft_model(model, peft_config)
+        with peft_wrapping():
+            return get_peft_model(model, peft_config)
     except Exception as err:  # peft raises ValueError/TypeError/KeyError for unsupported layers
         raise RuntimeError(f"peft could not apply LoRA to {type(model).__name__}: {err}") from err
 

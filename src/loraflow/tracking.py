@@ -140,27 +140,41 @@ class RunLogger:
     """
 
     def __init__(self, run_id: str | None, enabled: bool):
+        self.task = "completion"  # what the data is (log_settings); the description says it
         self.run_id = run_id
         self.enabled = enabled
         self.failures = 0
         self.unreachable = False  # after a connection failure, skip MLflow instead of retrying for minutes
+        self.may_name = False  # log_settings names the run from what it trains (see `start`)
+        self.run_name: str | None = None
+        self.digests: dict[str, str] = {}
 
     @classmethod
     @contextlib.contextmanager
-    def start(cls, enabled: bool = True, run_id: str | None = None) -> Iterator["RunLogger"]:
+    def start(cls, enabled: bool = True, run_id: str | None = None, run_name: str | None = None) -> Iterator["RunLogger"]:
         """Use the active run (or the one `mlflow run` made, via MLFLOW_RUN_ID), else start one.
 
-        `run_id` re-opens an earlier run (resuming from its checkpoint).
+        `run_id` re-opens an earlier run (resuming from its checkpoint). `run_name` names the run;
+        without it, a new run whose name MLflow made up is named by `log_settings` from what it
+        trains (`run_info.run_name`); a name someone chose, or a resumed run's, is kept.
         """
         if not enabled:  # never imports mlflow: a run with tracking off does not pay for it
             yield cls(None, enabled=False)
             return
         import mlflow
 
+        from loraflow import run_info
+
         check_reachable()
         owned = mlflow.active_run() is None
         run = mlflow.start_run(run_id=run_id) if owned else mlflow.active_run()
         logger_ = cls(run.info.run_id, enabled=True)
+        logger_.run_name = run.info.run_name
+        if run_name:
+            logger_._set_tags({"mlflow.runName": run_name})
+            logger_.run_name = run_name
+        else:
+            logger_.may_name = run_id is None and run_info.is_generated_name(run.info.run_name)
         status = "FAILED"
         set_buffer = ASYNC_BUFFER_ENV not in os.environ
         if set_buffer:
@@ -195,15 +209,29 @@ class RunLogger:
             logger.warning("MLflow: could not %s (%s: %s); %s", what, type(err).__name__, err, then)
             return None
 
-    def log_settings(self, lora: LoraSettings, train: Any) -> None:
-        """Every resolved setting as a param, and the whole config as `config.yaml`."""
+    def log_settings(self, lora: LoraSettings, train: Any, task: str = "completion") -> None:
+        """Every resolved setting as a param, the whole config as `config.yaml`, and the run's tags
+        (`task`: `completion` or `chat`, what the data is)."""
         if not self.enabled:
             return
         import mlflow
 
+        from loraflow import run_info
+
         resolved = {"lora": to_dict(lora), "train": to_dict(train)}
         self._guard("log params", log_params_safely, {**resolved["train"], **resolved["lora"]})
         self._guard("log config.yaml", mlflow.log_dict, resolved, "config.yaml")
+        self.task = task
+        tags = run_info.run_tags(train.base_model, lora.r, lora.target_modules, task=task)
+        if self.may_name:
+            self.run_name = run_info.run_name(lora.r, train.base_model, train.train_data)
+            tags["mlflow.runName"] = self.run_name
+        self._set_tags(tags)
+
+    def _set_tags(self, tags: Mapping[str, str]) -> None:
+        import mlflow
+
+        self._guard("set the run's tags", mlflow.set_tags, dict(tags))
 
     def log_metrics(self, metrics: Mapping[str, float | int], step: int | None) -> None:
         """Log metrics asynchronously (per-step logging must not slow training)."""
@@ -223,9 +251,11 @@ class RunLogger:
         def log(table: Any, name: str, context: str) -> None:
             dataset = mlflow.data.from_pandas(table.frame, source=_dataset_source(table.source), name=name)
             mlflow.log_input(dataset, context=context)
+            self.digests[name] = dataset.digest
 
         self._guard("log the train dataset", log, train, "train", "training")
         self._guard("log the eval dataset", log, evaluation, "eval", "evaluation")
+        self._set_tags({f"dataset.{name}.digest": digest for name, digest in self.digests.items()})
 
     def log_loss_curve(self, history: Mapping[str, list[tuple[int, float]]]) -> None:
         """A loss-curve figure: train loss per step and eval loss at each evaluation."""
@@ -251,7 +281,11 @@ class RunLogger:
         """Log the PEFT model with the loraflow flavor; None if it could not be logged."""
         from loraflow import flavor
 
-        return self._guard("log the model", lambda: flavor.log_model(model, "model", tokenizer, **kwargs))
+        info = self._guard("log the model", lambda: flavor.log_model(model, "model", tokenizer, **kwargs))
+        fingerprint = (getattr(info, "flavors", None) or {}).get(flavor.FLAVOR_NAME, {}).get("base", {}).get("fingerprint")
+        if fingerprint:
+            self._set_tags({"base_fingerprint": str(fingerprint)})
+        return info
 
     def tag_version(self, info: Any, train: Any, lora: LoraSettings, eval_loss: float) -> str | None:
         """Tag a registered version with its run's key metric and settings; returns the version."""
@@ -278,6 +312,76 @@ class RunLogger:
         return str(version)
 
 
+    def describe(self, result: Any, lora: LoraSettings, train: Any) -> None:
+        """The run's Markdown description (`mlflow.note.content`), and the registered version's.
+
+        `result` is `train.TrainResult`: eval loss before/after, model URI, registered version.
+        Exact match before/after is included when the run logged `eval_exact_match`.
+        """
+        if not self.enabled:
+            return
+        from loraflow import run_info
+
+        history = getattr(result, "history", None) or {}
+        metrics = {"eval_loss": (result.eval_loss_before, result.eval_loss_after)}
+        exact = history.get("eval_exact_match") or self._guard("read eval_exact_match", self._history, "eval_exact_match")
+        if exact:
+            metrics["eval_exact_match"] = run_info.before_after(exact)
+        steps = max((step for step, _ in history.get("train_loss") or []), default=None)
+        note = run_info.run_description(
+            base_model=train.base_model, train_data=train.train_data, r=lora.r, target_modules=lora.target_modules,
+            task=getattr(self, "task", "completion"), steps=steps, metrics=metrics, model_uri=result.model_uri,
+            registered_model_name=train.registered_model_name if result.registered_version else None,
+            registered_version=result.registered_version)
+        self._set_tags({run_info.NOTE_TAG: note})
+        if result.registered_version and train.registered_model_name:
+            text = run_info.version_description(
+                run_id=self.run_id, run_name=self.run_name, base_model=train.base_model, train_data=train.train_data,
+                r=lora.r, metric="eval_loss", before=result.eval_loss_before, after=result.eval_loss_after)
+            self._guard("describe the model version", _describe_version, train.registered_model_name,
+                        result.registered_version, text)
+
+    def _history(self, key: str) -> list[tuple[int, float]]:
+        import mlflow
+        from mlflow import MlflowClient
+
+        mlflow.flush_async_logging()
+        return [(m.step, m.value) for m in MlflowClient().get_metric_history(self.run_id, key)]
+
+
+def _describe_version(name: str, version: str, text: str) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().update_model_version(name, str(version), description=text)
+
+
+def input_example_prompts(prompts: list[str], tokenizer: Any, context: int | None, max_new_tokens: int,
+                          count: int = 2) -> list[str]:
+    """Up to `count` prompts the model can answer with `max_new_tokens` more tokens, for the input example.
+
+    MLflow runs the example through the model when logging it: a training prompt longer than the
+    context fails that check. The shortest prompts are taken (in their order), and if even those
+    do not fit, the shortest is cut to its last tokens that fit.
+    """
+    prompts = [p for p in prompts if p.strip()] or ["Question: What does a cow say?\nAnswer:"]
+    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    budget = None if context is None else context - max_new_tokens
+    shortest = sorted(range(len(prompts)), key=lambda i: lengths[i])[:count]
+    if budget is None or all(lengths[i] <= budget for i in shortest):
+        return [prompts[i] for i in sorted(shortest)]
+    fitting = [i for i in shortest if lengths[i] <= budget]
+    if fitting:
+        return [prompts[i] for i in sorted(fitting)]
+    ids = tokenizer(prompts[shortest[0]])["input_ids"]
+    keep = max(1, budget)
+    while keep > 1:  # decoding and encoding again can merge or split tokens: check the round trip
+        text = tokenizer.decode(ids[-keep:], skip_special_tokens=True)
+        if len(tokenizer(text)["input_ids"]) <= budget:
+            return [text]
+        keep -= 1
+    return [tokenizer.decode(ids[-1:], skip_special_tokens=True)]
+
+
 def _dataset_source(path: str) -> Any:
     """A local file as MLflow's `LocalArtifactDatasetSource`, named directly: given a plain path,
     MLflow finds that class registered twice and warns that the source is ambiguous."""
@@ -287,12 +391,43 @@ def _dataset_source(path: str) -> Any:
     return local[0](str(Path(path).resolve())) if local else str(path)
 
 
+# What matplotlib's font manager logs while it builds its cache (first use on a machine)
+FONT_CACHE_MESSAGES = ("Matplotlib is building the font cache", "generated new fontManager")
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+@contextlib.contextmanager
+def _quiet_font_cache_build() -> Iterator[None]:
+    """Drop matplotlib's notes about building its font cache (its first use on a machine), and only them.
+
+    Importing pyplot builds the cache when there is none: a timer logs "building the font cache"
+    on `matplotlib.font_manager` if that takes over 5 s, then it logs "generated new fontManager"
+    (INFO); nothing a user can act on in the middle of a run.
+    """
+    font_logger = logging.getLogger("matplotlib.font_manager")
+    dropper = _DropMessages(FONT_CACHE_MESSAGES)
+    font_logger.addFilter(dropper)
+    try:
+        yield
+    finally:
+        font_logger.removeFilter(dropper)
+
+
 def loss_curve_figure(history: Mapping[str, list[tuple[int, float]]]):
     """Matplotlib figure of train loss (line) and eval loss (markers) against optimizer step."""
-    import matplotlib
+    with _quiet_font_cache_build():
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     for key, style in (("train_loss", "-"), ("eval_loss", "o-")):

@@ -407,8 +407,8 @@ def run_training(
     samples = (evaluation.pick_samples(data.eval, data.columns, settings.eval_samples, settings.seed, tokenizer, template)
                if settings.eval_samples else None)
     run_id = ckpt.read_state(resume).run_id if resume else None
-    with tracking.RunLogger.start(enabled=accelerator.is_main_process, run_id=run_id) as run:
-        run.log_settings(lora, settings)
+    with tracking.RunLogger.start(enabled=accelerator.is_main_process, run_id=run_id, run_name=settings.run_name) as run:
+        run.log_settings(lora, settings, task="chat" if data.columns.is_chat else "completion")
         run.log_datasets(data.train, data.eval)
         from loraflow.lora import parameter_report
 
@@ -451,6 +451,7 @@ def finish(model, tokenizer, data: data_lib.TrainingData, lora: LoraSettings, se
     if result.samples:
         run.log_samples(result.samples, result.history)
     log_model(model, tokenizer, data, lora, settings, run, result, chat_template)
+    run.describe(result, lora, settings)
     result.ok = result.ok and run.failures == 0
     checkpoints = ckpt.run_dir(settings.output_dir, run.run_id)
     result.checkpoint_dir = str(checkpoints.resolve()) if checkpoints.is_dir() else None
@@ -462,7 +463,8 @@ def log_model(model, tokenizer, data: data_lib.TrainingData, lora: LoraSettings,
     from loraflow import flavor
 
     base_model = settings.base_model
-    example = _chat_example(data.eval, data.columns) if chat_template else _example_prompts(data.eval)
+    example = (_chat_example(data.eval, data.columns) if chat_template
+               else _example_prompts(data.eval, model, tokenizer))
     info = run.log_model(model, tokenizer, base_model=base_model, base_mode=settings.base_mode,
                          registered_model_name=settings.registered_model_name, input_example=example,
                          trust_remote_code=settings.trust_remote_code, chat_template=chat_template)
@@ -484,6 +486,11 @@ def _chat_example(table: data_lib.Table, columns: data_lib.Columns) -> dict[str,
     return {"messages": list(messages[:first]), "max_tokens": 16}
 
 
-def _example_prompts(table: data_lib.Table) -> list[str]:
+def _example_prompts(table: data_lib.Table, model, tokenizer) -> list[str]:
+    """Short prompts of the eval set that the model can answer, cut to fit its context if need be."""
+    from loraflow import tracking
+    from loraflow.flavor.generation import GENERATION_DEFAULTS, context_length
+
     column = "prompt" if "prompt" in table.frame.columns else table.frame.columns[0]
-    return [str(p) for p in table.frame[column].head(2)]
+    return tracking.input_example_prompts([str(p) for p in table.frame[column].head(64)], tokenizer,
+                                          context_length(model, tokenizer), GENERATION_DEFAULTS["max_new_tokens"])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -168,3 +169,14 @@ def _cached_commit(repo_id: str, revision: str | None) -> str | None:
 
     cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
     return extract_commit_hash(cached, None) if isinstance(cached, str) else None
+
+
+@contextlib.contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """Around wrapping a model with peft (`get_peft_model`, `PeftModel.from_pretrained`): peft
+    0.21 reads transformers' deprecated `is_gradient_checkpointing`, whose FutureWarning nobody
+    can act on. Only that warning, from that property, is ignored here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
+                                category=FutureWarning, module=r"transformers\.modeling_utils")
+        yield

@@ -31,7 +31,7 @@ from mlflow.tracking.artifact_utils import _download_artifact_from_uri
 from mlflow.utils.model_utils import _add_code_from_conf_to_system_path
 
 from loraflow.flavor import fingerprint
-from loraflow.flavor.bases import NeedsRemoteCode, load_base_model, load_tokenizer
+from loraflow.flavor.bases import NeedsRemoteCode, load_base_model, load_tokenizer, peft_wrapping
 from loraflow.flavor.files import file_sha256
 from loraflow.flavor.layout import ADAPTER_WEIGHTS_FILE, TRUST_REMOTE_CODE_ENV, env_flag, invalid, read_flavor_conf
 
@@ -126,7 +126,8 @@ def _apply_adapter(base: "PreTrainedModel", adapter_dir: Path, is_trainable: boo
     from peft import PeftModel
 
     try:
-        return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)
+        with peft_wrapping():
+            return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)
     except Exception as e:
         raise MlflowException(f"cannot load the adapter from {str(adapter_dir / ADAPTER_WEIGHTS_FILE)!r}: {e}") from e
 

@@ -32,7 +32,7 @@ from mlflow.utils.environment import (
 )
 from mlflow.utils.file_utils import get_total_file_size, write_to
 from mlflow.utils.model_utils import _validate_and_copy_code_paths
-from mlflow.utils.requirements_utils import _get_pinned_requirement
+from mlflow.utils.requirements_utils import _get_installed_version, _get_pinned_requirement
 
 from loraflow.flavor.bases import base_kind, resolve_base, resolved_revision
 from loraflow.flavor.files import atomic_dir, file_sha256, temporary_env
@@ -79,7 +79,19 @@ def get_default_pip_requirements() -> list[str]:
     """Third-party pins of a saved model. `loraflow` itself travels as code (`code/loraflow`), see
     `loraflow.flavor`'s docstring for why."""
     packages = ["mlflow", "torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers"]
-    return [_get_pinned_requirement(p) for p in packages]
+    return [_get_pinned_requirement(p, version=_public_version(p)) for p in packages]
+
+
+def _public_version(package: str) -> str:
+    """The installed version without its local label (`2.13.0+cpu` -> `2.13.0`), as MLflow would
+    pin it after warning: a `+cpu` build is not on PyPI, and the pin is ours to write."""
+    from packaging.version import InvalidVersion, Version
+
+    installed = _get_installed_version(package)
+    try:
+        return Version(installed).public
+    except InvalidVersion:
+        return installed
 
 
 # ---------------------------------------------------------------------------------------------
