@@ -11,7 +11,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from loraflow import run_info, tracking
+from loraflow import figures, run_info, tracking
 from loraflow.config import LoraSettings, TrainSettings
 
 
@@ -184,7 +184,7 @@ def test_applying_lora_no_longer_warns_about_a_deprecated_transformers_property(
 def test_only_the_font_cache_notes_are_dropped_and_only_around_our_import(caplog):
     font_logger = logging.getLogger("matplotlib.font_manager")
     with caplog.at_level(logging.INFO, logger="matplotlib.font_manager"):
-        with tracking._quiet_font_cache_build():
+        with figures._quiet_font_cache_build():
             font_logger.warning("Matplotlib is building the font cache; this may take a moment.")
             font_logger.info("generated new fontManager")
             font_logger.warning("findfont: Font family 'X' not found.")

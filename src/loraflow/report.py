@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from loraflow.train import TrainResult
+from typing import Any
 
 EXAMPLES = 3  # held-out questions shown with their answers before and after fine-tuning
 
 
-def print_summary(result: "TrainResult") -> None:
-    """Print the run's summary: ids, eval loss and exact match before -> after, a few held-out
-    answers, how to load the model, and what to do when tracking failed."""
+def print_summary(result: Any) -> None:
+    """Print the run's summary (`result` is a `train.TrainResult`): ids, eval loss and exact match
+    before -> after, a few held-out answers, how to load the model, and what to do when tracking failed."""
     change = f"{result.eval_loss_before:.4f} -> {result.eval_loss_after:.4f}"
     lines = ["", "loraflow: training finished", f"  run id:       {result.run_id}", f"  eval loss:    {change}"]
     em = result.history.get("eval_exact_match") or []

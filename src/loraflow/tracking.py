@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from loraflow import figures
 from loraflow.config import LoraSettings, to_dict
 from loraflow.errors import LoraflowError
 
@@ -263,7 +264,7 @@ class RunLogger:
             return
         import mlflow
 
-        self._guard("log the loss curve", lambda: mlflow.log_figure(loss_curve_figure(history), "loss_curve.png"))
+        self._guard("log the loss curve", lambda: mlflow.log_figure(figures.loss_curve(history), "loss_curve.png"))
 
     def log_samples(self, rows: list[dict[str, Any]], history: Mapping[str, list[tuple[int, float]]]) -> None:
         """The generated eval answers as the MLflow table `eval_samples.json` (one row per sample per
@@ -275,7 +276,7 @@ class RunLogger:
 
         self._guard("log the eval samples table", mlflow.log_table, pd.DataFrame(rows), "eval_samples.json")
         self._guard("log the eval quality figure",
-                    lambda: mlflow.log_figure(eval_quality_figure(history), "eval_quality.png"))
+                    lambda: mlflow.log_figure(figures.eval_quality(history), "eval_quality.png"))
 
     def log_model(self, model: Any, tokenizer: Any, **kwargs: Any):
         """Log the PEFT model with the loraflow flavor; None if it could not be logged."""
@@ -389,89 +390,6 @@ def _dataset_source(path: str) -> Any:
 
     local = [s for s in get_registered_sources() if s.__name__ == "LocalArtifactDatasetSource"]
     return local[0](str(Path(path).resolve())) if local else str(path)
-
-
-# What matplotlib's font manager logs while it builds its cache (first use on a machine)
-FONT_CACHE_MESSAGES = ("Matplotlib is building the font cache", "generated new fontManager")
-
-
-class _DropMessages(logging.Filter):
-    def __init__(self, prefixes: tuple[str, ...]):
-        super().__init__()
-        self.prefixes = prefixes
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefixes)
-
-
-@contextlib.contextmanager
-def _quiet_font_cache_build() -> Iterator[None]:
-    """Drop matplotlib's notes about building its font cache (its first use on a machine), and only them.
-
-    Importing pyplot builds the cache when there is none: a timer logs "building the font cache"
-    on `matplotlib.font_manager` if that takes over 5 s, then it logs "generated new fontManager"
-    (INFO); nothing a user can act on in the middle of a run.
-    """
-    font_logger = logging.getLogger("matplotlib.font_manager")
-    dropper = _DropMessages(FONT_CACHE_MESSAGES)
-    font_logger.addFilter(dropper)
-    try:
-        yield
-    finally:
-        font_logger.removeFilter(dropper)
-
-
-def loss_curve_figure(history: Mapping[str, list[tuple[int, float]]]):
-    """Matplotlib figure of train loss (line) and eval loss (markers) against optimizer step."""
-    with _quiet_font_cache_build():
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    for key, style in (("train_loss", "-"), ("eval_loss", "o-")):
-        points = history.get(key) or []
-        if points:
-            steps, values = zip(*points)
-            ax.plot(steps, values, style, label=key.replace("_", " "))
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title("loraflow training")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    plt.close(fig)
-    return fig
-
-
-def eval_quality_figure(history: Mapping[str, list[tuple[int, float]]]):
-    """Matplotlib figure of exact match and token F1 (left axis) and eval loss (right) against step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    for key, style in (("eval_exact_match", "o-"), ("eval_token_f1", "s--")):
-        if points := history.get(key):
-            steps, values = zip(*points)
-            ax.plot(steps, values, style, label=key.removeprefix("eval_").replace("_", " "))
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("held-out answers (0-1)")
-    loss_axis = ax.twinx()
-    if points := history.get("eval_loss"):
-        steps, values = zip(*points)
-        loss_axis.plot(steps, values, "^:", color="grey", label="eval loss")
-    loss_axis.set_ylabel("eval loss (nats/token)")
-    lines = ax.get_legend_handles_labels()[0] + loss_axis.get_legend_handles_labels()[0]
-    ax.legend(lines, [line.get_label() for line in lines], loc="center right")
-    ax.set_title("loraflow: answers on the eval set")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    plt.close(fig)
-    return fig
 
 
 def upload_model(
