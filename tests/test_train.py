@@ -16,7 +16,7 @@ from loraflow.config import parse_settings
 from loraflow.errors import ConfigError, DataError
 from loraflow.train import run_training
 
-FAST = {"max_steps": "8", "eval_steps": "4", "batch_size": "8", "r": "8"}
+FAST = {"max_steps": "8", "eval_steps": "4", "batch_size": "8", "r": "8", "eval_samples": "8"}
 
 
 def train(**overrides):
@@ -46,6 +46,48 @@ def test_defaults_cut_eval_loss_by_at_least_a_fifth(default_run):
     _, result = default_run
     assert result.ok
     assert result.eval_loss_after <= 0.8 * result.eval_loss_before
+
+
+def test_the_default_run_visibly_learns_to_answer_held_out_questions(default_run):
+    """Issue 11's target: exact match on held-out eval questions <= 0.2 before, >= 0.7 after."""
+    uri, result = default_run
+    exact = dict(result.history["eval_exact_match"])
+    assert exact[0] <= 0.2 and exact[300] >= 0.7
+    assert sorted(exact) == [0, 50, 100, 150, 200, 250, 300]
+    client = MlflowClient(uri)
+    logged = sorted(client.get_metric_history(result.run_id, "eval_exact_match"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in logged] == sorted(exact.items())
+    assert client.get_metric_history(result.run_id, "eval_token_f1")[-1].value >= exact[300]
+
+
+def test_the_samples_table_has_a_row_per_sample_per_evaluation(default_run):
+    import pandas as pd
+
+    uri, result = default_run
+    mlflow.set_tracking_uri(uri)
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="eval_samples.json")
+        figure = mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="eval_quality.png")
+    finally:
+        mlflow.set_tracking_uri(None)
+    import json
+
+    doc = json.loads(open(local).read())
+    table = pd.DataFrame(doc["data"], columns=doc["columns"])
+    assert list(table.columns) == ["step", "prompt", "expected", "generated", "exact_match"]
+    per_step = table.groupby("step").size()
+    assert sorted(per_step.index) == [0, 50, 100, 150, 200, 250, 300] and per_step.nunique() == 1
+    final = table[table.step == 300]
+    assert final.exact_match.mean() == pytest.approx(dict(result.history["eval_exact_match"])[300])
+    assert open(figure, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_samples_zero_turns_generation_metrics_off(tracking_uri, tmp_path):
+    result = train(output_dir=str(tmp_path), eval_samples="0")
+    assert "eval_exact_match" not in result.history and result.samples == []
+    run = MlflowClient(tracking_uri).get_run(result.run_id)
+    assert "eval_exact_match" not in run.data.metrics
+    assert "eval_samples.json" not in {a.path for a in MlflowClient(tracking_uri).list_artifacts(result.run_id)}
 
 
 def test_run_records_params_metric_histories_inputs_and_artifacts(default_run):

@@ -203,6 +203,38 @@ def upload(local_dir: str, run_id: str | None, registered_model_name: str | None
     click.echo(f"loraflow: logged {local_dir} as {uri}")
 
 
+@main.command()
+@click.argument("model_uri")
+@click.option("--data", "data_path", required=True,
+              help="A .jsonl/.csv/.parquet file with prompt + completion or messages columns, or builtin:qa / builtin:chat.")
+@click.option("--prompt-column", default=None, help="The prompt column.  [default: prompt]")
+@click.option("--completion-column", default=None, help="The expected-answer column.  [default: completion]")
+@click.option("--messages-column", default=None, help="The conversations column (the last assistant reply is expected).")
+@click.option("--samples", type=click.IntRange(min=1), default=None, help="Score a seeded subset of this many rows.  [default: all]")
+@click.option("--seed", type=int, default=42, show_default=True, help="Seed of the subset.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
+              help="Most tokens per answer.  [default: the longest expected answer + 8]")
+@click.option("--log-to", default=None, metavar="RUN_ID|new",
+              help="Log the metrics and the samples table to this run (its status is kept), or to a new run.")
+def evaluate(model_uri: str, data_path: str, samples: int | None, seed: int, max_new_tokens: int | None,
+             log_to: str | None, **columns: Any) -> None:
+    """Score a logged model on a data file: normalised exact match and token F1 of greedy answers.
+
+    The same metrics a training run logs at every evaluation (`eval_exact_match`, `eval_token_f1`).
+    """
+    from loraflow.evaluation import evaluate_model
+
+    with user_errors():
+        settings = config.parse_settings({k: v for k, v in columns.items() if v is not None})[1]
+        result = evaluate_model(model_uri, data_path, settings=settings, samples=samples, seed=seed,
+                                max_new_tokens=max_new_tokens, log_to=log_to)
+    for key, value in result.metrics.items():
+        click.echo(f"{key:<20}{value:.4f}")
+    click.echo(f"samples             {len(result.rows)}")
+    if result.run_id:
+        click.echo(f"logged to run       {result.run_id}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Model registry: promote and roll back (loraflow.registry). Exit codes: 0 decided (promoted or
 # not), 1 registry error (unreachable, unknown model or version, not a loraflow model, metric

@@ -101,3 +101,94 @@ def table_rows(step: int, samples: Samples, answers: list[str]) -> list[dict[str
          "exact_match": metrics.exact_match(generated, expected)}
         for shown, expected, generated in zip(samples.shown, samples.expected, answers)
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring a logged model: `loraflow evaluate`.
+
+
+@dataclass
+class Evaluation:
+    """What `evaluate_model` measured: the metrics, the rows behind them, and where they were logged."""
+
+    metrics: dict[str, float]
+    rows: list[dict[str, Any]]
+    run_id: str | None = None
+
+
+def evaluate_model(model_uri: str, data_path: str, *, settings: Any = None, samples: int | None = None,
+                   seed: int = 42, max_new_tokens: int | None = None, log_to: str | None = None) -> Evaluation:
+    """Score a logged loraflow model on a data file with the training run's generation metrics.
+
+    Args:
+        model_uri: a logged loraflow model (`models:/NAME@champion`, `runs:/ID/model`, a folder).
+        data_path: a data file with `prompt` + `completion` or `messages` columns (or `builtin:qa`).
+        settings: a `TrainSettings` naming other columns; default: the defaults.
+        samples: score a seeded subset of this many rows; default: every row.
+        seed: the subset's seed.
+        max_new_tokens: the most each answer gets; default: the longest expected answer + 8.
+        log_to: log the metrics and the samples table to this run id, or to a new run with "new".
+
+    Raises:
+        DataError, ConfigError: a bad data file or settings (before the model loads).
+        MlflowException: a URI with no loraflow model.
+    """
+    import mlflow
+
+    from loraflow import data as data_lib
+    from loraflow.config import TrainSettings
+
+    settings = settings or TrainSettings()
+    path = data_lib.resolve_data(data_path)
+    frame = data_lib.read_table(path, "data")
+    columns = data_lib.columns_of(settings, [str(c) for c in frame.columns])
+    table = data_lib.check_examples(frame, path, columns, "data", settings.train_on)
+    model = mlflow.pyfunc.load_model(model_uri)
+    tokenizer = model.get_raw_model().tokenizer
+    chosen = pick_samples(table, columns, samples or len(table), seed, tokenizer)
+    answers = _pyfunc_answers(model, table, columns, chosen, samples or len(table), seed, tokenizer, max_new_tokens)
+    result = Evaluation(score(answers, chosen.expected), table_rows(0, chosen, answers))
+    if log_to:
+        result.run_id = _log_evaluation(result, model_uri, path, log_to)
+    return result
+
+
+def _pyfunc_answers(model: Any, table: "Table", columns: "Columns", chosen: Samples, n: int, seed: int,
+                    tokenizer: Any, max_new_tokens: int | None) -> list[str]:
+    """The model's answers through pyfunc, as `mlflow models serve` would give them."""
+    import numpy as np
+
+    longest = max(len(ids) for ids in tokenizer(chosen.expected, add_special_tokens=False)["input_ids"])
+    limit = max_new_tokens or min(MAX_NEW_TOKENS, longest + SLACK_TOKENS)
+    if not columns.is_chat:
+        return [str(t) for t in model.predict(chosen.prompts, params={"max_new_tokens": limit})["text"]]
+    rows = sorted(np.random.default_rng(seed).permutation(len(table))[: min(n, len(table))].tolist())
+    requests = []
+    for messages in table.frame[columns.messages].iloc[rows]:
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        requests.append({"messages": list(messages[:last]), "max_tokens": limit})
+    answers = model.predict(requests)
+    return [a["choices"][0]["message"]["content"] for a in answers]
+
+
+def _log_evaluation(result: Evaluation, model_uri: str, data_path: str, log_to: str) -> str:
+    """Log into a new run, or into an existing one without touching its status (a run that failed
+    stays FAILED: promotion reads it)."""
+    import mlflow
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    tags = {"loraflow.evaluate.model_uri": model_uri, "loraflow.evaluate.data": str(data_path)}
+    if log_to == "new":
+        with mlflow.start_run(run_name="evaluate") as run:
+            run_id = run.info.run_id
+            mlflow.set_tags(tags)
+    else:
+        run_id = MlflowClient().get_run(log_to).info.run_id  # an unknown id fails here, before logging
+    client = MlflowClient()
+    for key, value in result.metrics.items():
+        client.log_metric(run_id, key, value)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    mlflow.log_table(pd.DataFrame(result.rows), "evaluate_samples.json", run_id=run_id)
+    return run_id
