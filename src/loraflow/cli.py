@@ -94,7 +94,59 @@ def user_errors() -> Iterator[None]:
         raise click.UsageError(_with_option_names(str(err))) from err
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+BUG_REPORT = "please report it, with the traceback below and the command you ran, in loraflow's issue tracker"
+USER_MLFLOW_ERRORS = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+MAX_ECHO = 600  # characters of an MLflow error message echoed (some quote whole files)
+
+
+class UserMlflowError(click.ClickException):
+    """An MLflow error caused by the user's input (an unknown model URI, a bad model): exit code 2."""
+
+    exit_code = 2
+
+
+class LoraflowGroup(click.Group):
+    """The entry point: every command's errors end here, so each has one documented exit code.
+
+    A user's mistake is a one-line message (click's own, a `LoraflowError`, or an MLflow error with a
+    user's error code); Ctrl-C exits 130; anything else is a bug in loraflow: its traceback is printed
+    after one line saying so, and the exit code is 1.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            click.echo("loraflow: interrupted (SIGINT)", err=True)
+            raise SystemExit(130) from None
+        except LoraflowError as err:
+            from loraflow.registry import RegistryError
+
+            if isinstance(err, RegistryError):
+                raise click.ClickException(str(err)) from err
+            raise click.UsageError(_with_option_names(str(err))) from err
+        except MlflowException as err:
+            if err.error_code not in USER_MLFLOW_ERRORS:
+                _report_bug()
+            message = err.message if len(err.message) <= MAX_ECHO else err.message[:MAX_ECHO] + "..."
+            raise UserMlflowError(message) from err
+        except Exception:
+            _report_bug()
+
+
+def _report_bug() -> None:
+    import traceback
+
+    click.echo(f"loraflow: this is a bug in loraflow, not a mistake in your input; {BUG_REPORT}.", err=True)
+    click.echo(traceback.format_exc().rstrip(), err=True)
+    raise SystemExit(1)
+
+
+@click.group(cls=LoraflowGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="loraflow")
 def main() -> None:
     """Fine-tune causal language models with LoRA, tracked and packaged with MLflow."""
@@ -165,26 +217,46 @@ def train(config_file: str | None, resume_from: str | None, **options: Any) -> N
 @click.option("--input", "input_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Prompts: a .parquet, .csv or .jsonl file with a prompt column.")
 @click.option("--output", "output_path", required=True, type=click.Path(dir_okay=False),
-              help="Where to write the input's columns plus `text`: .parquet, .csv or .jsonl.")
+              help="Where to write the input's columns plus `text`: .parquet, .csv or .jsonl (never replaced "
+                   "without --overwrite).")
 @click.option("--prompt-column", default="prompt", show_default=True, help="The column holding the prompts.")
+@click.option("--output-column", default="text", show_default=True,
+              help="The column added for the completions (must not be in the input).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file (even the input) and discard partial results.")
+@click.option("--resume", is_flag=True,
+              help="Complete an interrupted job: keep the rows in <output>.partial/ and predict the rest.")
 @click.option("--spark/--no-spark", default=None,
               help="Predict with the model as a Spark UDF (the active Spark session, else local[*]) or in this "
                    "process. Default: Spark only when a Spark session is already active.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Tokens to generate per prompt.")
+@click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=None, help="Tokens to generate per prompt.")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=None, help="Sampling temperature.")
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None, help="Nucleus sampling mass.")
 @click.option("--do-sample/--greedy", default=None, help="Sample, or decode greedily.")
 @click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Penalty for repeated tokens (1: none).")
-@click.option("--seed", type=int, default=None, help="Seed for sampling.")
-def batch_predict(model_uri: str, input_path: str, output_path: str, prompt_column: str, spark: bool | None,
-                  **generation: Any) -> None:
-    """Complete every prompt of a table with a logged model and write the table with a `text` column."""
-    from loraflow.predict import predict_table
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None, help="Seed for sampling (0 .. 2^63-1).")
+@click.option("--chunk-rows", type=click.IntRange(1, 100_000), default=64, hidden=True,
+              help="Rows predicted, then kept on disk, at a time.")
+def batch_predict(model_uri: str, input_path: str, output_path: str, prompt_column: str, output_column: str,
+                  overwrite: bool, resume: bool, spark: bool | None, chunk_rows: int, **generation: Any) -> None:
+    """Complete every prompt of a table with a logged model and write the table with a `text` column.
 
+    Exit codes: 0 written, 1 tracking error, 2 bad option, input or model URI (before the model
+    loads), 130/143 interrupted (finished rows kept; rerun with --resume).
+    """
+    from loraflow.predict import PredictionInterrupted, predict_table
+
+    # MLflow retries a dead server for minutes by default; a batch job should notice in seconds.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     params = {k: v for k, v in generation.items() if v is not None}
     with user_errors():
-        table = predict_table(model_uri, input_path, output_path, params=params, spark=spark, prompt_column=prompt_column)
+        try:
+            table = predict_table(model_uri, input_path, output_path, params=params, spark=spark,
+                                  prompt_column=prompt_column, output_column=output_column, overwrite=overwrite,
+                                  resume=resume, chunk_rows=chunk_rows)
+        except PredictionInterrupted as stop:
+            click.echo(f"loraflow: {stop}", err=True)
+            raise SystemExit(130 if stop.signal_name == "SIGINT" else 143) from None
     click.echo(f"loraflow: wrote {len(table)} predictions to {output_path}")
 
 
