@@ -262,11 +262,18 @@ def batch_predict(model_uri: str, input_path: str, output_path: str, prompt_colu
 
 @main.command()
 @click.argument("local_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--run-id", default=None, help="Run to attach it to. Default: the run in a model-<run_id> folder name, else a new run.")
+@click.option("--run-id", default=None, help="The training run the model came from (recorded in the new upload run). "
+              "Default: the run in a model-<run_id> folder name.")
 @click.option("--registered-model-name", default=None, help="Also register it as a new version of this model.")
 def upload(local_dir: str, run_id: str | None, registered_model_name: str | None) -> None:
-    """Log a model that training saved locally (the tracking server was down) to MLflow."""
-    from loraflow.tracking import upload_model
+    """Log a model that training saved locally (the tracking server was down) to MLflow.
+
+    It goes into a new run tagged with the training run's id and status (that run is never changed);
+    the folder's adapter digest and base fingerprint are checked first.
+    """
+    from loraflow.upload import upload_model
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
 
     with user_errors():
         uri = upload_model(local_dir, run_id=run_id, registered_model_name=registered_model_name)
@@ -309,7 +316,15 @@ def _check_metric(ctx: click.Context, param: click.Parameter, value: str) -> str
     return value.strip()
 
 
-model_name_option = click.option("--model-name", required=True, help="The registered model (train with --registered-model-name).")
+def _check_model_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if not value.strip():
+        raise click.BadParameter("must name a registered model (train with --registered-model-name NAME), got ''",
+                                 ctx, param)
+    return value
+
+
+model_name_option = click.option("--model-name", required=True, callback=_check_model_name,
+                                 help="The registered model (train with --registered-model-name).")
 alias_option = click.option("--alias", default="champion", show_default=True, callback=_check_alias,
                             help="The alias served to users; the replaced version moves to `previous` "
                                  "(`<alias>-previous` for other aliases).")
@@ -340,8 +355,11 @@ def registry_errors() -> Iterator[None]:
 @alias_option
 @click.option("--require-promotion", is_flag=True,
               help="Exit with code 3 when the candidate is rejected (for CI pipelines).")
+@click.option("--force", is_flag=True,
+              help="Promote even though the current champion's metric cannot be read (its run lacks it); the "
+                   "candidate still needs the metric, a finished run and the health check.")
 def promote(model_name: str, version: str | None, metric: str, mode: str, min_delta: float, alias: str,
-            require_promotion: bool) -> None:
+            require_promotion: bool, force: bool) -> None:
     """Give the alias to a version if it is healthy and beats the current champion on the metric.
 
     The candidate must load through pyfunc and answer its logged input example with non-empty
@@ -352,7 +370,7 @@ def promote(model_name: str, version: str | None, metric: str, mode: str, min_de
 
     with user_errors(), registry_errors():
         decision = promote_if_better(model_name, version=version, metric=metric, mode=mode, min_delta=min_delta,
-                                     alias=alias)
+                                     alias=alias, **({"force": True} if force else {}))
     click.echo(decision.summary())
     if require_promotion and not decision.promoted and not decision.already_champion:
         raise SystemExit(3)
