@@ -226,6 +226,8 @@ def check_params(params: dict[str, Any]) -> None:
 
 def read_prompts(input_path: str | Path, prompt_column: str, output_column: str) -> "pd.DataFrame":
     """The input table, checked: rows, a column of non-empty string prompts, no `output_column` yet."""
+    if not output_column.strip() or not output_column.isprintable():
+        raise ConfigError(f"`output_column` must be a column name (printable, not blank), got {output_column[:300]!r}")
     frame = data_lib.read_table(input_path, role="input")
     where = f"input {str(input_path)!r}"
     if len(frame) == 0:
