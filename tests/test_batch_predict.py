@@ -174,8 +174,26 @@ def test_batch_predict_fails_within_seconds_when_the_tracking_server_is_down(pro
     assert time.monotonic() - started < 30  # the interpreter and imports take most of it; no retries
 
 
+def test_batch_predict_gives_up_on_a_dead_tracking_server_within_two_seconds(prompts, tmp_path, monkeypatch):
+    from loraflow.predict import predict_table
+    from loraflow.tracking import TrackingUnreachable
+
+    url = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    mlflow.set_tracking_uri(url)
+    try:
+        started = time.monotonic()
+        with pytest.raises(TrackingUnreachable, match="cannot be reached"):
+            predict_table("models:/m@champion", prompts, tmp_path / "o.parquet")
+        assert time.monotonic() - started < 2
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
 @pytest.mark.slow
-def test_batch_predict_keeps_finished_rows_on_sigint_and_resume_completes_them(model_dir, tmp_path):
+@pytest.mark.parametrize("signame, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_batch_predict_keeps_finished_rows_when_interrupted_and_resume_completes_them(model_dir, tmp_path, signame,
+                                                                                     code):
     source = tmp_path / "many.jsonl"
     pd.DataFrame({"prompt": [f"Question: what is {i}?\nAnswer:" for i in range(300)]}).to_json(
         source, orient="records", lines=True)
@@ -188,9 +206,10 @@ def test_batch_predict_keeps_finished_rows_on_sigint_and_resume_completes_them(m
     while time.monotonic() < deadline and len(list(partial.glob("rows-*.jsonl"))) < 2:
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, signame))
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr[-3000:]
+    assert proc.returncode == code, stderr[-3000:]
+    assert f"interrupted by {signame}" in stderr
     assert str(partial) in stderr and "--resume" in stderr and "Traceback" not in stderr
     assert not out.exists()
     kept = len(list(partial.glob("rows-*.jsonl")))

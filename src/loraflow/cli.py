@@ -130,6 +130,10 @@ class LoraflowGroup(click.Group):
                 raise click.ClickException(str(err)) from err
             raise click.UsageError(_with_option_names(str(err))) from err
         except MlflowException as err:
+            from loraflow.tracking import is_connection_failure
+
+            if is_connection_failure(err):  # the server went away mid-command: a tracking error, exit 1
+                raise click.ClickException(f"MLflow cannot be reached: {err.message[:MAX_ECHO]}") from err
             if err.error_code not in USER_MLFLOW_ERRORS:
                 _report_bug()
             message = err.message if len(err.message) <= MAX_ECHO else err.message[:MAX_ECHO] + "..."
