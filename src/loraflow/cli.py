@@ -114,8 +114,6 @@ class LoraflowGroup(click.Group):
     """
 
     def invoke(self, ctx: click.Context) -> Any:
-        from mlflow.exceptions import MlflowException
-
         try:
             return super().invoke(ctx)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
@@ -129,17 +127,25 @@ class LoraflowGroup(click.Group):
             if isinstance(err, RegistryError):
                 raise click.ClickException(str(err)) from err
             raise click.UsageError(_with_option_names(str(err))) from err
-        except MlflowException as err:
-            from loraflow.tracking import is_connection_failure
-
-            if is_connection_failure(err):  # the server went away mid-command: a tracking error, exit 1
-                raise click.ClickException(f"MLflow cannot be reached: {err.message[:MAX_ECHO]}") from err
-            if err.error_code not in USER_MLFLOW_ERRORS:
-                _report_bug()
-            message = err.message if len(err.message) <= MAX_ECHO else err.message[:MAX_ECHO] + "..."
-            raise UserMlflowError(message) from err
-        except Exception:
+        except Exception as err:
+            _mlflow_error(err)  # imported only here: `--help` must not pay for importing mlflow
             _report_bug()
+
+
+def _mlflow_error(err: Exception) -> None:
+    """Raise the click error for an MLflow error that is not a bug: a lost connection (exit 1) or
+    the user's input (exit 2); return for anything else."""
+    from mlflow.exceptions import MlflowException
+
+    from loraflow.tracking import is_connection_failure
+
+    if not isinstance(err, MlflowException):
+        return
+    if is_connection_failure(err):  # the server went away mid-command: a tracking error, exit 1
+        raise click.ClickException(f"MLflow cannot be reached: {err.message[:MAX_ECHO]}") from err
+    if err.error_code in USER_MLFLOW_ERRORS:
+        message = err.message if len(err.message) <= MAX_ECHO else err.message[:MAX_ECHO] + "..."
+        raise UserMlflowError(message) from err
 
 
 def _report_bug() -> None:

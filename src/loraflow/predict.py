@@ -135,6 +135,8 @@ def predict_table(
     frame = read_prompts(input_path, prompt_column, output_column)
     check_model_uri(model_uri)
     session = _spark_session(spark)
+    if session is not None and resume:
+        raise ConfigError("`resume` applies to in-process prediction only (--no-spark); a Spark job keeps no partial results")
     if session is not None:
         logger.info("predicting %d prompts with Spark (%s)", len(frame), session.sparkContext.master)
         result = spark_predictions(session.createDataFrame(frame), model_uri, params=params,
