@@ -222,3 +222,21 @@ def test_batch_predict_keeps_finished_rows_when_interrupted_and_resume_completes
     assert f"({kept * 4} already done)" in resumed.stderr or "already done" in resumed.stderr
     table = pd.read_json(out, lines=True)
     assert len(table) == 300 and table["text"].notna().all() and not partial.exists()
+
+
+def test_resume_refuses_partial_results_made_from_another_input(model_dir, prompts, tmp_path):
+    out = tmp_path / "o.jsonl"
+    partial = tmp_path / "o.jsonl.partial"
+    partial.mkdir()
+    (partial / "rows-000000000-000000000.jsonl").write_text('{"row": 0, "prompt": "something else", "text": "x"}\n')
+    text = assert_clean(run("--model-uri", model_dir, "--input", str(prompts), "--output", str(out), "--resume"))
+    assert "made from another input (row 0 differs)" in text and "--overwrite" in text
+    assert (partial / "rows-000000000-000000000.jsonl").exists() and not out.exists()
+
+
+def test_resume_with_spark_is_refused(model_dir, prompts, tmp_path):
+    from loraflow.errors import ConfigError
+    from loraflow.predict import predict_table
+
+    with pytest.raises(ConfigError, match="in-process prediction only"):
+        predict_table(model_dir, prompts, tmp_path / "o.parquet", spark=object(), resume=True)

@@ -535,3 +535,14 @@ def test_a_file_store_says_the_registry_needs_a_database(command, uri, tmp_path,
         mlflow.set_tracking_uri(None)
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert "needs a database-backed store" in result.output and "sqlite:///mlflow.db" in result.output
+
+
+def test_a_version_uploaded_without_a_known_training_run_is_refused(store, models, tmp_path):
+    folder = tmp_path / "somewhere" / "model"
+    flavor.save_model(models["healthy"], folder, models["tokenizer"], base_model="builtin:tiny")
+    assert cli("upload", str(folder), "--registered-model-name", "orphan").exit_code == 0
+    run_tags = store.get_run(store.get_model_version("orphan", "1").run_id).data.tags
+    assert run_tags["loraflow.upload.source_run_status"] == "NONE"
+    result = cli("promote", "--model-name", "orphan")
+    assert result.exit_code == 1 and "without naming its training run" in result.output
+    assert aliases(store, "orphan") == {}
