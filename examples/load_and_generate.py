@@ -2,7 +2,8 @@
 
     python examples/load_and_generate.py [MODEL_URI]
 
-MODEL_URI defaults to the model of the newest run in the tracking store (MLFLOW_TRACKING_URI).
+MODEL_URI defaults to the newest loraflow model logged by a finished run in the tracking store
+(MLFLOW_TRACKING_URI). Runs without a model (`mlflow run -e promote` makes one) are skipped.
 """
 
 from __future__ import annotations
@@ -18,16 +19,30 @@ import loraflow.flavor
 PROMPTS = ["Question: What does a cow say?\nAnswer:", "Question: What is the capital of Portugal?\nAnswer:"]
 
 
-def newest_model_uri() -> str:
-    runs = mlflow.search_runs(
-        search_all_experiments=True,
-        filter_string="attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    if runs.empty:
-        raise SystemExit("no finished run found: run `mlflow run . -P r=16 --env-manager local` first")
-    return f"runs:/{runs['run_id'][0]}/model"
+def newest_model_uri(scan: int = 50) -> str:
+    """The newest model with the loraflow flavor whose run FINISHED (MLflow 3's logged-model records)."""
+    from mlflow import MlflowClient
+    from mlflow.models import Model
+
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    models = mlflow.search_logged_models(
+        experiment_ids=experiments, max_results=scan,
+        order_by=[{"field_name": "creation_timestamp", "ascending": False}], output_format="list",
+    ) if experiments else []
+    for logged in models:
+        if "READY" not in str(logged.status) or not logged.source_run_id:
+            continue
+        if client.get_run(logged.source_run_id).info.status != "FINISHED":
+            continue
+        try:
+            if loraflow.flavor.FLAVOR_NAME in Model.load(logged.model_uri).flavors:
+                return logged.model_uri
+        except Exception:  # its MLmodel cannot be read: not a model to pick
+            continue
+    raise SystemExit("no finished run has logged a loraflow model in this tracking store "
+                     f"({mlflow.get_tracking_uri()}): run `mlflow run . -P r=16 --env-manager local` first, "
+                     "or pass a MODEL_URI")
 
 
 def main() -> None:

@@ -377,3 +377,88 @@ def test_log_model_validates_its_example_with_the_callers_permission_only(custom
     assert layout.TRUST_REMOTE_CODE_ENV not in os.environ  # the permission did not outlive the call
     with pytest.raises(MlflowException, match="trust_remote_code=True"):
         flavor.load_model(info.model_uri)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 12: every command's options. Exit codes are in the documented set (0 ok, 1 registry or
+# tracking error, 2 bad option or input) and no output holds a traceback.
+
+DOCUMENTED = (0, 1, 2)
+
+
+def assert_documented(result, option, value) -> None:
+    where = f"{long_name(option) if option else 'LOCAL_DIR'}={value!r}: exit {result.exit_code}\n{result.output}"
+    assert result.exception is None or isinstance(result.exception, SystemExit), (
+        where + "\n" + "".join(traceback.format_exception(result.exception)))
+    assert result.exit_code in DOCUMENTED, where
+    assert "Traceback" not in result.output, where
+
+
+@pytest.fixture
+def batch_inputs(tmp_path, monkeypatch):
+    """A prompts file and a folder that passes the model-URI check; prediction itself is stubbed."""
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("prompt\nHello\nThe sky\n")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "MLmodel").write_text("flavors: {}\n")
+    monkeypatch.setattr("loraflow.predict._predict_in_chunks", lambda uri, rows, *a, **k: ["x"] * len(rows))
+    return {"--model-uri": str(model), "--input": str(prompts)}
+
+
+def test_batch_predict_answers_any_option_value_with_a_documented_exit_code(batch_inputs, tracking_uri, tmp_path):
+    command = cli.main.commands["batch-predict"]
+
+    valued = [o for o in options_of(command) if not o.is_flag]  # flags take no value (--spark would start Spark)
+
+    @FUZZ_SETTINGS
+    @given(option=st.sampled_from(valued), value=values)
+    def check(option, value):
+        given_args = {**batch_inputs, "--output": str(tmp_path / f"out-{uuid.uuid4().hex}.jsonl")}
+        given_args.pop(long_name(option), None)
+        args = [f"{k}={v}" for k, v in given_args.items()] + ["--no-spark"] + args_for(option, value)
+        assert_documented(invoke("batch-predict", args), option, value)
+
+    check()
+
+
+def test_rollback_answers_any_option_value_with_a_documented_exit_code(tracking_uri):
+    command = cli.main.commands["rollback"]
+
+    @FUZZ_SETTINGS
+    @given(option=st.sampled_from(options_of(command)), value=values)
+    def check(option, value):
+        required = [] if option.name == "model_name" else ["--model-name=m"]
+        assert_documented(invoke("rollback", required + args_for(option, value)), option, value)
+
+    check()
+
+
+@pytest.fixture(scope="module")
+def saved_for_upload(tmp_path_factory, tiny_path, tiny_tokenizer) -> Path:
+    from model_helpers import make_peft_model
+
+    from loraflow import flavor
+    from loraflow.flavor.bases import load_base_model
+
+    path = tmp_path_factory.mktemp("upload") / "model"
+    flavor.save_model(make_peft_model(load_base_model(tiny_path).eval()), path, tiny_tokenizer, base_model="builtin:tiny")
+    return path
+
+
+def test_upload_answers_any_argument_or_option_value_with_a_documented_exit_code(saved_for_upload, tracking_uri,
+                                                                                  monkeypatch):
+    monkeypatch.setattr("loraflow.upload.verify_folder", lambda folder: None)  # tested for real in test_registry
+    command = cli.main.commands["upload"]
+
+    @settings(max_examples=30, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @given(option=st.sampled_from([None, *options_of(command)]), value=values)
+    def check(option, value):
+        if option is None:
+            args = ["--", value]
+        else:
+            args = [str(saved_for_upload), *args_for(option, value)]
+        assert_documented(invoke("upload", args), option, value)
+
+    check()

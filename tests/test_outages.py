@@ -53,12 +53,16 @@ def test_server_killed_mid_run_keeps_training_saves_locally_and_uploads_later(tm
     assert f"model-{run_id}" in local
     assert (out / "checkpoints" / run_id).is_dir()
 
-    # the server comes back (same backend store): upload the local copy into the same run
+    # the server comes back (same backend store): upload the local copy into a new run that names
+    # the training run, whose status (left RUNNING by the outage) is never changed
     with mlflow_server(tmp_path) as (url, _):
         proc = subprocess.run([sys.executable, "-m", "loraflow", "upload", local, "--registered-model-name", "saved"],
                               env=env_with_venv(MLFLOW_TRACKING_URI=url), capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert f"runs:/{run_id}/model" in proc.stdout
+        upload_run_id = re.search(r"runs:/([0-9a-f]{32})/model", proc.stdout).group(1)
+        client = MlflowClient(url)
+        assert upload_run_id != run_id and client.get_run(run_id).info.status != "FINISHED"
+        assert client.get_run(upload_run_id).data.tags["loraflow.upload.source_run_id"] == run_id
         mlflow.set_tracking_uri(url)
         try:
             answer = mlflow.pyfunc.load_model("models:/saved/1").predict(["Question: What does a cat say?\nAnswer:"])

@@ -414,3 +414,135 @@ def test_serving_the_champion_by_alias(store, models, tracking_uri, tmp_path):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-v"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 12: uploads never finish another run, and promotion sees through them; dead ends have a way out.
+
+
+def _saved_folder(models, tmp_path: Path, run_id: str) -> Path:
+    folder = tmp_path / "outputs" / f"model-{run_id}"
+    flavor.save_model(models["healthy"], folder, models["tokenizer"], base_model="builtin:tiny")
+    return folder
+
+
+def test_upload_logs_into_a_new_run_and_never_changes_the_training_runs_status(store, models, tmp_path):
+    run = store.create_run("0")  # a training run whose server died: it stays RUNNING
+    store.log_metric(run.info.run_id, "eval_loss", 0.5)
+    folder = _saved_folder(models, tmp_path, run.info.run_id)
+    result = cli("upload", str(folder), "--registered-model-name", "up")
+    assert result.exit_code == 0, result.output
+    assert store.get_run(run.info.run_id).info.status == "RUNNING"  # untouched
+    new_run_id = store.get_model_version("up", "1").run_id
+    assert new_run_id != run.info.run_id
+    upload_tags = store.get_run(new_run_id).data.tags
+    assert upload_tags["loraflow.upload.source_run_id"] == run.info.run_id
+    assert upload_tags["loraflow.upload.source_run_status"] == "RUNNING"
+    assert f"runs:/{new_run_id}/model" in result.output
+
+
+def test_a_version_uploaded_from_a_killed_run_is_refused_however_good_its_metric(store, models, tmp_path):
+    run = store.create_run("0")
+    store.log_metric(run.info.run_id, "eval_loss", 0.001)
+    store.set_terminated(run.info.run_id, "KILLED")
+    assert cli("upload", str(_saved_folder(models, tmp_path, run.info.run_id)),
+               "--registered-model-name", "killed").exit_code == 0
+    result = cli("promote", "--model-name", "killed")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "KILLED, not FINISHED" in result.output and run.info.run_id in result.output
+    assert aliases(store, "killed") == {}
+
+
+def test_a_version_uploaded_from_a_finished_run_is_promoted_on_that_runs_metric(store, models, tmp_path):
+    run = store.create_run("0")
+    store.log_metric(run.info.run_id, "eval_loss", 0.7)
+    store.set_terminated(run.info.run_id, "FINISHED")
+    assert cli("upload", str(_saved_folder(models, tmp_path, run.info.run_id)),
+               "--registered-model-name", "fine").exit_code == 0
+    decision = promote_if_better("fine")
+    assert decision.promoted and decision.candidate_value == 0.7
+
+
+def test_upload_refuses_a_tampered_adapter_before_logging_anything(store, models, tmp_path):
+    from model_helpers import perturb_safetensors
+
+    run = store.create_run("0")
+    folder = _saved_folder(models, tmp_path, run.info.run_id)
+    adapter = next(folder.rglob("adapter_model.safetensors"))
+    perturb_safetensors(adapter)
+    result = cli("upload", str(folder), "--registered-model-name", "tampered")
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "refusing to upload" in result.output and "integrity" in result.output
+    assert len(store.search_runs(["0"])) == 1 and not store.search_registered_models()
+
+
+def test_upload_of_a_folder_whose_run_does_not_exist_suggests_run_id(store, models, tmp_path):
+    folder = _saved_folder(models, tmp_path, "0" * 32)
+    result = cli("upload", str(folder))
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "does not exist" in result.output and "--run-id" in result.output
+    assert not store.search_runs(["0"])
+
+
+def test_promote_force_replaces_a_champion_whose_run_lacks_the_metric(store, models):
+    old = log_candidate(models, "nometric", None)
+    store.set_registered_model_alias("nometric", "champion", old)
+    new = log_candidate(models, "nometric", 0.9)
+    stuck = cli("promote", "--model-name", "nometric")
+    assert stuck.exit_code == 1 and "--force" in stuck.output and "has no metric `eval_loss`" in stuck.output
+    forced = cli("promote", "--model-name", "nometric", "--force")
+    assert forced.exit_code == 0, forced.output
+    assert "forced (--force)" in forced.output
+    assert aliases(store, "nometric") == {"champion": new, "previous": old}
+    assert tags(store, "nometric", new)["forced"] == "true"
+
+
+def test_promote_force_still_refuses_an_unfinished_candidate(store, models):
+    old = log_candidate(models, "forced-bad", None)
+    store.set_registered_model_alias("forced-bad", "champion", old)
+    bad = log_candidate(models, "forced-bad", 0.1, status="FAILED")
+    result = cli("promote", "--model-name", "forced-bad", "--version", bad, "--force")
+    assert result.exit_code == 1 and "FAILED, not FINISHED" in result.output
+    assert aliases(store, "forced-bad") == {"champion": old}
+
+
+def test_rollback_after_a_first_promotion_says_why_and_when_rollback_applies(store, models):
+    first = log_candidate(models, "once", 1.0)
+    assert promote_if_better("once").promoted
+    result = cli("rollback", "--model-name", "once")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "no version holds @previous" in result.output
+    assert f"@champion is version {first}, the first version ever promoted" in result.output
+    assert "Rollback applies after a promotion replaced" in result.output
+
+
+@pytest.mark.parametrize("command", ["promote", "rollback"])
+def test_an_empty_model_name_is_a_usage_error(command):
+    result = cli(command, "--model-name", "")
+    assert result.exit_code == 2 and "--model-name" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", ["promote", "rollback"])
+@pytest.mark.parametrize("uri", ["{tmp}/store", "file://{tmp}/store"])
+def test_a_file_store_says_the_registry_needs_a_database(command, uri, tmp_path, monkeypatch):
+    uri = uri.format(tmp=tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    mlflow.set_tracking_uri(uri)
+    try:
+        result = cli(command, "--model-name", "m")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "needs a database-backed store" in result.output and "sqlite:///mlflow.db" in result.output
+
+
+def test_a_version_uploaded_without_a_known_training_run_is_refused(store, models, tmp_path):
+    folder = tmp_path / "somewhere" / "model"
+    flavor.save_model(models["healthy"], folder, models["tokenizer"], base_model="builtin:tiny")
+    assert cli("upload", str(folder), "--registered-model-name", "orphan").exit_code == 0
+    run_tags = store.get_run(store.get_model_version("orphan", "1").run_id).data.tags
+    assert run_tags["loraflow.upload.source_run_status"] == "NONE"
+    result = cli("promote", "--model-name", "orphan")
+    assert result.exit_code == 1 and "without naming its training run" in result.output
+    assert aliases(store, "orphan") == {}

@@ -96,7 +96,69 @@ def user_errors() -> Iterator[None]:
         raise click.UsageError(_with_option_names(str(err))) from err
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+BUG_REPORT = "please report it, with the traceback below and the command you ran, in loraflow's issue tracker"
+USER_MLFLOW_ERRORS = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+MAX_ECHO = 600  # characters of an MLflow error message echoed (some quote whole files)
+
+
+class UserMlflowError(click.ClickException):
+    """An MLflow error caused by the user's input (an unknown model URI, a bad model): exit code 2."""
+
+    exit_code = 2
+
+
+class LoraflowGroup(click.Group):
+    """The entry point: every command's errors end here, so each has one documented exit code.
+
+    A user's mistake is a one-line message (click's own, a `LoraflowError`, or an MLflow error with a
+    user's error code); Ctrl-C exits 130; anything else is a bug in loraflow: its traceback is printed
+    after one line saying so, and the exit code is 1.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            click.echo("loraflow: interrupted (SIGINT)", err=True)
+            raise SystemExit(130) from None
+        except LoraflowError as err:
+            from loraflow.registry import RegistryError
+
+            if isinstance(err, RegistryError):
+                raise click.ClickException(str(err)) from err
+            raise click.UsageError(_with_option_names(str(err))) from err
+        except Exception as err:
+            _mlflow_error(err)  # imported only here: `--help` must not pay for importing mlflow
+            _report_bug()
+
+
+def _mlflow_error(err: Exception) -> None:
+    """Raise the click error for an MLflow error that is not a bug: a lost connection (exit 1) or
+    the user's input (exit 2); return for anything else."""
+    from mlflow.exceptions import MlflowException
+
+    from loraflow.tracking import is_connection_failure
+
+    if not isinstance(err, MlflowException):
+        return
+    if is_connection_failure(err):  # the server went away mid-command: a tracking error, exit 1
+        raise click.ClickException(f"MLflow cannot be reached: {err.message[:MAX_ECHO]}") from err
+    if err.error_code in USER_MLFLOW_ERRORS:
+        message = err.message if len(err.message) <= MAX_ECHO else err.message[:MAX_ECHO] + "..."
+        raise UserMlflowError(message) from err
+
+
+def _report_bug() -> None:
+    import traceback
+
+    click.echo(f"loraflow: this is a bug in loraflow, not a mistake in your input; {BUG_REPORT}.", err=True)
+    click.echo(traceback.format_exc().rstrip(), err=True)
+    raise SystemExit(1)
+
+
+@click.group(cls=LoraflowGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="loraflow")
 def main() -> None:
     """Fine-tune causal language models with LoRA, tracked and packaged with MLflow."""
@@ -167,36 +229,63 @@ def train(config_file: str | None, resume_from: str | None, **options: Any) -> N
 @click.option("--input", "input_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Prompts: a .parquet, .csv or .jsonl file with a prompt column.")
 @click.option("--output", "output_path", required=True, type=click.Path(dir_okay=False),
-              help="Where to write the input's columns plus `text`: .parquet, .csv or .jsonl.")
+              help="Where to write the input's columns plus `text`: .parquet, .csv or .jsonl (never replaced "
+                   "without --overwrite).")
 @click.option("--prompt-column", default="prompt", show_default=True, help="The column holding the prompts.")
+@click.option("--output-column", default="text", show_default=True,
+              help="The column added for the completions (must not be in the input).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file (even the input) and discard partial results.")
+@click.option("--resume", is_flag=True,
+              help="Complete an interrupted job: keep the rows in <output>.partial/ and predict the rest.")
 @click.option("--spark/--no-spark", default=None,
               help="Predict with the model as a Spark UDF (the active Spark session, else local[*]) or in this "
                    "process. Default: Spark only when a Spark session is already active.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Tokens to generate per prompt.")
+@click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=None, help="Tokens to generate per prompt.")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=None, help="Sampling temperature.")
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None, help="Nucleus sampling mass.")
 @click.option("--do-sample/--greedy", default=None, help="Sample, or decode greedily.")
 @click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Penalty for repeated tokens (1: none).")
-@click.option("--seed", type=int, default=None, help="Seed for sampling.")
-def batch_predict(model_uri: str, input_path: str, output_path: str, prompt_column: str, spark: bool | None,
-                  **generation: Any) -> None:
-    """Complete every prompt of a table with a logged model and write the table with a `text` column."""
-    from loraflow.predict import predict_table
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None, help="Seed for sampling (0 .. 2^63-1).")
+@click.option("--chunk-rows", type=click.IntRange(1, 100_000), default=64, hidden=True,
+              help="Rows predicted, then kept on disk, at a time.")
+def batch_predict(model_uri: str, input_path: str, output_path: str, prompt_column: str, output_column: str,
+                  overwrite: bool, resume: bool, spark: bool | None, chunk_rows: int, **generation: Any) -> None:
+    """Complete every prompt of a table with a logged model and write the table with a `text` column.
 
+    Exit codes: 0 written, 1 tracking error, 2 bad option, input or model URI (before the model
+    loads), 130/143 interrupted (finished rows kept; rerun with --resume).
+    """
+    from loraflow.predict import PredictionInterrupted, predict_table
+
+    # MLflow retries a dead server for minutes by default; a batch job should notice in seconds.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     params = {k: v for k, v in generation.items() if v is not None}
     with user_errors():
-        table = predict_table(model_uri, input_path, output_path, params=params, spark=spark, prompt_column=prompt_column)
+        try:
+            table = predict_table(model_uri, input_path, output_path, params=params, spark=spark,
+                                  prompt_column=prompt_column, output_column=output_column, overwrite=overwrite,
+                                  resume=resume, chunk_rows=chunk_rows)
+        except PredictionInterrupted as stop:
+            click.echo(f"loraflow: {stop}", err=True)
+            raise SystemExit(130 if stop.signal_name == "SIGINT" else 143) from None
     click.echo(f"loraflow: wrote {len(table)} predictions to {output_path}")
 
 
 @main.command()
 @click.argument("local_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--run-id", default=None, help="Run to attach it to. Default: the run in a model-<run_id> folder name, else a new run.")
+@click.option("--run-id", default=None, help="The training run the model came from (recorded in the new upload run). "
+              "Default: the run in a model-<run_id> folder name.")
 @click.option("--registered-model-name", default=None, help="Also register it as a new version of this model.")
 def upload(local_dir: str, run_id: str | None, registered_model_name: str | None) -> None:
-    """Log a model that training saved locally (the tracking server was down) to MLflow."""
-    from loraflow.tracking import upload_model
+    """Log a model that training saved locally (the tracking server was down) to MLflow.
+
+    It goes into a new run tagged with the training run's id and status (that run is never changed);
+    the folder's adapter digest and base fingerprint are checked first.
+    """
+    from loraflow.upload import upload_model
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
 
     with user_errors():
         uri = upload_model(local_dir, run_id=run_id, registered_model_name=registered_model_name)
@@ -271,7 +360,15 @@ def _check_metric(ctx: click.Context, param: click.Parameter, value: str) -> str
     return value.strip()
 
 
-model_name_option = click.option("--model-name", required=True, help="The registered model (train with --registered-model-name).")
+def _check_model_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if not value.strip():
+        raise click.BadParameter("must name a registered model (train with --registered-model-name NAME), got ''",
+                                 ctx, param)
+    return value
+
+
+model_name_option = click.option("--model-name", required=True, callback=_check_model_name,
+                                 help="The registered model (train with --registered-model-name).")
 alias_option = click.option("--alias", default="champion", show_default=True, callback=_check_alias,
                             help="The alias served to users; the replaced version moves to `previous` "
                                  "(`<alias>-previous` for other aliases).")
@@ -302,8 +399,11 @@ def registry_errors() -> Iterator[None]:
 @alias_option
 @click.option("--require-promotion", is_flag=True,
               help="Exit with code 3 when the candidate is rejected (for CI pipelines).")
+@click.option("--force", is_flag=True,
+              help="Promote even though the current champion's metric cannot be read (its run lacks it); the "
+                   "candidate still needs the metric, a finished run and the health check.")
 def promote(model_name: str, version: str | None, metric: str, mode: str, min_delta: float, alias: str,
-            require_promotion: bool) -> None:
+            require_promotion: bool, force: bool) -> None:
     """Give the alias to a version if it is healthy and beats the current champion on the metric.
 
     The candidate must load through pyfunc and answer its logged input example with non-empty
@@ -314,7 +414,7 @@ def promote(model_name: str, version: str | None, metric: str, mode: str, min_de
 
     with user_errors(), registry_errors():
         decision = promote_if_better(model_name, version=version, metric=metric, mode=mode, min_delta=min_delta,
-                                     alias=alias)
+                                     alias=alias, **({"force": True} if force else {}))
     click.echo(decision.summary())
     if require_promotion and not decision.promoted and not decision.already_champion:
         raise SystemExit(3)

@@ -2,24 +2,33 @@
 
 Two engines run the same pyfunc model, so their outputs are equal:
 
-- in-process: `mlflow.pyfunc.load_model(uri).predict(frame, params)`;
+- in-process: `mlflow.pyfunc.load_model(uri).predict(frame, params)`, chunk by chunk;
 - Spark: `mlflow.pyfunc.spark_udf(spark, uri, result_type="string")`, which loads the model once
   per Python worker and predicts each partition's prompts there.
 
-`predict_table` reads and writes files (the `loraflow batch-predict` command). For tables too big
-for one machine's memory, `spark_predictions` adds the column to a Spark DataFrame you read and
-write with Spark yourself.
+`predict_table` reads and writes files (the `loraflow batch-predict` command). Nothing it does loses
+a user's data: the output and the model are checked before the model loads (`check_output`,
+`check_model_uri`), an existing file is never replaced without `overwrite`, an existing column never
+at all, and the output is written to a temporary file beside the target, then renamed. In-process,
+each chunk of `CHUNK_ROWS` finished rows is kept at once in `<output>.partial/` (one file per chunk,
+each written atomically), so an interrupted job (Ctrl-C, SIGTERM) keeps its finished rows and
+`resume=True` completes it. For tables too big for one machine's memory, `spark_predictions` adds
+the column to a Spark DataFrame you read and write with Spark yourself.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraflow import data as data_lib
-from loraflow.errors import ConfigError, DataError
+from loraflow.errors import ConfigError, DataError, LoraflowError
+from loraflow.flavor.files import atomic_file
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -28,6 +37,26 @@ logger = logging.getLogger(__name__)
 
 OUTPUT_COLUMN = "text"
 OUTPUT_FORMATS = (".parquet", ".csv", ".jsonl")
+CHUNK_ROWS = 64  # rows predicted, then kept on disk, at a time
+MAX_NEW_TOKENS = 4096  # the pyfunc model's default cap (`max_new_tokens_cap`)
+MAX_SEED = 2**63 - 1  # MLflow's params schema holds a seed as a signed 64-bit integer
+
+
+class PredictionInterrupted(Exception):
+    """Ctrl-C or SIGTERM stopped `predict_table`; the finished rows are kept in `partial`."""
+
+    def __init__(self, signal_name: str, partial: Path, done: int, total: int):
+        self.signal_name, self.partial, self.done, self.total = signal_name, partial, done, total
+        super().__init__(
+            f"interrupted by {signal_name}: {done} of {total} rows are done and kept in {str(partial)!r}; "
+            "run the same command with --resume to complete the output"
+        )
+
+
+def partial_dir(output_path: str | Path) -> Path:
+    """Where an in-process job keeps its finished chunks until the output is complete."""
+    output_path = Path(output_path)
+    return output_path.with_name(output_path.name + ".partial")
 
 
 def spark_predictions(
@@ -71,61 +100,327 @@ def predict_table(
     params: dict[str, Any] | None = None,
     spark: Any = None,
     prompt_column: str = "prompt",
+    output_column: str = OUTPUT_COLUMN,
+    overwrite: bool = False,
+    resume: bool = False,
+    chunk_rows: int = CHUNK_ROWS,
 ) -> "pd.DataFrame":
     """Generate a completion for every prompt of a table and write the table with a `text` column.
 
     Args:
         model_uri: a logged loraflow model URI.
         input_path: a .parquet, .csv or .jsonl/.json file with a `prompt_column` column.
-        output_path: where to write the input's columns plus `text` (.parquet, .csv or .jsonl).
+        output_path: where to write the input's columns plus `output_column` (.parquet, .csv or .jsonl).
         params: generation params passed to every prediction (see `spark_predictions`).
         spark: a SparkSession to use; True to use the active session or start a local one;
             False for in-process; None (default) for Spark only if a session is already active.
         prompt_column: the column holding the prompts.
+        output_column: the column added (it must not be in the input).
+        overwrite: replace an existing output file (also the input itself) and discard partial results.
+        resume: complete the partial results of an interrupted job (in-process only).
+        chunk_rows: rows predicted and kept on disk at a time (in-process).
 
     Returns:
         The table that was written.
 
     Raises:
-        ConfigError: an unsupported output extension.
-        DataError: an unreadable input, or one without `prompt_column` (before the model loads).
+        ConfigError: a bad output path, column name or generation param.
+        DataError: an unreadable input, one without `prompt_column`, or without string prompts.
+        LoraflowError: a model URI that names nothing (all before the model loads).
+        PredictionInterrupted: Ctrl-C or SIGTERM; the finished rows are kept.
     """
     output_path = Path(output_path)
+    check_output(output_path, input_path, overwrite=overwrite, resume=resume)
+    check_params(params or {})
+    frame = read_prompts(input_path, prompt_column, output_column)
+    check_model_uri(model_uri)
+    session = _spark_session(spark)
+    if session is not None and resume:
+        raise ConfigError("`resume` applies to in-process prediction only (--no-spark); a Spark job keeps no partial results")
+    if session is not None:
+        logger.info("predicting %d prompts with Spark (%s)", len(frame), session.sparkContext.master)
+        result = spark_predictions(session.createDataFrame(frame), model_uri, params=params,
+                                   prompt_column=prompt_column, output_column=output_column)
+        texts = result.select(output_column).toPandas()[output_column].tolist()
+    else:
+        texts = _predict_in_chunks(model_uri, frame[prompt_column].tolist(), params, output_path,
+                                   overwrite=overwrite, resume=resume, chunk_rows=chunk_rows)
+    out = frame.assign(**{output_column: texts})
+    with atomic_file(output_path) as tmp:
+        _write_table(out, tmp, output_path.suffix.lower())
+    shutil.rmtree(partial_dir(output_path), ignore_errors=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks that run before the model loads.
+
+
+def check_output(output_path: Path, input_path: str | Path, *, overwrite: bool = False, resume: bool = False) -> None:
+    """Refuse an output that cannot be written or would replace a file without `overwrite`.
+
+    Raises:
+        ConfigError: a bad extension, the input itself, an existing file, a folder, a parent that is
+            a file, a folder that cannot be written (e.g. under /proc or read-only), or partial
+            results of an interrupted job that neither `resume` nor `overwrite` settles.
+    """
+    name = repr(str(output_path))
     if output_path.suffix.lower() not in OUTPUT_FORMATS:
+        raise ConfigError(f"`output` must end in one of {', '.join(OUTPUT_FORMATS)}, got {name}")
+    if _same_file(output_path, Path(input_path)) and not overwrite:
+        raise ConfigError(f"`output` {name} is the input file; write elsewhere, or pass --overwrite to replace the input")
+    if output_path.is_dir():
+        raise ConfigError(f"`output` {name} is a folder; name a file in it, e.g. {str(output_path / 'out.parquet')!r}")
+    if output_path.exists() and not overwrite:
+        raise ConfigError(f"`output` {name} already exists; pass --overwrite to replace it, or choose another path")
+    partial = partial_dir(output_path)
+    if partial.exists() and not resume and not overwrite:
         raise ConfigError(
-            f"`output` must end in one of {', '.join(OUTPUT_FORMATS)}, got {str(output_path)!r}"
+            f"`output` {name} has partial results of an interrupted job in {str(partial)!r}; pass --resume to "
+            "complete them, or --overwrite to start over"
         )
+    if resume and overwrite:
+        raise ConfigError("`resume` and `overwrite` contradict each other: --resume keeps partial results, "
+                          "--overwrite discards them; pass one")
+    _check_writable(output_path.parent, name)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_writable(folder: Path, name: str) -> None:
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"`output` {name} cannot be written: {str(existing)!r} is a file, not a folder")
+    if existing != folder.absolute():
+        try:  # the folders atomic_file would make, made now, so a failure shows before the model loads
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"`output` {name} cannot be written: cannot create {str(folder)!r} "
+                              f"({err.strerror or err})") from err
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".loraflow-probe-", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        raise ConfigError(f"`output` {name} cannot be written: its folder {str(folder)!r} does not accept files "
+                          f"({err.strerror or err}); choose a writable folder") from err
+
+
+def check_params(params: dict[str, Any]) -> None:
+    """The ranges the model would refuse after loading, refused before (all problems at once)."""
+    problems = []
+    tokens = params.get("max_new_tokens")
+    if tokens is not None and not 1 <= tokens <= MAX_NEW_TOKENS:
+        problems.append(f"`max_new_tokens` must be in 1..{MAX_NEW_TOKENS}, got {tokens}")
+    seed = params.get("seed")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        problems.append(f"`seed` must be in 0..{MAX_SEED} (a signed 64-bit integer), got {str(seed)[:40]}")
+    if problems:
+        raise ConfigError(problems)
+
+
+def read_prompts(input_path: str | Path, prompt_column: str, output_column: str) -> "pd.DataFrame":
+    """The input table, checked: rows, a column of non-empty string prompts, no `output_column` yet."""
+    if not output_column.strip() or not output_column.isprintable():
+        raise ConfigError(f"`output_column` must be a column name (printable, not blank), got {output_column[:300]!r}")
     frame = data_lib.read_table(input_path, role="input")
+    where = f"input {str(input_path)!r}"
+    if len(frame) == 0:
+        raise DataError(f"{where}: the table has no rows (columns: {', '.join(map(str, frame.columns))}); "
+                        "add at least one prompt")
     if prompt_column not in frame.columns:
         raise DataError(
-            f"input {str(input_path)!r}: no column {prompt_column!r} (columns: {', '.join(map(str, frame.columns))}); "
+            f"{where}: no column {prompt_column!r} (columns: {', '.join(map(str, frame.columns))}); "
             "name the prompt column with `prompt_column`"
+        )
+    if output_column in frame.columns:
+        raise DataError(
+            f"{where} already has a column {output_column!r}, which the output would replace; name the new "
+            f"column with --output-column NAME (e.g. --output-column {output_column}_new)"
         )
     if frame[prompt_column].isna().any():
         rows = frame.index[frame[prompt_column].isna()].tolist()[:5]
-        raise DataError(f"input {str(input_path)!r}: column {prompt_column!r} is empty in rows {rows}; fill or drop them")
-    frame = frame.reset_index(drop=True)
-    session = _spark_session(spark)
-    if session is not None:
-        logger.info("predicting %d prompts with Spark (%s)", len(frame), session.sparkContext.master)
-        result = spark_predictions(session.createDataFrame(frame), model_uri, params=params, prompt_column=prompt_column)
-        out = frame.assign(**{OUTPUT_COLUMN: result.select(OUTPUT_COLUMN).toPandas()[OUTPUT_COLUMN].tolist()})
-    else:
-        logger.info("predicting %d prompts in-process", len(frame))
-        out = frame.assign(**{OUTPUT_COLUMN: predict_in_process(model_uri, frame[prompt_column].tolist(), params)})
-    _write_table(out, output_path)
-    return out
+        raise DataError(f"{where}: column {prompt_column!r} is empty in rows {rows}; fill or drop them")
+    not_text = frame.index[frame[prompt_column].map(lambda v: not isinstance(v, str))].tolist()
+    if not_text:
+        kind = type(frame[prompt_column][not_text[0]]).__name__
+        raise DataError(f"{where}: column {prompt_column!r} must hold text prompts, but rows {not_text[:5]} "
+                        f"hold {kind} values (e.g. {str(frame[prompt_column][not_text[0]])[:40]!r}); "
+                        "convert them to strings or name another column with `prompt_column`")
+    return frame.reset_index(drop=True)
+
+
+def check_model_uri(model_uri: str) -> None:
+    """Fail before loading anything when `model_uri` names no model (an unknown name, alias,
+    version or run, a registered model without versions, a path that does not exist).
+
+    Raises:
+        LoraflowError: the URI names nothing; the message says what exists instead.
+        TrackingUnreachable: the tracking server does not answer (within seconds).
+    """
+    from loraflow.tracking import check_reachable
+
+    how = "give models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a folder holding an MLmodel file"
+    if model_uri.startswith("models:/"):
+        check_reachable()
+        _check_registered(model_uri, how)
+    elif model_uri.startswith("runs:/"):
+        check_reachable()
+        _check_run(model_uri, how)
+    elif "://" not in model_uri and not model_uri.startswith("file:"):
+        path = Path(model_uri).expanduser()
+        if not (path / "MLmodel").is_file():
+            what = "has no MLmodel file" if path.is_dir() else "is not a model URI nor an existing folder"
+            raise LoraflowError(f"`model_uri` {model_uri[:300]!r} {what}; {how}")
+
+
+def _check_registered(model_uri: str, how: str) -> None:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    rest = model_uri[len("models:/"):]
+    name, sep, ref = rest.partition("@") if "@" in rest else rest.partition("/")
+    client = MlflowClient()
+    try:
+        if not sep and name.startswith("m-"):
+            client.get_logged_model(name)
+            return
+        client.get_registered_model(name)
+    except MlflowException as err:
+        if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        known = sorted(m.name for m in client.search_registered_models(max_results=100))
+        listed = f"registered models: {', '.join(known[:20])}" if known else "no model is registered yet"
+        raise LoraflowError(f"`model_uri` {model_uri!r}: there is no registered model {name!r} ({listed}); {how}") from err
+    versions = sorted((str(v.version) for v in client.search_model_versions(f"name='{name}'")), key=int)
+    if not versions:
+        raise LoraflowError(f"`model_uri` {model_uri!r}: registered model {name!r} has no versions yet; "
+                            "train one with --registered-model-name NAME")
+    try:
+        if sep == "@":
+            client.get_model_version_by_alias(name, ref)
+        elif ref and ref.lower() != "latest":
+            client.get_model_version(name, ref)
+    except MlflowException as err:
+        if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        aliases = sorted(client.get_registered_model(name).aliases or {})
+        what = f"alias @{ref}" if sep == "@" else f"version {ref!r}"
+        raise LoraflowError(f"`model_uri` {model_uri!r}: {name!r} has no {what}; its versions are "
+                            f"{', '.join(versions)}, its aliases {', '.join(aliases) or 'none'}") from err
+
+
+def _check_run(model_uri: str, how: str) -> None:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    run_id = model_uri[len("runs:/"):].split("/", 1)[0]
+    try:
+        MlflowClient().get_run(run_id)
+    except MlflowException as err:
+        if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        raise LoraflowError(f"`model_uri` {model_uri!r}: there is no run {run_id!r} in the tracking store; {how}") from err
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process prediction, kept on disk chunk by chunk.
 
 
 def predict_in_process(model_uri: str, prompts: list[str], params: dict[str, Any] | None = None) -> list[str]:
     """The model's completions of `prompts`, through `mlflow.pyfunc` in this process."""
     import mlflow
+
+    return _predict(mlflow.pyfunc.load_model(model_uri), prompts, params)
+
+
+def _predict(model: Any, prompts: list[str], params: dict[str, Any] | None) -> list[str]:
     import pandas as pd
 
-    model = mlflow.pyfunc.load_model(model_uri)
     predictions = model.predict(pd.DataFrame({"prompt": prompts}), params=params or None)
     texts = predictions[OUTPUT_COLUMN] if isinstance(predictions, pd.DataFrame) else predictions
     return [str(t) for t in texts]
+
+
+def _predict_in_chunks(model_uri: str, prompts: list[str], params: dict[str, Any] | None, output_path: Path, *,
+                       overwrite: bool, resume: bool, chunk_rows: int) -> list[str]:
+    import mlflow
+
+    partial = partial_dir(output_path)
+    if overwrite and not resume:
+        shutil.rmtree(partial, ignore_errors=True)
+    done = _read_partial(partial, prompts) if resume else {}
+    todo = [i for i in range(len(prompts)) if i not in done]
+    logger.info("predicting %d prompts in-process (%d already done)", len(todo), len(done))
+    if todo:
+        with _signals_as_interrupts() as caught:
+            try:
+                model = mlflow.pyfunc.load_model(model_uri)
+                for start in range(0, len(todo), chunk_rows):
+                    rows = todo[start:start + chunk_rows]
+                    texts = _predict(model, [prompts[i] for i in rows], params)
+                    _keep_chunk(partial, rows, [prompts[i] for i in rows], texts)
+                    done.update(zip(rows, texts))
+            except KeyboardInterrupt:
+                raise PredictionInterrupted(caught.get("name", "SIGINT"), partial, len(done), len(prompts)) from None
+    return [done[i] for i in range(len(prompts))]
+
+
+def _keep_chunk(partial: Path, rows: list[int], prompts: list[str], texts: list[str]) -> None:
+    partial.mkdir(parents=True, exist_ok=True)
+    lines = (json.dumps({"row": r, "prompt": p, "text": t}, ensure_ascii=False) for r, p, t in zip(rows, prompts, texts))
+    with atomic_file(partial / f"rows-{rows[0]:09d}-{rows[-1]:09d}.jsonl") as tmp:
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _read_partial(partial: Path, prompts: list[str]) -> dict[int, str]:
+    """The finished rows kept in `partial` ({row: text}); none if there is no such folder."""
+    done: dict[int, str] = {}
+    if not partial.is_dir():
+        logger.warning("--resume: no partial results at %s; predicting every row", partial)
+        return done
+    for chunk in sorted(partial.glob("rows-*.jsonl")):
+        for line in chunk.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            row = record["row"]
+            if row >= len(prompts) or prompts[row] != record["prompt"]:
+                raise DataError(
+                    f"the partial results in {str(partial)!r} were made from another input (row {row} differs); "
+                    "pass --overwrite to start over"
+                )
+            done[row] = record["text"]
+    return done
+
+
+class _signals_as_interrupts:
+    """SIGTERM raises KeyboardInterrupt too (in the main thread), remembering which signal came."""
+
+    def __enter__(self) -> dict[str, str]:
+        import signal
+        import threading
+
+        self.caught: dict[str, str] = {}
+        self.old = None
+        if threading.current_thread() is threading.main_thread():
+            def on_term(signum: int, frame: Any) -> None:
+                self.caught["name"] = "SIGTERM"
+                raise KeyboardInterrupt
+
+            self.old = signal.signal(signal.SIGTERM, on_term)
+        return self.caught
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        if self.old is not None:
+            signal.signal(signal.SIGTERM, self.old)
 
 
 def _spark_session(spark: Any):
@@ -151,9 +446,7 @@ def _spark_session(spark: Any):
     return builder.config("spark.pyspark.python", os.environ.get("PYSPARK_PYTHON", sys.executable)).getOrCreate()
 
 
-def _write_table(frame: "pd.DataFrame", path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = path.suffix.lower()
+def _write_table(frame: "pd.DataFrame", path: Path, suffix: str) -> None:
     if suffix == ".parquet":
         frame.to_parquet(path, index=False)
     elif suffix == ".csv":

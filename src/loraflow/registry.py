@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import tempfile
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from loraflow.errors import ConfigError, LoraflowError
+from loraflow.health import health_check
 from loraflow.promotion import (
     CHAMPION,
     Decision,
@@ -48,7 +48,6 @@ if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
 TAG_PREFIX = "promotion."
-MAX_REASON_LENGTH = 500  # an exception text can be pages long; a tag should stay readable
 
 
 class RegistryError(LoraflowError):
@@ -93,6 +92,12 @@ def connect(client: "MlflowClient | None" = None) -> "MlflowClient":
     if client is None:
         uris = dict.fromkeys([mlflow.get_registry_uri(), mlflow.get_tracking_uri()])
         for uri in uris:
+            if _is_file_store(uri):
+                raise RegistryError(
+                    f"the model registry needs a database-backed store, but the tracking/registry URI is the "
+                    f"folder {uri!r}; set MLFLOW_TRACKING_URI to sqlite:///mlflow.db, a postgresql:// URI or an "
+                    "http(s):// tracking server (`mlflow migrate-filestore` moves existing runs)"
+                )
             try:
                 check_reachable(uri)
             except TrackingUnreachable as err:
@@ -107,6 +112,16 @@ def connect(client: "MlflowClient | None" = None) -> "MlflowClient":
     except Exception as err:  # any store error here means the registry is unusable, not a bad request
         raise RegistryError(f"the model registry at {uri} cannot be read ({type(err).__name__}: {err})") from err
     return client
+
+
+def _is_file_store(uri: str | None) -> bool:
+    """A plain folder path or a file: URI (MLflow's file store, which has no usable model registry)."""
+    from urllib.parse import urlparse
+
+    if not uri:
+        return False
+    scheme = urlparse(uri).scheme
+    return scheme in ("", "file") or len(scheme) == 1  # a Windows drive letter reads as a scheme
 
 
 def _registry_uri(client: "MlflowClient") -> str:
@@ -202,11 +217,12 @@ def _source_metric(client: "MlflowClient", model_version: "ModelVersion", metric
             f"the source run {model_version.run_id} of {name!r} version {version} no longer exists, so its "
             f"`{metric}` cannot be read"
         ) from err
-    if require_finished and run.info.status != "FINISHED":
+    run, status, via = _training_run(client, run)
+    if require_finished and status != "FINISHED":
         # Security: a FAILED or KILLED run may have logged a half-trained or tampered model.
         raise RegistryError(
-            f"refusing to promote {name!r} version {version}: its source run {run.info.run_id} is "
-            f"{run.info.status}, not FINISHED; only versions from runs that finished successfully can be promoted"
+            f"refusing to promote {name!r} version {version}: {via} {status}, not FINISHED; only versions "
+            "from runs that finished successfully can be promoted"
         )
     if require_finished and run.info.lifecycle_stage == "deleted":
         raise RegistryError(
@@ -224,6 +240,31 @@ def _source_metric(client: "MlflowClient", model_version: "ModelVersion", metric
     return float(metrics[metric])
 
 
+def _training_run(client: "MlflowClient", run: Any) -> tuple[Any, str, str]:
+    """The run that trained a version's model, its status, and how it was found.
+
+    A `loraflow upload` run is not the training: it names the training run and records that run's
+    status at upload (tags of `loraflow.upload`); that status decides, and the metrics are the
+    training run's when it still exists.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from loraflow.upload import SOURCE_RUN_ID_TAG, SOURCE_RUN_STATUS_TAG
+
+    tags = run.data.tags
+    if SOURCE_RUN_STATUS_TAG not in tags:
+        return run, run.info.status, f"its source run {run.info.run_id} is"
+    status, source_id = tags[SOURCE_RUN_STATUS_TAG], tags.get(SOURCE_RUN_ID_TAG)
+    if not source_id:
+        return run, status, (f"it was uploaded (run {run.info.run_id}) without naming its training run, "
+                             f"so that run's status is")
+    via = f"it was uploaded (run {run.info.run_id}) from training run {source_id}, which was"
+    try:
+        return client.get_run(source_id), status, via
+    except MlflowException:
+        return run, status, via
+
+
 def _tag(client: "MlflowClient", name: str, version: str, tags: dict[str, Any]) -> None:
     for key, value in tags.items():
         if value is not None:
@@ -232,73 +273,6 @@ def _tag(client: "MlflowClient", name: str, version: str, tags: dict[str, Any]) 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-# ---------------------------------------------------------------------------------------------
-# The health gate.
-
-
-def _texts(output: Any) -> list[Any]:
-    import pandas as pd
-
-    if isinstance(output, pd.DataFrame):
-        column = "text" if "text" in output.columns else output.columns[0]
-        return output[column].tolist()
-    if isinstance(output, (pd.Series, list, tuple)):
-        return list(output)
-    return [output]
-
-
-def _short(err: BaseException) -> str:
-    text = f"{type(err).__name__}: {err}".strip()
-    return text if len(text) <= MAX_REASON_LENGTH else text[: MAX_REASON_LENGTH - 3] + "..."
-
-
-def health_check(model_uri: str) -> str | None:
-    """Load a model through pyfunc and ask it its own logged input example.
-
-    Healthy means: the artifacts download, the model loads, it answers the input example (with the
-    example's params) without raising, and every answer has non-whitespace text.
-
-    Args:
-        model_uri: any model URI, e.g. `models:/NAME/3`.
-
-    Returns:
-        None if the model is healthy, else the reason it is not (one sentence).
-    """
-    import mlflow
-    from mlflow.models import Model
-
-    with tempfile.TemporaryDirectory(prefix="loraflow-health-") as tmp:
-        try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)
-        except Exception as err:
-            return f"its artifacts cannot be downloaded ({_short(err)})"
-        try:
-            meta = Model.load(local)
-            example = meta.load_input_example(local)
-            params = meta.load_input_example_params(local)
-        except Exception as err:
-            return f"its logged input example cannot be read ({_short(err)})"
-        if example is None:
-            return "it has no logged input example to check it against"
-        try:
-            model = mlflow.pyfunc.load_model(local)
-        except Exception as err:
-            return f"it does not load through pyfunc ({_short(err)})"
-        try:
-            texts = _texts(model.predict(example, params=params))
-        except Exception as err:
-            return f"it fails on its logged input example ({_short(err)})"
-        finally:
-            del model
-    if not texts:
-        return "it answered its logged input example with no rows"
-    empty = [i for i, text in enumerate(texts) if not isinstance(text, str) or not text.strip()]
-    if empty:
-        return (f"it answered {len(empty)} of {len(texts)} prompts of its logged input example with empty text "
-                f"(rows {empty[:5]})")
-    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,6 +287,7 @@ def promote_if_better(
     min_delta: float = 0.0,
     alias: str = CHAMPION,
     client: "MlflowClient | None" = None,
+    force: bool = False,
 ) -> Decision:
     """Give `alias` to a version if it is healthy and beats the current holder on `metric`.
 
@@ -324,6 +299,8 @@ def promote_if_better(
         min_delta: the smallest improvement that counts (>= 0).
         alias: the alias to compete for; its replaced holder moves to `previous_alias(alias)`.
         client: an `MlflowClient`; default: one for the current tracking and registry URIs.
+        force: promote even though the current champion's `metric` cannot be read (its run lacks
+            it or is gone); the candidate still needs its metric, a finished run and the health gate.
 
     Returns:
         The `Decision`. A rejection is a decision, not an error.
@@ -331,15 +308,16 @@ def promote_if_better(
     Raises:
         ConfigError: bad arguments (every one listed).
         RegistryError: unreachable registry, unknown model or version, a version that is not a
-            loraflow model, a source run that did not finish or lacks `metric` (the candidate's or
-            the champion's).
+            loraflow model, a source run that did not finish or lacks `metric` (the candidate's, or
+            the champion's without `force`).
     """
     version = None if version is None or str(version).strip() == "" else str(version).strip()
     check_arguments(version, metric, mode, min_delta, alias)
+    if not isinstance(model_name, str) or not model_name.strip():
+        raise ConfigError(f"`model_name` must name a registered model, got {model_name!r}")
     version = None if version is None else str(int(version))  # "03" and 3 name version 3
     client = connect(client)
-    uri = _registry_uri(client)
-    with _registry_calls(uri):
+    with _registry_calls(_registry_uri(client)):
         aliases = _registered_aliases(client, model_name)
         candidate = _model_version(client, model_name, version)
         version = str(candidate.version)
@@ -348,10 +326,9 @@ def promote_if_better(
         _require_loraflow_model(model_name, version)
         candidate_value = _source_metric(client, candidate, metric, require_finished=True)
         champion_version = aliases.get(alias)
-        champion_value = None
+        champion_value, forced = None, None
         if champion_version is not None and champion_version != version:
-            champion = client.get_model_version(model_name, champion_version)
-            champion_value = _source_metric(client, champion, metric, require_finished=False)
+            champion_value, forced = _champion_value(client, model_name, champion_version, metric, force)
 
         def decide(promoted: bool, reason: str) -> Decision:
             return Decision(promoted, model_name, version, alias, metric, candidate_value, champion_version,
@@ -361,7 +338,7 @@ def promote_if_better(
             return decide(False, f"it already holds @{alias}; nothing to do")
         record = {"alias": alias, "metric": metric, "mode": mode, "min_delta": min_delta,
                   "candidate_version": version, "candidate_value": repr(candidate_value),
-                  "champion_version": champion_version,
+                  "champion_version": champion_version, "forced": "true" if forced else None,
                   "champion_value": None if champion_value is None else repr(champion_value)}
 
         if champion_value is not None and not is_better(candidate_value, champion_value, mode, min_delta):
@@ -378,19 +355,42 @@ def promote_if_better(
         if champion_version is None:
             reason = (f"there was no @{alias} yet, and it passed the health check "
                       f"({metric} {candidate_value:.6g})")
+        elif forced:
+            reason = (f"forced (--force): {forced}; it passed the health check ({metric} {candidate_value:.6g}); "
+                      f"version {champion_version} is now @{previous_alias(alias)}")
         else:
             reason = metric_reason(metric, mode, min_delta, candidate_value, champion_value, champion_version, True)
             reason += f"; version {champion_version} is now @{previous_alias(alias)}"
-        # Previous first: if the second call fails, both aliases point at the old champion (safe).
-        if champion_version is not None:
-            client.set_registered_model_alias(model_name, previous_alias(alias), champion_version)
-        client.set_registered_model_alias(model_name, alias, version)
-        stamp = _now()
-        _tag(client, model_name, version, {**record, "decision": "promoted", "reason": reason, "time": stamp})
-        if champion_version is not None:
-            _tag(client, model_name, champion_version, {**record, "decision": "replaced", "replaced_by": version,
-                                                       "reason": reason, "time": stamp})
+        _move_aliases(client, model_name, alias, version, champion_version, {**record, "reason": reason})
         return decide(True, reason)
+
+
+def _champion_value(client: "MlflowClient", name: str, champion_version: str, metric: str,
+                    force: bool) -> tuple[float | None, str | None]:
+    """The champion's `metric`, or (None, why) when it cannot be read and `force` allows that."""
+    champion = client.get_model_version(name, champion_version)
+    try:
+        return _source_metric(client, champion, metric, require_finished=False), None
+    except RegistryError as err:
+        if force:
+            return None, f"the champion's `{metric}` cannot be read ({err})"
+        raise RegistryError(
+            f"{err}. The current @champion version {champion_version} cannot be compared, so no version can beat "
+            f"it: pass --force to promote despite that (the candidate still needs its `{metric}`, a finished run "
+            "and the health check), or compare on a metric both runs have (--metric)"
+        ) from err
+
+
+def _move_aliases(client: "MlflowClient", name: str, alias: str, version: str, champion_version: str | None,
+                  record: dict[str, Any]) -> None:
+    # Previous first: if the second call fails, both aliases point at the old champion (safe).
+    if champion_version is not None:
+        client.set_registered_model_alias(name, previous_alias(alias), champion_version)
+    client.set_registered_model_alias(name, alias, version)
+    stamp = _now()
+    _tag(client, name, version, {**record, "decision": "promoted", "time": stamp})
+    if champion_version is not None:
+        _tag(client, name, champion_version, {**record, "decision": "replaced", "replaced_by": version, "time": stamp})
 
 
 def rollback(model_name: str, alias: str = CHAMPION, client: "MlflowClient | None" = None) -> Rollback:
@@ -412,15 +412,21 @@ def rollback(model_name: str, alias: str = CHAMPION, client: "MlflowClient | Non
     """
     if problem := alias_problem(alias):
         raise ConfigError(problem)
+    if not isinstance(model_name, str) or not model_name.strip():
+        raise ConfigError(f"`model_name` must name a registered model, got {model_name!r}")
     previous = previous_alias(alias)
     client = connect(client)
     with _registry_calls(_registry_uri(client)):
         aliases = _registered_aliases(client, model_name)
         restored = aliases.get(previous)
         if restored is None:
+            now = (f"@{alias} is version {aliases[alias]}, the first version ever promoted, so there is nothing "
+                   "to go back to" if alias in aliases else f"no version holds @{alias} either")
             raise RegistryError(
-                f"cannot roll back {model_name!r}: no version holds @{previous} (a promotion sets it when it "
-                f"replaces @{alias}); set one by hand with MlflowClient().set_registered_model_alias"
+                f"cannot roll back {model_name!r}: no version holds @{previous}. Rollback applies after a promotion "
+                f"replaced an @{alias}: the replaced version keeps @{previous}, and rollback gives @{alias} back to "
+                f"it. Here {now}; to serve another version, promote it (loraflow promote --version N) or set "
+                "@previous by hand (MlflowClient().set_registered_model_alias)"
             )
         replaced = aliases.get(alias)
         if replaced == restored:
