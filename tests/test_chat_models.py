@@ -106,6 +106,14 @@ def test_chat_pyfunc_takes_batches_stop_strings_and_refuses_bad_requests_by_name
             pyfunc.predict(bad)
 
 
+def test_the_promotion_health_gate_passes_a_healthy_chat_model(chat_run):
+    from loraflow.health import health_check
+
+    result, uri = chat_run
+    mlflow.set_tracking_uri(uri)
+    assert health_check(result.model_uri) is None  # its logged input example is a chat request it answers
+
+
 def test_auto_chat_template_without_one_fails_before_training_naming_the_fix(tmp_path, tiny_path, tracking_uri):
     base = tmp_path / "no-template"
     shutil.copytree(tiny_path, base)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +69,7 @@ def trained(tmp_path_factory):
     yield uri, runs
     mlflow.set_tracking_uri(None)
     mlflow.set_registry_uri(None)
+    os.environ.pop("MLFLOW_REGISTRY_URI", None)  # set_registry_uri sets it, and None does not clear it
 
 
 def test_loraflow_evaluate_scores_a_logged_model_and_logs_to_a_run(trained, monkeypatch):

@@ -9,14 +9,22 @@ MAX_REASON_LENGTH = 500  # an exception text can be pages long; a tag should sta
 
 
 def _texts(output: Any) -> list[Any]:
+    """The answers in a model's output: a `text` column, a list, or chat completion objects."""
     import pandas as pd
 
     if isinstance(output, pd.DataFrame):
         column = "text" if "text" in output.columns else output.columns[0]
         return output[column].tolist()
     if isinstance(output, (pd.Series, list, tuple)):
-        return list(output)
-    return [output]
+        return [_chat_content(o) for o in output]
+    return [_chat_content(output)]
+
+
+def _chat_content(answer: Any) -> Any:
+    """A chat model's `chat.completion` object: its reply's content; anything else as it is."""
+    if isinstance(answer, dict) and isinstance(answer.get("choices"), list) and answer["choices"]:
+        return (answer["choices"][0].get("message") or {}).get("content")
+    return answer
 
 
 def _short(err: BaseException) -> str:

@@ -206,3 +206,14 @@ def test_on_device_needs_every_parameter_and_buffer_there():
     model[1].register_buffer("moved", torch.zeros(1, device="meta"))
     assert not load._on_device(model, torch.device("cpu"))
     assert not load._on_device(torch.nn.Linear(2, 2), torch.device("meta"))
+
+
+def test_booleans_must_be_booleans_and_devices_must_exist(saved):
+    with pytest.raises(MlflowException, match="`is_trainable` must be True or False, got 'no'"):
+        flavor.load_model(str(saved), is_trainable="no")
+    with pytest.raises(MlflowException, match="`trust_remote_code` must be True, False or None"):
+        flavor.load_model(str(saved), trust_remote_code="yes")
+    with pytest.raises(MlflowException, match=r"`device` 'cuda:7' does not exist on this machine; devices here: cpu"):
+        flavor.load_model(str(saved), device="cuda:7")
+    with pytest.raises(MlflowException, match="model_config `device` 'cuda:7' does not exist"):
+        mlflow.pyfunc.load_model(str(saved), model_config={"device": "cuda:7"})

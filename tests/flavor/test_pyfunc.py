@@ -49,6 +49,12 @@ LONG_PROMPT = "word " * 400  # the built-in model's context is 256 tokens
         (["hi"], {"max_new_tokens": 5000}, "`max_new_tokens` must be an integer in 1..4096, got 5000"),
         (["hi"], {"temperature": 0.0, "do_sample": True}, "`temperature`"),
         (["hi"], {"top_p": 1.5}, "`top_p`"),
+        (["hi"], {"temperature": float("nan"), "do_sample": True}, "`temperature` must be a number > 0"),
+        (["hi"], {"temperature": float("inf"), "do_sample": True}, "`temperature` must be a number > 0"),
+        (["hi"], {"top_p": float("nan")}, "`top_p` must be a number in"),
+        (["hi"], {"repetition_penalty": float("inf")}, "`repetition_penalty` must be a number > 0"),
+        (["hi"], {"seed": -1}, "`seed` must be an integer in 0..9223372036854775807"),
+        (["hi"], {"seed": 2**64}, "`seed` must be an integer in 0.."),
         ([LONG_PROMPT], None, "exceeds the model's context of 256 tokens"),
         (["hi", "hi " * 220], {"max_new_tokens": 64}, "prompt 1 has .* tokens; with max_new_tokens=64"),
     ],
@@ -73,3 +79,14 @@ def test_max_new_tokens_cap_is_configurable(pyfunc_model, saved):
     capped = mlflow.pyfunc.load_model(str(saved), model_config={"max_new_tokens_cap": 8})
     with pytest.raises(MlflowException, match=r"1\.\.8, got 9"):
         capped.predict(["hi"], params={"max_new_tokens": 9})
+
+
+def test_openai_max_tokens_is_read_in_params_and_in_a_completions_body(pyfunc_model):
+    short = pyfunc_model.predict(["Question: What does a duck say?\nAnswer:"], params={"max_new_tokens": 1})["text"][0]
+    assert pyfunc_model.predict(["Question: What does a duck say?\nAnswer:"], params={"max_tokens": 1})["text"][0] == short
+    raw = pyfunc_model.get_raw_model  # the wrapper itself: how MLflow's server hands over an unwrapped body
+    body = {"prompt": "Question: What does a duck say?\nAnswer:", "max_tokens": 1}
+    wrapper = pyfunc_model._model_impl
+    assert wrapper.predict(body)["text"].tolist() == [short] and raw() is wrapper.loaded
+    with pytest.raises(MlflowException, match=r"unknown request keys \['frequency_penalty'\]"):
+        wrapper.predict({**body, "frequency_penalty": 1})

@@ -49,6 +49,7 @@ GENERATION_DEFAULTS: dict[str, Any] = {
     "repetition_penalty": 1.0,
     "seed": 0,
 }
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64-bit seeds; MLflow's `long` params are signed
 # Prompts per prefill forward pass: enough tokens for efficient matmuls, few enough that a group's
 # prompts have similar lengths (they are sorted) and little padding.
 PREFILL_ROWS = 8
@@ -75,8 +76,8 @@ def generation_settings(params: dict[str, Any] | None, *, max_new_tokens_cap: in
     def is_int(v: Any) -> bool:  # numpy integers too, as MLflow may pass them; never bools
         return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
 
-    def is_number(v: Any) -> bool:
-        return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+    def is_number(v: Any) -> bool:  # finite: NaN and infinity would reach torch's sampling
+        return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) and math.isfinite(v)
 
     if not is_int(s["max_new_tokens"]) or not 0 < s["max_new_tokens"] <= max_new_tokens_cap:
         problems.append(
@@ -88,8 +89,8 @@ def generation_settings(params: dict[str, Any] | None, *, max_new_tokens_cap: in
         problems.append(f"`top_p` must be a number in (0, 1], got {s['top_p']!r}")
     if not is_number(s["repetition_penalty"]) or s["repetition_penalty"] <= 0:
         problems.append(f"`repetition_penalty` must be a number > 0, got {s['repetition_penalty']!r} (off: 1.0)")
-    if not is_int(s["seed"]) or s["seed"] < 0:
-        problems.append(f"`seed` must be a non-negative integer, got {s['seed']!r}")
+    if not is_int(s["seed"]) or not 0 <= s["seed"] <= MAX_SEED:
+        problems.append(f"`seed` must be an integer in 0..{MAX_SEED} (a 64-bit signed seed), got {s['seed']!r}")
     if isinstance(s["do_sample"], np.bool_):
         s["do_sample"] = bool(s["do_sample"])
     if not isinstance(s["do_sample"], bool):
