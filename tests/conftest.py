@@ -17,6 +17,21 @@ def _run_in_tmp_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
+@pytest.fixture(autouse=True)
+def _store_uris_do_not_leak():
+    """`mlflow.set_registry_uri(url)` also sets MLFLOW_REGISTRY_URI, and `set_registry_uri(None)`
+    leaves it set: a later test's subprocess would then register models with a server that is gone.
+    Every test ends with the environment's store URIs as they were."""
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    before = {key: os.environ.get(key) for key in keys}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def tiny_path() -> str:
     """Local directory of `builtin:tiny` (built once, then cached)."""

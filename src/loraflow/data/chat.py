@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from loraflow.data.conversations import as_conversation, check_train_on
 from loraflow.data.tables import IGNORE_INDEX
-from loraflow.errors import ConfigError, DataError
+from loraflow.errors import ConfigError, DataError, row_list
 from loraflow.flavor.chat import BUILTIN_TEMPLATES, PROBE, render
 
 if TYPE_CHECKING:
@@ -47,7 +47,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_FIRST_ROWS = 5  # how many bad row numbers an error lists
 _MARKER = "\u2063loraflow-reply\u2063"  # a reply content that no real data contains
 
 
@@ -262,7 +261,7 @@ def tokenize_conversations(
         numbers = [n for n, _ in failed]
         raise DataError(
             f"{where}: {len(failed)} of {len(rows)} conversations cannot be rendered with the chat template "
-            f"(first rows: {_row_list(numbers)}); row {failed[0][0]}: {failed[0][1]}"
+            f"(first rows: {row_list(numbers)}); row {failed[0][0]}: {failed[0][1]}"
         )
     return all_ids, all_labels
 
@@ -275,7 +274,3 @@ def expand_turns(messages: Sequence[Mapping[str, Any]]) -> list[list[Mapping[str
     """
     messages = list(messages)
     return [messages[: i + 1] for i, m in enumerate(messages) if m.get("role") == "assistant"]
-
-
-def _row_list(rows: list[int]) -> str:
-    return ", ".join(str(r) for r in rows[:_FIRST_ROWS]) + (", ..." if len(rows) > _FIRST_ROWS else "")

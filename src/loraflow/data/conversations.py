@@ -13,12 +13,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from loraflow.config import TRAIN_ON
-from loraflow.errors import ConfigError, DataError
+from loraflow.errors import ConfigError, DataError, row_list, short
 
 logger = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant", "tool")
-_FIRST_ROWS = 5  # how many bad row numbers an error lists
 
 
 def check_train_on(train_on: str) -> None:
@@ -63,16 +62,16 @@ def _plain(value: Any) -> Any:
 def message_problem(message: Any) -> tuple[str, str] | None:
     """What is wrong with one message, as (kind, description), or None when it is usable."""
     if not isinstance(message, dict):
-        return "not a mapping", f"is a {type(message).__name__}, not a mapping with 'role' and 'content': {_short(message)}"
+        return "not a mapping", f"is a {type(message).__name__}, not a mapping with 'role' and 'content': {short(message)}"
     role = message.get("role")
     if role is None:
         return "no role", f"has no 'role' (keys: {sorted(map(str, message))}); add one of {', '.join(ROLES)}"
     if role not in ROLES:
-        return "unknown role", f"has an unknown role {_short(role)}; roles are {', '.join(ROLES)}"
+        return "unknown role", f"has an unknown role {short(role)}; roles are {', '.join(ROLES)}"
     content = message.get("content")
     if content is not None and not isinstance(content, str):
         return "content not a string", (
-            f"has {type(content).__name__} content, not a string: {_short(content)}; "
+            f"has {type(content).__name__} content, not a string: {short(content)}; "
             "content must be text (content parts such as images are not supported)"
         )
     if role == "assistant" and not (content or "").strip() and not message.get("tool_calls"):
@@ -90,7 +89,7 @@ def row_problem(row: Any) -> tuple[str, str] | None:
         return "not a list", "is null (an empty cell), not a list of messages"
     if not isinstance(row, list):
         kind = "string that is not a JSON list" if isinstance(row, str) else type(row).__name__
-        return "not a list", f"is a {kind}, not a list of messages: {_short(row)}"
+        return "not a list", f"is a {kind}, not a list of messages: {short(row)}"
     if not row:
         return "empty", "is an empty list; a conversation needs at least one message"
     for number, message in enumerate(row, start=1):
@@ -144,7 +143,7 @@ def check_conversations(values: Sequence[Any], where: str, train_on: str = "assi
     if dropped:
         logger.warning(
             "%s: dropped %d of %d conversations with no assistant message (rows %s): nothing to train "
-            "with train_on=%r", where, len(dropped), len(values), _row_list(dropped), train_on,
+            "with train_on=%r", where, len(dropped), len(values), row_list(dropped), train_on,
         )
     return keep
 
@@ -153,18 +152,9 @@ def _bad_rows_message(where: str, total: int, bad: dict[str, list[tuple[int, str
     lines = []
     for rows in bad.values():
         numbers = [n for n, _ in rows]
-        lines.append(f"  - {len(rows)} rows (first rows: {_row_list(numbers)}); row {rows[0][0]} {rows[0][1]}")
+        lines.append(f"  - {len(rows)} rows (first rows: {row_list(numbers)}); row {rows[0][0]} {rows[0][1]}")
     count = sum(len(r) for r in bad.values())
     return (
         f"{where}: {count} of {total} conversations are not valid chat messages "
         '(each row must be a list of {"role": ..., "content": ...}):\n' + "\n".join(lines)
     )
-
-
-def _row_list(rows: list[int]) -> str:
-    return ", ".join(str(r) for r in rows[:_FIRST_ROWS]) + (", ..." if len(rows) > _FIRST_ROWS else "")
-
-
-def _short(value: object, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 5] + "...'" + f" ({len(str(value)):,} chars)"

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from loraflow.config import column_problems
-from loraflow.errors import ConfigError, DataError
+from loraflow.errors import ConfigError, DataError, row_list, short
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -35,7 +35,6 @@ CHAT_COLUMN = "messages"
 IGNORE_INDEX = -100  # the label value torch's cross-entropy (and so every HF causal LM) skips: the loss mask
 
 FORMATS = {".csv": "CSV", ".jsonl": "JSON Lines", ".json": "JSON Lines", ".parquet": "Parquet"}
-_FIRST_ROWS = 5  # how many bad row numbers an error lists
 _BINARY_SNIFF = 64 * 1024
 
 
@@ -184,10 +183,6 @@ def _where(role: str, path: str | Path | None) -> str:
     return f"{role} {str(path)!r}" if path is not None else role
 
 
-def _short(value: object, limit: int = 60) -> str:
-    """`repr` cut to `limit` characters, so a 10 MB cell never ends up in a message."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 5] + "...'" + f" ({len(str(value)):,} chars)"
 
 
 def read_table(path: str | Path, role: str = "train_data") -> "pd.DataFrame":
@@ -268,13 +263,13 @@ def _read_json_lines(text: str, where: str, *, allow_array: bool) -> "pd.DataFra
                 lines.append((number, json.loads(line)))
             except json.JSONDecodeError as e:
                 raise DataError(
-                    f"{where}: line {number} is not valid JSON ({e.msg} at column {e.colno}): {_short(line)}; "
+                    f"{where}: line {number} is not valid JSON ({e.msg} at column {e.colno}): {short(line)}; "
                     "JSON Lines needs one JSON object per line"
                 ) from e
     for number, record in lines:
         if not isinstance(record, dict):
             raise DataError(
-                f"{where}: record {number} is a JSON {type(record).__name__}, not an object: {_short(record)}; "
+                f"{where}: record {number} is a JSON {type(record).__name__}, not an object: {short(record)}; "
                 'each record must look like {"prompt": "...", "completion": "..."}'
             )
     return pd.DataFrame([record for _, record in lines])
@@ -320,7 +315,7 @@ def check_examples(frame: "pd.DataFrame", path: str | Path, columns: Columns, ro
         raise DataError(f"{where}: has no rows (only a header or an empty table); add at least one example")
     for name in columns.names:
         if name not in frame.columns:
-            existing = [_short(str(c), 40) for c in frame.columns[:20]]
+            existing = [short(str(c), 40) for c in frame.columns[:20]]
             more = f" and {len(frame.columns) - 20} more" if len(frame.columns) > 20 else ""
             raise DataError(
                 f"{where}: column {name!r} not found; columns are: [{', '.join(existing)}]{more}. "
@@ -353,13 +348,13 @@ def _check_string_cells(column: "pd.Series", name: str, where: str, *, allow_emp
         found = ", ".join(f"{kind} x{n}" for kind, n in kinds.most_common())
         raise DataError(
             f"{where}: column {name!r} has {len(bad)} null or non-string cells "
-            f"(first rows: {_row_list(bad)}; found {found}); fix or remove those rows."
+            f"(first rows: {row_list(bad)}; found {found}); fix or remove those rows."
         )
     if not allow_empty:
         empty = [i for i, v in enumerate(values, start=1) if not v.strip()]
         if empty:
             raise DataError(
-                f"{where}: column {name!r} has {len(empty)} empty cells (first rows: {_row_list(empty)}); "
+                f"{where}: column {name!r} has {len(empty)} empty cells (first rows: {row_list(empty)}); "
                 "there is nothing to learn from them: fix or remove those rows."
             )
 
@@ -370,8 +365,6 @@ def _is_null(value: Any) -> bool:
     return pd.api.types.is_scalar(value) and bool(pd.isna(value))  # None, NaN, pd.NA, NaT
 
 
-def _row_list(rows: list[int]) -> str:
-    return ", ".join(str(r) for r in rows[:_FIRST_ROWS]) + (", ..." if len(rows) > _FIRST_ROWS else "")
 
 
 def split_examples(table: Table, eval_fraction: float, seed: int) -> tuple[Table, Table]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from loraflow.flavor.layout import invalid
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -113,7 +115,7 @@ def chat_requests(data: Any) -> tuple[list[dict[str, Any]], bool]:
         return [_plain(r) for r in records], len(records) == 1
     if isinstance(data, (list, tuple)) and all(isinstance(r, dict) for r in data) and data:
         return [dict(r) for r in data], False
-    raise invalid_request(
+    raise invalid(
         f"a chat model takes {{'messages': [...], 'max_tokens': N, ...}} (or a list of them), got {type(data).__name__}"
     )
 
@@ -128,8 +130,6 @@ def request_settings(request: Mapping[str, Any], defaults: Mapping[str, Any]) ->
         MlflowException: unknown keys, `n` other than 1, `stream`, or messages that are not a
             conversation (each problem named).
     """
-    from loraflow.flavor.layout import invalid
-
     unknown = sorted(set(request) - set(REQUEST_KEYS))
     problems = [f"unknown request keys {unknown}; known: {list(REQUEST_KEYS)}"] if unknown else []
     if request.get("n", 1) != 1:
@@ -191,12 +191,6 @@ def completion_object(text: str, *, prompt_tokens: int, completion_tokens: int, 
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens},
     }
-
-
-def invalid_request(message: str) -> Any:
-    from loraflow.flavor.layout import invalid
-
-    return invalid(message)
 
 
 def _missing(value: Any) -> bool:
