@@ -173,7 +173,7 @@ def loraflow_side(root: str, tracking_uri: str | None = None, measure_peak: bool
         "wall_s": wall,
         "store_setup_s": store_setup_s,
         "tokens": sum(map(len, data["train"])),
-        "computed_tokens": _computed_tokens(prepared.train, settings, tokenizer.pad_token_id, accelerator.device),
+        "computed_tokens": _computed_tokens(train_examples, settings, tokenizer.pad_token_id, accelerator.device),
         "eval_loss": eval_loss(model, data["eval"], tokenizer.pad_token_id),
         "matmul_flops": peak,
         "torch_threads": torch.get_num_threads(),

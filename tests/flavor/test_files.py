@@ -116,3 +116,13 @@ def test_a_failed_rename_into_place_puts_the_previous_folder_back(tmp_path, monk
             (tmp / "new").write_text("new")
     monkeypatch.undo()
     assert [p.name for p in target.iterdir()] == ["keep"] and [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_an_atomic_file_gets_the_umask_mode_not_a_private_one(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with atomic_file(tmp_path / "out.csv") as tmp:
+            tmp.write_text("a\n")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out.csv").stat().st_mode & 0o777 == 0o644

@@ -15,7 +15,6 @@ import hashlib
 import os
 import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,12 +65,14 @@ def atomic_dir(target: str | os.PathLike, *, replace: bool = False) -> Iterator[
 @contextmanager
 def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path (in `target`'s folder) that replaces `target` when the block ends
-    without error. Write the content to the yielded path; nothing is written to `target` before."""
+    without error. Write the content to the yielded path; nothing is written to `target` before.
+    The file gets the mode a plain `open` gives (0666 less the umask)."""
+    import uuid
+
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".tmp-{target.name}-", dir=target.parent)
-    os.close(handle)
-    tmp = Path(name)
+    tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:12]}"
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the umask's mode, not mkstemp's 0600
     try:
         yield tmp
         _fsync(tmp)
