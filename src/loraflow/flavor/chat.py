@@ -148,10 +148,17 @@ def request_settings(request: Mapping[str, Any], defaults: Mapping[str, Any]) ->
     for ours, theirs in (("max_new_tokens", "max_tokens"), ("top_p", "top_p"), ("seed", "seed")):
         if request.get(theirs) is not None:
             settings[ours] = request[theirs]
-    if (temperature := request.get("temperature")) is not None:
-        settings["do_sample"] = not (isinstance(temperature, (int, float)) and temperature == 0)
-        settings["temperature"] = temperature if settings["do_sample"] else defaults.get("temperature", 1.0)
+    settings.update(openai_temperature(request.get("temperature"), defaults))
     return list(messages), settings, stop
+
+
+def openai_temperature(temperature: Any, defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """OpenAI's `temperature` as our settings: None keeps the defaults, 0 is greedy, above 0 samples."""
+    if temperature is None:
+        return {}
+    if isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature == 0:
+        return {"do_sample": False, "temperature": defaults.get("temperature", 1.0)}
+    return {"do_sample": True, "temperature": temperature}
 
 
 def conversation_problems(messages: Any) -> list[str]:

@@ -54,13 +54,12 @@ def _prompts_and_params(data: Any, params: dict[str, Any] | None) -> tuple[list[
         if unknown:
             raise invalid(f"unknown request keys {unknown}; a completion request takes `prompt` and "
                           f"{sorted(OPENAI_COMPLETION_KEYS)}")
+        from loraflow.flavor.chat import openai_temperature
+
         for theirs, ours in OPENAI_COMPLETION_KEYS.items():
-            if data.get(theirs) is not None:
+            if data.get(theirs) is not None and theirs != "temperature":
                 params[ours] = data[theirs]
-        if "temperature" in data and data["temperature"] is not None:
-            params["do_sample"] = data["temperature"] != 0
-            if data["temperature"] == 0:
-                params.pop("temperature")
+        params.update(openai_temperature(data.get("temperature"), {}))
         data = {"prompt": data.get("prompt")}
     return _prompts_from_input(data), params
 
