@@ -153,3 +153,14 @@ def test_mlflow_models_serve_answers_an_openai_chat_body(chat_run, tmp_path):
     finally:
         stop(proc)
         log.close()
+
+
+@pytest.mark.parametrize("samples", [1, 3])
+def test_loraflow_evaluate_scores_a_chat_model_on_conversations(chat_run, samples):
+    from loraflow.evaluation import evaluate_model
+
+    result, uri = chat_run
+    mlflow.set_tracking_uri(uri)
+    scored = evaluate_model(result.model_uri, "builtin:chat", samples=samples)
+    assert len(scored.rows) == samples and set(scored.metrics) == {"eval_exact_match", "eval_token_f1"}
+    assert all(isinstance(row["generated"], str) for row in scored.rows)

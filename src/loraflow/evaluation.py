@@ -35,6 +35,13 @@ class Samples:
     expected: list[str]
     chat: bool = False
     stop_token_ids: list[int] = field(default_factory=list)
+    conversations: list[list[dict]] = field(default_factory=list)
+    """For chat samples: each conversation up to (not including) the reply that is expected."""
+
+    def answer_budget(self, tokenizer: Any) -> int:
+        """New tokens each answer gets: the longest expected answer + `SLACK_TOKENS`, at most `MAX_NEW_TOKENS`."""
+        longest = max(len(ids) for ids in tokenizer(self.expected, add_special_tokens=False)["input_ids"])
+        return min(MAX_NEW_TOKENS, longest + SLACK_TOKENS)
 
 
 def pick_samples(table: "Table", columns: "Columns", n: int, seed: int, tokenizer: Any,
@@ -56,14 +63,16 @@ def pick_samples(table: "Table", columns: "Columns", n: int, seed: int, tokenize
 def _chat_samples(conversations: list[list[dict]], tokenizer: Any, template: str | None) -> Samples:
     from loraflow.flavor import chat
 
-    shown, prompts, expected = [], [], []
+    shown, prompts, expected, before = [], [], [], []
     for messages in conversations:
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         asked = [m for m in messages[:last] if m["role"] == "user"]
         shown.append(asked[-1]["content"] if asked else "")
-        prompts.append(chat.render_prompt(tokenizer, messages[:last], template))
+        before.append(list(messages[:last]))
+        prompts.append(chat.render_prompt(tokenizer, before[-1], template))
         expected.append(messages[last]["content"])
-    return Samples(shown, prompts, expected, chat=True, stop_token_ids=chat.end_of_turn_ids(tokenizer, template))
+    return Samples(shown, prompts, expected, chat=True, stop_token_ids=chat.end_of_turn_ids(tokenizer, template),
+                   conversations=before)
 
 
 def answer(model: Any, tokenizer: Any, samples: Samples, batch_size: int = 32) -> list[str]:
@@ -72,12 +81,11 @@ def answer(model: Any, tokenizer: Any, samples: Samples, batch_size: int = 32) -
 
     if not samples.prompts:
         return []
-    longest = max(len(ids) for ids in tokenizer(samples.expected, add_special_tokens=False)["input_ids"])
     was_training = model.training
     model.eval()
     try:
         generated = generate(model, tokenizer, samples.prompts, batch_size=batch_size,
-                             max_new_tokens_cap=MAX_NEW_TOKENS, max_new_tokens=min(MAX_NEW_TOKENS, longest + SLACK_TOKENS),
+                             max_new_tokens_cap=MAX_NEW_TOKENS, max_new_tokens=samples.answer_budget(tokenizer),
                              stop_token_ids=samples.stop_token_ids or None, add_special_tokens=not samples.chat)
     finally:
         model.train(was_training)
@@ -146,28 +154,19 @@ def evaluate_model(model_uri: str, data_path: str, *, settings: Any = None, samp
     model = mlflow.pyfunc.load_model(model_uri)
     tokenizer = model.get_raw_model().tokenizer
     chosen = pick_samples(table, columns, samples or len(table), seed, tokenizer)
-    answers = _pyfunc_answers(model, table, columns, chosen, samples or len(table), seed, tokenizer, max_new_tokens)
+    answers = _pyfunc_answers(model, chosen, max_new_tokens or chosen.answer_budget(tokenizer))
     result = Evaluation(score(answers, chosen.expected), table_rows(0, chosen, answers))
     if log_to:
         result.run_id = _log_evaluation(result, model_uri, path, log_to)
     return result
 
 
-def _pyfunc_answers(model: Any, table: "Table", columns: "Columns", chosen: Samples, n: int, seed: int,
-                    tokenizer: Any, max_new_tokens: int | None) -> list[str]:
+def _pyfunc_answers(model: Any, chosen: Samples, max_new_tokens: int) -> list[str]:
     """The model's answers through pyfunc, as `mlflow models serve` would give them."""
-    import numpy as np
-
-    longest = max(len(ids) for ids in tokenizer(chosen.expected, add_special_tokens=False)["input_ids"])
-    limit = max_new_tokens or min(MAX_NEW_TOKENS, longest + SLACK_TOKENS)
-    if not columns.is_chat:
-        return [str(t) for t in model.predict(chosen.prompts, params={"max_new_tokens": limit})["text"]]
-    rows = sorted(np.random.default_rng(seed).permutation(len(table))[: min(n, len(table))].tolist())
-    requests = []
-    for messages in table.frame[columns.messages].iloc[rows]:
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        requests.append({"messages": list(messages[:last]), "max_tokens": limit})
-    answers = model.predict(requests)
+    if not chosen.chat:
+        return [str(t) for t in model.predict(chosen.prompts, params={"max_new_tokens": max_new_tokens})["text"]]
+    answers = model.predict([{"messages": messages, "max_tokens": max_new_tokens} for messages in chosen.conversations])
+    answers = [answers] if isinstance(answers, dict) else answers  # one request: MLflow answers one object
     return [a["choices"][0]["message"]["content"] for a in answers]
 
 

@@ -331,7 +331,7 @@ class RunLogger:
         steps = max((step for step, _ in history.get("train_loss") or []), default=None)
         note = run_info.run_description(
             base_model=train.base_model, train_data=train.train_data, r=lora.r, target_modules=lora.target_modules,
-            task=getattr(self, "task", "completion"), steps=steps, metrics=metrics, model_uri=result.model_uri,
+            task=self.task, steps=steps, metrics=metrics, model_uri=result.model_uri,
             registered_model_name=train.registered_model_name if result.registered_version else None,
             registered_version=result.registered_version)
         self._set_tags({run_info.NOTE_TAG: note})
