@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -84,9 +85,51 @@ def test_max_new_tokens_cap_is_configurable(pyfunc_model, saved):
 def test_openai_max_tokens_is_read_in_params_and_in_a_completions_body(pyfunc_model):
     short = pyfunc_model.predict(["Question: What does a duck say?\nAnswer:"], params={"max_new_tokens": 1})["text"][0]
     assert pyfunc_model.predict(["Question: What does a duck say?\nAnswer:"], params={"max_tokens": 1})["text"][0] == short
-    raw = pyfunc_model.get_raw_model  # the wrapper itself: how MLflow's server hands over an unwrapped body
     body = {"prompt": "Question: What does a duck say?\nAnswer:", "max_tokens": 1}
-    wrapper = pyfunc_model._model_impl
-    assert wrapper.predict(body)["text"].tolist() == [short] and raw() is wrapper.loaded
-    with pytest.raises(MlflowException, match=r"unknown request keys \['frequency_penalty'\]"):
-        wrapper.predict({**body, "frequency_penalty": 1})
+    answer = pyfunc_model.predict(body)
+    assert answer["object"] == "text_completion" and [c["text"] for c in answer["choices"]] == [short]
+    with pytest.raises(MlflowException, match=r"unknown request keys \['bogus'\]"):
+        pyfunc_model.predict({**body, "bogus": 1})
+
+
+def test_a_completions_body_with_a_list_prompt_gets_one_choice_per_prompt_in_order(pyfunc_model):
+    prompts = PROMPTS[:3]
+    texts = pyfunc_model.predict(prompts, params={"max_new_tokens": 3})["text"].tolist()
+    answer = pyfunc_model.predict({"prompt": prompts, "max_tokens": 3})
+    assert [(c["index"], c["text"]) for c in answer["choices"]] == list(enumerate(texts))
+    assert all(c["finish_reason"] in ("stop", "length") and c["logprobs"] is None for c in answer["choices"])
+    usage = answer["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] and usage["completion_tokens"] <= 9
+
+
+@pytest.mark.parametrize("data", [
+    [[PROMPTS[0], PROMPTS[1]]],  # MLflow's enforcement of the old input schema kept only the first
+    pd.DataFrame({"prompt": [[PROMPTS[0], PROMPTS[1]]]}),  # one row, two prompts
+    pd.DataFrame({"prompt": ["hi", ["a", "b"]]}),
+])
+def test_a_row_holding_several_prompts_is_refused_naming_the_row(pyfunc_model, data):
+    with pytest.raises(MlflowException, match=r"rows \[\d\] hold a list of prompts .*send one prompt per row") as err:
+        pyfunc_model.predict(data, params={"max_new_tokens": 1})
+    assert err.value.error_code == INVALID
+
+
+@pytest.mark.parametrize("params", [{"n": 2}, {"stream": True}, {"logprobs": 1}, {"stop": "END"},
+                                    {"presence_penalty": 0.5}, {"user": "me"}])
+def test_openai_parameters_loraflow_does_not_implement_are_refused_by_name(pyfunc_model, params):
+    (name,) = params
+    with pytest.raises(MlflowException, match=f"unsupported OpenAI parameters \\['{name}'\\]"):
+        pyfunc_model.predict(["hi"], params=params)
+    with pytest.raises(MlflowException, match=f"unsupported OpenAI parameters \\['{name}'\\]"):
+        pyfunc_model.predict({"prompt": "hi", **params})
+    # their OpenAI defaults say "not used", and are accepted
+    assert len(pyfunc_model.predict({"prompt": "hi", "n": 1, "echo": False, "stream": False, "max_tokens": 1})["choices"]) == 1
+
+
+def test_served_error_messages_keep_their_start_and_end_within_the_budget():
+    text = "Failed to predict data '" + "x" * 2_000_000 + "'. \nError: the reason"
+    short = pyfunc.capped(text)
+    assert len(json.dumps(short)) <= pyfunc.MAX_ERROR_BYTES
+    assert short.startswith("Failed to predict data 'xx") and short.endswith("Error: the reason")
+    assert "characters left out" in short
+    assert len(json.dumps(pyfunc.capped("é" * 10_000))) <= pyfunc.MAX_ERROR_BYTES  # escapes count
+    assert pyfunc.capped("short") == "short"

@@ -97,6 +97,12 @@ def render(tokenizer: "PreTrainedTokenizerBase", messages: list, template: str |
 # Request keys and what they become. Any other key is refused by name: MLflow's server would
 # otherwise hand it over and nothing would say it was ignored.
 REQUEST_KEYS = ("messages", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream", "model")
+# OpenAI chat keys outside MLflow's chat schema, and their types: MLflow's server drops a key that is in
+# neither the input nor the params schema (with only a warning in its log), so these are declared as
+# params (`pyfunc.chat_signature`) to reach `predict`, where any that is set is refused by name.
+OPENAI_PARAMS = {"logprobs": "boolean", "top_logprobs": "long", "user": "string", "max_completion_tokens": "long",
+                 "parallel_tool_calls": "boolean", "tool_choice": "string", "store": "boolean",
+                 "service_tier": "string", "reasoning_effort": "string"}
 
 
 def chat_requests(data: Any) -> tuple[list[dict[str, Any]], bool]:
@@ -131,7 +137,7 @@ def request_settings(request: Mapping[str, Any], defaults: Mapping[str, Any]) ->
             conversation (each problem named).
     """
     unknown = sorted(set(request) - set(REQUEST_KEYS))
-    problems = [f"unknown request keys {unknown}; known: {list(REQUEST_KEYS)}"] if unknown else []
+    problems = [f"unknown request keys {_short(unknown, 200)}; known: {list(REQUEST_KEYS)}"] if unknown else []
     if request.get("n", 1) != 1:
         problems.append(f"`n` must be 1 (one choice per request), got {request.get('n')!r}")
     if request.get("stream"):
@@ -195,6 +201,25 @@ def completion_object(text: str, *, prompt_tokens: int, completion_tokens: int, 
         "created": int(time.time()),
         "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+    }
+
+
+def text_completion_object(generated: Sequence[Any], *, model: str) -> dict[str, Any]:
+    """An OpenAI `text_completion` object: one choice per prompt (`generation.Generated`), in order."""
+    import time
+    import uuid
+
+    prompt_tokens = sum(g.prompt_tokens for g in generated)
+    completion_tokens = sum(g.completion_tokens for g in generated)
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"text": g.text, "index": i, "logprobs": None, "finish_reason": "stop" if g.stopped else "length"}
+                    for i, g in enumerate(generated)],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens},
     }

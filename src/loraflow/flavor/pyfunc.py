@@ -37,22 +37,29 @@ PYFUNC_DEFAULTS: dict[str, Any] = {
 }
 
 
-# OpenAI's completions body, `{"prompt": ..., "max_tokens": N}`, reaches `predict` unwrapped from
-# MLflow's server: its generation keys, by their OpenAI names.
+# OpenAI's completions body, `{"prompt": ..., "max_tokens": N}`: its generation keys, by their OpenAI names.
 OPENAI_COMPLETION_KEYS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p",
                           "seed": "seed"}
+# OpenAI completions parameters loraflow does not implement, with the value that means "unused". They
+# are in the params schema because MLflow's server drops a param it does not know (with only a warning
+# in its log): declared, they reach `predict`, which refuses any other value by name.
+OPENAI_UNSUPPORTED = {"n": ("long", 1), "best_of": ("long", 1), "echo": ("boolean", False),
+                      "stream": ("boolean", False), "logprobs": ("long", None), "suffix": ("string", None),
+                      "stop": ("string", None), "presence_penalty": ("double", 0), "frequency_penalty": ("double", 0),
+                      "user": ("string", None)}
 
 
 def _prompts_and_params(data: Any, params: dict[str, Any] | None) -> tuple[list[str], dict[str, Any]]:
     """The prompts of a request, and its params: `params`, and for OpenAI's completions body the
-    generation keys beside `prompt` (by their OpenAI names); an unknown key is refused by name."""
+    generation keys beside `prompt` (by their OpenAI names); an unknown or unsupported key is refused
+    by name."""
     params = dict(params or {})
     if (max_tokens := params.pop("max_tokens", None)) is not None:  # the OpenAI spelling, in `params`
         params["max_new_tokens"] = max_tokens
     if isinstance(data, dict) and "prompt" in data:
-        unknown = sorted(set(data) - {"prompt", *OPENAI_COMPLETION_KEYS})
+        unknown = sorted(set(data) - {"prompt", *OPENAI_COMPLETION_KEYS, *OPENAI_UNSUPPORTED})
         if unknown:
-            raise invalid(f"unknown request keys {unknown}; a completion request takes `prompt` and "
+            raise invalid(f"unknown request keys {_short(unknown)}; a completion request takes `prompt` and "
                           f"{sorted(OPENAI_COMPLETION_KEYS)}")
         from loraflow.flavor.chat import openai_temperature
 
@@ -60,12 +67,23 @@ def _prompts_and_params(data: Any, params: dict[str, Any] | None) -> tuple[list[
             if data.get(theirs) is not None and theirs != "temperature":
                 params[ours] = data[theirs]
         params.update(openai_temperature(data.get("temperature"), {}))
-        data = {"prompt": data.get("prompt")}
+        params.update({k: v for k, v in data.items() if k in OPENAI_UNSUPPORTED})
+        data = data["prompt"]
+        data = [data] if isinstance(data, str) else data
+    used = {k: params.pop(k) for k in OPENAI_UNSUPPORTED if k in params}
+    used = sorted(k for k, v in used.items() if v is not None and v != OPENAI_UNSUPPORTED[k][1])
+    if used:
+        raise invalid(f"unsupported OpenAI parameters {used}: loraflow generates one continuation per prompt, "
+                      "without streaming, log probabilities, penalties or stop strings; leave them out")
     return _prompts_from_input(data), params
 
 
 def _prompts_from_input(data: Any) -> list[str]:
-    """Accept a DataFrame with a `prompt` column, a list of strings, a dict or a single string."""
+    """Accept a DataFrame with a `prompt` column, a list of strings, or a single string: one prompt per row.
+
+    Rows in equal rows out: a row holding several prompts (a list in a cell, a nested list) is refused
+    rather than answered with more rows, or fewer.
+    """
     import numpy as np
     import pandas as pd
 
@@ -74,20 +92,15 @@ def _prompts_from_input(data: Any) -> list[str]:
     elif isinstance(data, pd.DataFrame):
         if "prompt" in data.columns:
             prompts = data["prompt"].tolist()
-        elif list(data.columns) == [0]:  # how MLflow's schema enforcement passes a list or a string
-            prompts = data[0].tolist()
+        elif list(map(str, data.columns)) == ["0"]:  # a list or a string after MLflow's enforcement, or spark_udf
+            prompts = data[data.columns[0]].tolist()
         else:
             raise invalid(
-                f"the input has no `prompt` column (columns: {[str(c) for c in data.columns]}); "
+                f"the input has no `prompt` column (columns: {_short([str(c) for c in data.columns])}); "
                 'send e.g. {"dataframe_records": [{"prompt": "..."}]}'
             )
-        if len(prompts) == 1 and isinstance(prompts[0], (list, tuple, np.ndarray)):
-            prompts = list(prompts[0])  # {"prompt": [...]} arrives as one row holding the list
     elif isinstance(data, dict):
-        if "prompt" not in data:
-            raise invalid(f"the input dict has no `prompt` key (keys: {sorted(map(str, data))})")
-        value = data["prompt"]
-        prompts = [value] if isinstance(value, str) else list(value)
+        raise invalid(f"the input dict has no `prompt` key (keys: {_short(sorted(map(str, data)))})")
     elif isinstance(data, (list, tuple, pd.Series, np.ndarray)):
         prompts = list(data)
     else:
@@ -97,10 +110,19 @@ def _prompts_from_input(data: Any) -> list[str]:
         )
     if not prompts:
         raise invalid("the input holds no prompts: send at least one")
+    nested = [i for i, p in enumerate(prompts) if isinstance(p, (list, tuple, np.ndarray))]
+    if nested:
+        raise invalid(f"rows {nested[:5]} hold a list of prompts (row {nested[0]}: {len(prompts[nested[0]])} "
+                      'values); send one prompt per row, e.g. {"inputs": ["first", "second"]}')
     bad = [(i, type(p).__name__) for i, p in enumerate(prompts) if not isinstance(p, str)]
     if bad:
         raise invalid(f"every `prompt` must be a string; not strings (row, type): {bad[:5]}")
     return [str(p) for p in prompts]
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class LoraflowPyfunc:
@@ -119,32 +141,38 @@ class LoraflowPyfunc:
         return self.loaded
 
     def predict(self, data: Any, params: dict[str, Any] | None = None) -> Any:
+        """Continuations of the prompts in `data` as a `text` column (one row per input row), or for
+        OpenAI's completions body (a dict with `prompt`) a `text_completion` object with one choice per
+        prompt; for a chat model, `chat.completion` objects."""
         import pandas as pd
 
-        from loraflow.flavor.generation import generate_texts  # here, not at load: loading never needs it
+        from loraflow.flavor.generation import generate  # here, not at load: loading never needs it
 
         if self.task == "chat":
-            return self._predict_chat(data)
+            return self._predict_chat(data, params)
+        body = isinstance(data, dict)
         prompts, params = _prompts_and_params(data, params)
         if _MLFLOW_IS_IN_SERVING_ENVIRONMENT.get():  # set by MLflow's scoring server
             self._check_request_size(prompts)
-        texts = generate_texts(
-            self.loaded.model,
-            self.loaded.tokenizer,
-            prompts,
-            batch_size=self.config["batch_size"],
-            max_new_tokens_cap=self.config["max_new_tokens_cap"],
-            **(params or {}),
-        )
-        return pd.DataFrame({"text": texts})
+        generated = generate(self.loaded.model, self.loaded.tokenizer, prompts, batch_size=self.config["batch_size"],
+                             max_new_tokens_cap=self.config["max_new_tokens_cap"], **params)
+        if not body:
+            return pd.DataFrame({"text": [g.text for g in generated]})
+        from loraflow.flavor.chat import text_completion_object
 
-    def _predict_chat(self, data: Any) -> Any:
-        """OpenAI chat requests in, `chat.completion` objects out (one object for one request)."""
+        return text_completion_object(generated, model=self.model_name)
+
+    def _predict_chat(self, data: Any, params: dict[str, Any] | None = None) -> Any:
+        """OpenAI chat requests in, `chat.completion` objects out (one object for one request).
+
+        `params` holds the OpenAI keys declared in the chat signature's params schema (MLflow's server
+        moves them out of the body): each one that is set is refused by name with the request."""
         from loraflow.flavor import chat
         from loraflow.flavor.generation import generate
 
         requests, single = chat.chat_requests(data)
-        parsed = [chat.request_settings(r, self.generation_defaults) for r in requests]
+        extra = {k: v for k, v in (params or {}).items() if v is not None}
+        parsed = [chat.request_settings({**r, **extra}, self.generation_defaults) for r in requests]
         tokenizer = self.loaded.tokenizer
         prompts = [chat.render_prompt(tokenizer, messages) for messages, _, _ in parsed]
         if _MLFLOW_IS_IN_SERVING_ENVIRONMENT.get():
@@ -173,6 +201,56 @@ class LoraflowPyfunc:
             problems.append(f"its prompts total {chars} characters; the limit is {limit} (model_config `max_request_chars`)")
         if problems:
             raise invalid("the request is too large: " + "; ".join(problems) + ". Split it into smaller requests")
+
+
+MAX_ERROR_BYTES = 3000  # an error message's size in a served response, as JSON
+
+
+def cap_served_errors() -> None:
+    """Keep the error bodies of MLflow's scoring server short, when it is the process loading the model.
+
+    The server words a failed request `Failed to predict data '<the whole request>'. Error: ...`, and
+    a body that is not JSON `... Input: <the whole body>`: a 2 MB prompt got a 2 MB 400. Its
+    `/invocations` route calls the module's `invocations` on every request; wrapped, an error keeps
+    its start and its end (where MLflow puts the reason) within `MAX_ERROR_BYTES`, naming what was
+    left out. Installed once; a process without MLflow's server is left alone.
+    """
+    import functools
+    import sys
+
+    from mlflow.exceptions import MlflowException
+
+    server = sys.modules.get("mlflow.pyfunc.scoring_server")
+    if server is None or getattr(server.invocations, "loraflow_capped", False):
+        return
+    original = server.invocations
+
+    @functools.wraps(original)
+    def invocations(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(*args, **kwargs)
+        except MlflowException as err:
+            err.message = capped(err.message)
+            if isinstance(err.json_kwargs.get("stack_trace"), str):
+                err.json_kwargs["stack_trace"] = capped(err.json_kwargs["stack_trace"])
+            raise
+
+    invocations.loraflow_capped = True  # type: ignore[attr-defined]
+    server.invocations = invocations
+
+
+def capped(text: str, budget: int = MAX_ERROR_BYTES) -> str:
+    """`text`, or its start and its end with the count of characters left out, in `budget` bytes of JSON."""
+    import json
+
+    keep = budget - 60
+    while len(json.dumps(text)) > budget and keep > 0:
+        head, tail = text[: keep // 3], text[-(keep - keep // 3):]
+        shorter = f"{head} [... {len(text) - len(head) - len(tail):,} characters left out ...] {tail}"
+        if len(json.dumps(shorter)) <= budget:
+            return shorter
+        keep //= 2
+    return text if len(json.dumps(text)) <= budget else text[: budget // 12]
 
 
 def pyfunc_config(model_config: dict[str, Any] | None) -> dict[str, Any]:
@@ -205,6 +283,7 @@ def load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> Lorafl
     device = config["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     conf = read_flavor_conf(Path(path))
     loaded = load_local(Path(path), device=device, conf=conf)  # in eval mode: peft sets it unless trainable
+    cap_served_errors()
     return LoraflowPyfunc(loaded, config, conf)
 
 
@@ -231,19 +310,20 @@ def validated_generation_defaults(
 def default_signature(
     generation_defaults: dict[str, Any] | None = None, max_new_tokens_cap: int = PYFUNC_DEFAULTS["max_new_tokens_cap"]
 ) -> "ModelSignature":
-    """Input: one string column; output `text` (string); and a params schema for generation.
+    """No input schema; output `text` (string); and a params schema for generation.
 
-    Without a params schema MLflow silently drops the params of a request. The input column is
-    left unnamed on purpose: MLflow's schema enforcement turns a list of strings or a single string
-    into a DataFrame with column `0` and would reject it against a named `prompt` column; `predict`
-    then reads the `prompt` column, or that single unnamed column, and rejects anything else.
+    Without a params schema MLflow silently drops the params of a request. The input schema is left
+    out on purpose: MLflow's enforcement of one would keep only a frame's first column (a nested
+    prompt list `[["a", "b"]]` would lose "b", a completions body its unknown keys) and quote the
+    whole request in its errors. `predict` checks every input itself: a `prompt` column, a list of
+    strings, a string, or OpenAI's completions body, which then arrives as the dict it is.
     """
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     d = validated_generation_defaults(generation_defaults, max_new_tokens_cap)
     return ModelSignature(
-        inputs=Schema([ColSpec("string")]),
+        inputs=None,
         outputs=Schema([ColSpec("string", "text")]),
         params=ParamSchema([
             ParamSpec("max_new_tokens", "long", int(d["max_new_tokens"])),
@@ -254,6 +334,7 @@ def default_signature(
             ParamSpec("seed", "long", int(d["seed"])),
             # OpenAI's name for max_new_tokens: without a spec MLflow's server drops it unseen
             ParamSpec("max_tokens", "long", None),
+            *(ParamSpec(name, dtype, None) for name, (dtype, _) in OPENAI_UNSUPPORTED.items()),
         ]),
     )
 
@@ -263,13 +344,17 @@ def chat_signature() -> "ModelSignature":
 
     `messages` in and an OpenAI `chat.completion` object out; the generation settings travel in
     the request itself (`max_tokens`, `temperature`, `top_p`, `stop`, `seed`), as OpenAI sends them.
+    OpenAI's other keys are params (`chat.OPENAI_PARAMS`), so that a request using one is refused.
     """
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
     from mlflow.types.llm import CHAT_MODEL_INPUT_SCHEMA, CHAT_MODEL_OUTPUT_SCHEMA
 
+    from loraflow.flavor.chat import OPENAI_PARAMS
+
     inputs = Schema([*CHAT_MODEL_INPUT_SCHEMA.inputs, ColSpec("long", "seed", required=False)])
-    return ModelSignature(inputs=inputs, outputs=CHAT_MODEL_OUTPUT_SCHEMA)
+    params = ParamSchema([ParamSpec(name, dtype, None) for name, dtype in OPENAI_PARAMS.items()])
+    return ModelSignature(inputs=inputs, outputs=CHAT_MODEL_OUTPUT_SCHEMA, params=params)
 
 
 def chat_input_example() -> dict[str, Any]:
