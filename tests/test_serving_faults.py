@@ -32,17 +32,21 @@ GOOD = {"inputs": ["Hello"], "params": PARAMS}
 
 
 def post(url: str, body: bytes | dict, content_type: str = "application/json", timeout: float = 120) -> tuple[int, dict | str]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(f"{url}/invocations", data=data, headers={"Content-Type": content_type})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            status, raw = response.status, response.read()
-    except urllib.error.HTTPError as e:
-        status, raw = e.code, e.read()
+    status, raw = post_raw(url, body, content_type, timeout)
     try:
         return status, json.loads(raw)
     except ValueError:
         return status, raw.decode(errors="replace")
+
+
+def post_raw(url: str, body: bytes | dict, content_type: str = "application/json", timeout: float = 300) -> tuple[int, bytes]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(f"{url}/invocations", data=data, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
 
 
 def texts(body: dict) -> list[str]:
@@ -109,7 +113,7 @@ def server(model_dir):
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(f"{url}/ping", proc, timeout=180)
-        yield url, proc
+        yield url, proc, model_dir.parent / "serve.log"
     finally:
         stop(proc)
         log.close()
@@ -124,7 +128,14 @@ BAD_REQUESTS = {
     "wrong column": ({"dataframe_records": [{"question": "hi"}], "params": PARAMS}, "prompt"),
     "numbers as prompts (records)": ({"dataframe_records": [{"prompt": 1}, {"prompt": 2.5}]}, ""),
     "numbers as prompts (split)": ({"dataframe_split": {"columns": ["prompt"], "data": [[1], [2]]}}, ""),
-    "a list as a prompt": ({"dataframe_records": [{"prompt": ["a", ["b"]]}]}, ""),
+    "a list as a prompt": ({"dataframe_records": [{"prompt": ["a", ["b"]]}]}, "one prompt per row"),
+    "two prompts in a row (records)": ({"dataframe_records": [{"prompt": ["a", "b"]}], "params": PARAMS},
+                                       "rows [0] hold a list of prompts"),
+    "two prompts in a row (inputs)": ({"inputs": [["hi", "yo"]], "params": PARAMS}, "send one prompt per row"),
+    "an unknown key beside prompt": ({"prompt": "hi", "max_tokens": 4, "bogus": 1}, "unknown request keys ['bogus']"),
+    "OpenAI's n beside prompt": ({"prompt": "hi", "max_tokens": 4, "n": 2}, "unsupported OpenAI parameters ['n']"),
+    "OpenAI's stream in params": ({"inputs": ["hi"], "params": {**PARAMS, "stream": True}},
+                                  "unsupported OpenAI parameters ['stream']"),
     "a null prompt": ({"dataframe_records": [{"prompt": None}]}, ""),
     "an empty batch": ({"inputs": [], "params": PARAMS}, ""),
     "empty records": ({"dataframe_records": []}, ""),
@@ -140,7 +151,7 @@ BAD_REQUESTS = {
 
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))
 def test_a_bad_request_gets_a_4xx_with_a_message_and_the_server_survives(case, server, expected):
-    url, proc = server
+    url, proc, _ = server
     payload, words = BAD_REQUESTS[case]
     status, body = post(url, payload)
     assert 400 <= status < 500, (case, status, body)
@@ -153,18 +164,19 @@ def test_a_bad_request_gets_a_4xx_with_a_message_and_the_server_survives(case, s
 def test_what_mlflow_accepts_before_the_model_sees_it(server, expected):
     """Requests MLflow's scoring server changes before `predict`: pinned so a change is noticed.
 
-    - `inputs` is parsed with the signature's type, so JSON numbers arrive as the strings "1",
-      "2.5" (the `dataframe_*` forms keep their types and are refused above).
-    - params missing from the params schema are dropped with a warning in the server log, so a typo
-      gets the default instead of our did-you-mean (which in-process pyfunc gives); `max_tokens`,
-      OpenAI's name for max_new_tokens, is in the schema and honoured.
+    - The model has no input schema, so `inputs` arrives as sent: JSON numbers are refused, not
+      turned into the strings "1", "2.5".
+    - params missing from the params schema are dropped by MLflow with a warning in the server log
+      naming them, so a typo gets the default instead of our did-you-mean (which in-process pyfunc
+      gives); `max_tokens`, OpenAI's name for max_new_tokens, is in the schema and honoured.
     - "" is a valid prompt for a tokenizer that adds BOS: generation starts from BOS alone.
     """
-    url, _ = server
+    url, _, log = server
     status, body = post(url, {"inputs": [1, 2.5], "params": PARAMS})
-    assert status == 200
-    status_str, body_str = post(url, {"inputs": ["1", "2.5"], "params": PARAMS})
-    assert (status_str, texts(body_str)) == (200, texts(body))
+    assert status == 400 and "every `prompt` must be a string" in body["message"], body
+    status, body = post(url, {"inputs": ["Hello"], "params": {**PARAMS, "max_new_tokenz": 50}})
+    assert status == 200 and texts(body) == [expected["Hello"]]
+    assert "Unrecognized params ['max_new_tokenz'] are ignored" in log.read_text(errors="replace")
     # OpenAI's `max_tokens` is in the params schema now (read as max_new_tokens), so it is honoured
     status, body = post(url, {"inputs": ["Hello"], "params": {**PARAMS, "max_tokens": 50}})
     assert status == 200 and texts(body)[0].startswith(expected["Hello"])
@@ -173,10 +185,42 @@ def test_what_mlflow_accepts_before_the_model_sees_it(server, expected):
     assert status == 200 and len(texts(body)) == 1
 
 
+def test_openais_completions_body_with_a_list_prompt_gets_one_choice_per_prompt(server, expected):
+    url, _, _ = server
+    status, body = post(url, {"prompt": PROMPTS[:3], "max_tokens": PARAMS["max_new_tokens"]})
+    assert status == 200 and body["object"] == "text_completion", body
+    assert [(c["index"], c["text"]) for c in body["choices"]] == [(i, expected[p]) for i, p in enumerate(PROMPTS[:3])]
+    assert body["usage"]["completion_tokens"] <= 3 * PARAMS["max_new_tokens"]
+
+
+TWO_MB = "word " * 400_000
+BIG_ERRORS = {
+    "a 2 MB prompt (over max_request_chars)": ({"prompt": TWO_MB, "max_tokens": 4}, "max_request_chars"),
+    "a 0.9 MB prompt too long for the context": ({"inputs": ["word " * 180_000], "params": PARAMS},
+                                                 "exceeds the model's context"),
+    "a 2 MB prompt with a wrong-typed param": ({"inputs": [TWO_MB], "params": {"max_new_tokens": "many"}},
+                                               "max_new_tokens"),
+    "a 2 MB prompt in a list": ({"inputs": [[TWO_MB, "b"]], "params": PARAMS}, "one prompt per row"),
+    "a malformed 2 MB body": (b'{"inputs": ["' + TWO_MB.encode(), "valid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", list(BIG_ERRORS))
+def test_an_error_about_a_huge_request_has_a_small_body_naming_the_reason(case, server):
+    url, _, _ = server
+    payload, words = BIG_ERRORS[case]
+    status, raw = post_raw(url, payload)
+    assert 400 <= status < 500, (case, status, raw[:300])
+    assert len(raw) <= 4096, (case, len(raw))  # MLflow's server quotes the whole request in its errors
+    message = json.loads(raw)["message"]
+    assert words in message and "characters left out" in message, (case, message)
+    print(f"{case}: {len(raw)} bytes")  # -s shows it
+
+
 def test_an_oversized_body_is_refused_and_the_server_survives(server, expected):
     # MLflow's scoring server (FastAPI on uvicorn) reads any body size; the model refuses requests
     # over model_config `max_request_prompts` / `max_request_chars` with a 400 before tokenizing.
-    url, proc = server
+    url, proc, _ = server
     many = {"inputs": ["word " * 2000] * 3000, "params": PARAMS}  # 3000 prompts, 30 MB of text
     status, body = post(url, many, timeout=300)
     assert status == 400 and "too large" in body["message"], body
@@ -189,7 +233,7 @@ def test_an_oversized_body_is_refused_and_the_server_survives(server, expected):
 
 
 def test_200_concurrent_requests_are_all_correct_and_memory_stays_flat(server, expected):
-    url, proc = server
+    url, proc, _ = server
     requests = [PROMPTS[i % len(PROMPTS)] for i in range(200)]
 
     def ask(prompt: str) -> tuple[str, int, list[str] | object]:
