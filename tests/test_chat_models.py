@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import BIN, env_with_venv, free_port, stop, wait_for_http
 from test_serving import post
+from test_serving_faults import post_raw
 
 from loraflow import flavor
 from loraflow.config import parse_settings
@@ -148,6 +149,16 @@ def test_mlflow_models_serve_answers_an_openai_chat_body(chat_run, tmp_path):
         assert body["usage"] == expected["usage"]
         status, body = post(url, {"messages": [{"role": "wizard", "content": "hi"}], "max_tokens": 4})
         assert 400 <= status < 500 and "role 'wizard'" in body["message"]
+        status, body = post(url, {"messages": QUESTION, "max_tokens": 2, "logprobs": True})  # a declared param
+        assert status == 400 and "unknown request keys ['logprobs']" in body["message"], body
+        status, body = post(url, {"messages": QUESTION, "max_tokens": 2, "bogus": 1})  # MLflow drops it, and says so
+        assert status == 200
+        assert "extra inputs in the model input that are not defined in the model signature: `['bogus']`" in (
+            tmp_path / "serve.log").read_text(errors="replace")
+        big = "word " * 400_000
+        for payload in ({"messages": big, "max_tokens": 2}, b'{"messages": [{"role": "user", "content": "' + big.encode()):
+            status, raw = post_raw(url, payload)
+            assert status == 400 and len(raw) <= 4096 and "characters left out" in json.loads(raw)["message"], len(raw)
         status, body = post(url, {"messages": QUESTION, "max_tokens": 2})
         assert status == 200 and body["usage"]["completion_tokens"] == 2  # still answering
     finally:

@@ -227,13 +227,16 @@ def train(config_file: str | None, resume_from: str | None, **options: Any) -> N
 @main.command("batch-predict")
 @click.option("--model-uri", required=True, help="A logged loraflow model: models:/NAME@champion, runs:/RUN_ID/model, ...")
 @click.option("--input", "input_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="Prompts: a .parquet, .csv or .jsonl file with a prompt column.")
+              help="Prompts: a .parquet, .csv or .jsonl file with a prompt column (a messages column for a chat model).")
 @click.option("--output", "output_path", required=True, type=click.Path(dir_okay=False),
               help="Where to write the input's columns plus `text`: .parquet, .csv or .jsonl (never replaced "
                    "without --overwrite).")
 @click.option("--prompt-column", default="prompt", show_default=True, help="The column holding the prompts.")
+@click.option("--messages-column", default=None,
+              help="For a chat model: the column holding the conversations (lists of {role, content}). "
+                   "[default: messages, when there is no prompt column]")
 @click.option("--output-column", default="text", show_default=True,
-              help="The column added for the completions (must not be in the input).")
+              help="The column added for the completions, or a chat model's replies (must not be in the input).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file (even the input) and discard partial results.")
 @click.option("--resume", is_flag=True,
               help="Complete an interrupted job: keep the rows in <output>.partial/ and predict the rest.")
@@ -249,9 +252,11 @@ def train(config_file: str | None, resume_from: str | None, **options: Any) -> N
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None, help="Seed for sampling (0 .. 2^63-1).")
 @click.option("--chunk-rows", type=click.IntRange(1, 100_000), default=64, hidden=True,
               help="Rows predicted, then kept on disk, at a time.")
-def batch_predict(model_uri: str, input_path: str, output_path: str, prompt_column: str, output_column: str,
-                  overwrite: bool, resume: bool, spark: bool | None, chunk_rows: int, **generation: Any) -> None:
-    """Complete every prompt of a table with a logged model and write the table with a `text` column.
+def batch_predict(model_uri: str, input_path: str, output_path: str, prompt_column: str, messages_column: str | None,
+                  output_column: str, overwrite: bool, resume: bool, spark: bool | None, chunk_rows: int,
+                  **generation: Any) -> None:
+    """Complete every prompt of a table with a logged model (or, for a chat model, answer every
+    conversation) and write the table with a `text` column.
 
     Exit codes: 0 written, 1 tracking error, 2 bad option, input or model URI (before the model
     loads), 130/143 interrupted (finished rows kept; rerun with --resume).
@@ -264,7 +269,8 @@ def batch_predict(model_uri: str, input_path: str, output_path: str, prompt_colu
     with user_errors():
         try:
             table = predict_table(model_uri, input_path, output_path, params=params, spark=spark,
-                                  prompt_column=prompt_column, output_column=output_column, overwrite=overwrite,
+                                  prompt_column=prompt_column, messages_column=messages_column,
+                                  output_column=output_column, overwrite=overwrite,
                                   resume=resume, chunk_rows=chunk_rows)
         except PredictionInterrupted as stop:
             click.echo(f"loraflow: {stop}", err=True)

@@ -24,11 +24,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from loraflow import data as data_lib
-from loraflow.errors import ConfigError, DataError, LoraflowError
+from loraflow.errors import ConfigError, DataError
 from loraflow.flavor.files import atomic_file
+from loraflow.model_uri import check_model_uri, check_task
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -66,30 +68,59 @@ def spark_predictions(
     params: dict[str, Any] | None = None,
     prompt_column: str = "prompt",
     output_column: str = OUTPUT_COLUMN,
+    messages_column: str | None = None,
 ) -> Any:
-    """Add `output_column` to a Spark DataFrame: the model's completion of each prompt.
+    """Add `output_column` to a Spark DataFrame: the model's completion of each prompt, or for a chat
+    model (`messages_column` set) the assistant's reply to each conversation.
 
     Args:
-        spark_frame: a `pyspark.sql.DataFrame` with a string column `prompt_column`.
+        spark_frame: a `pyspark.sql.DataFrame` with a string column `prompt_column`, or an
+            array-of-struct (role, content) column `messages_column`.
         model_uri: a logged loraflow model (`models:/NAME@champion`, `runs:/ID/model`, ...).
         params: generation params (max_new_tokens, temperature, top_p, do_sample,
             repetition_penalty, seed), the same for every row.
         prompt_column: the column holding the prompts.
-        output_column: the new column's name.
+        output_column: the new column's name (a string column).
+        messages_column: a chat model's conversations column.
 
     Returns:
         A new Spark DataFrame (lazy: nothing runs until it is written or collected).
     """
     import mlflow
     from pyspark.sql import SparkSession
-    from pyspark.sql.functions import col, struct
+    from pyspark.sql.functions import col, lit, struct
 
     spark = SparkSession.getActiveSession() or spark_frame.sparkSession
     # env_manager="local": the workers use this Python environment (loraflow is installed in it),
     # rather than building a fresh virtualenv per executor from the model's requirements.
-    udf = mlflow.pyfunc.spark_udf(spark, model_uri, result_type="string", env_manager="local", params=params or None)
-    # A struct column reaches the model as a DataFrame with a `prompt` column, whatever its name here.
-    return spark_frame.withColumn(output_column, udf(struct(col(prompt_column).alias("prompt"))))
+    if messages_column is None:
+        udf = mlflow.pyfunc.spark_udf(spark, model_uri, result_type="string", env_manager="local", params=params or None)
+        # A struct column reaches the model as a DataFrame with a `prompt` column, whatever its name here.
+        return spark_frame.withColumn(output_column, udf(struct(col(prompt_column).alias("prompt"))))
+    # A chat model answers its reply texts, one per row, with `content_only` (a chat.completion
+    # object per row otherwise); the settings travel in each request, as OpenAI's do.
+    udf = mlflow.pyfunc.spark_udf(spark, model_uri, result_type="string", env_manager="local",
+                                  params={"content_only": True})
+    settings = [lit(v).alias(k) for k, v in chat_request(params or {}).items()]
+    return spark_frame.withColumn(output_column, udf(struct(col(messages_column).alias("messages"), *settings)))
+
+
+def chat_request(params: dict[str, Any]) -> dict[str, Any]:
+    """batch-predict's generation options as the keys of an OpenAI chat request.
+
+    Raises:
+        ConfigError: `repetition_penalty`, which a chat request has no key for.
+    """
+    if "repetition_penalty" in params:
+        raise ConfigError("`repetition_penalty` (--repetition-penalty) does not apply to a chat model: an OpenAI chat "
+                          "request has no such key; leave it out")
+    request = {ours: params[theirs] for theirs, ours in (("max_new_tokens", "max_tokens"), ("top_p", "top_p"),
+                                                          ("seed", "seed")) if theirs in params}
+    if params.get("do_sample") is False:
+        request["temperature"] = 0.0  # OpenAI's greedy
+    elif "temperature" in params or params.get("do_sample"):
+        request["temperature"] = float(params.get("temperature", 1.0))
+    return request
 
 
 def predict_table(
@@ -100,21 +131,26 @@ def predict_table(
     params: dict[str, Any] | None = None,
     spark: Any = None,
     prompt_column: str = "prompt",
+    messages_column: str | None = None,
     output_column: str = OUTPUT_COLUMN,
     overwrite: bool = False,
     resume: bool = False,
     chunk_rows: int = CHUNK_ROWS,
 ) -> "pd.DataFrame":
-    """Generate a completion for every prompt of a table and write the table with a `text` column.
+    """Generate a completion for every prompt of a table (or a chat reply for every conversation) and
+    write the table with a `text` column.
 
     Args:
         model_uri: a logged loraflow model URI.
-        input_path: a .parquet, .csv or .jsonl/.json file with a `prompt_column` column.
+        input_path: a .parquet, .csv or .jsonl/.json file with a `prompt_column` column, or for a chat
+            model a `messages_column` column (lists of {"role", "content"}).
         output_path: where to write the input's columns plus `output_column` (.parquet, .csv or .jsonl).
         params: generation params passed to every prediction (see `spark_predictions`).
         spark: a SparkSession to use; True to use the active session or start a local one;
             False for in-process; None (default) for Spark only if a session is already active.
         prompt_column: the column holding the prompts.
+        messages_column: the column holding a chat model's conversations; default `messages`
+            when the model is a chat model.
         output_column: the column added (it must not be in the input).
         overwrite: replace an existing output file (also the input itself) and discard partial results.
         resume: complete the partial results of an interrupted job (in-process only).
@@ -125,26 +161,36 @@ def predict_table(
 
     Raises:
         ConfigError: a bad output path, column name or generation param.
-        DataError: an unreadable input, one without `prompt_column`, or without string prompts.
-        LoraflowError: a model URI that names nothing (all before the model loads).
+        DataError: an unreadable input, one without the column, without string prompts or with
+            conversations that are not lists of messages.
+        LoraflowError: a model URI that names nothing, or a chat model given prompts (and the
+            reverse), all before the model loads.
         PredictionInterrupted: Ctrl-C or SIGTERM; the finished rows are kept.
     """
     output_path = Path(output_path)
     check_output(output_path, input_path, overwrite=overwrite, resume=resume)
     check_params(params or {})
-    frame = read_prompts(input_path, prompt_column, output_column)
+    frame = data_lib.read_table(input_path, role="input")
+    chat = messages_column is not None or (prompt_column not in frame.columns and "messages" in frame.columns)
+    column = (messages_column or "messages") if chat else prompt_column
+    inputs = read_conversations(frame, input_path, column, output_column) if chat else None
+    frame = read_prompts(input_path, prompt_column, output_column, frame=frame) if not chat else frame
     check_model_uri(model_uri)
+    check_task(model_uri, chat, column)
     session = _spark_session(spark)
     if session is not None and resume:
         raise ConfigError("`resume` applies to in-process prediction only (--no-spark); a Spark job keeps no partial results")
     if session is not None:
-        logger.info("predicting %d prompts with Spark (%s)", len(frame), session.sparkContext.master)
-        result = spark_predictions(session.createDataFrame(frame), model_uri, params=params,
-                                   prompt_column=prompt_column, output_column=output_column)
+        logger.info("predicting %d rows with Spark (%s)", len(frame), session.sparkContext.master)
+        result = spark_predictions(session.createDataFrame(frame.assign(**{column: inputs}) if chat else frame),
+                                   model_uri, params=params, prompt_column=prompt_column, output_column=output_column,
+                                   messages_column=column if chat else None)
         texts = result.select(output_column).toPandas()[output_column].tolist()
     else:
-        texts = _predict_in_chunks(model_uri, frame[prompt_column].tolist(), params, output_path,
-                                   overwrite=overwrite, resume=resume, chunk_rows=chunk_rows)
+        rows = inputs if chat else frame[prompt_column].tolist()
+        predict = _chat_predictor(chat_request(params or {})) if chat else _completion_predictor(params)
+        texts = _predict_in_chunks(model_uri, rows, predict, output_path, overwrite=overwrite, resume=resume,
+                                   chunk_rows=chunk_rows)
     out = frame.assign(**{output_column: texts})
     with atomic_file(output_path) as tmp:
         _write_table(out, tmp, output_path.suffix.lower())
@@ -226,25 +272,11 @@ def check_params(params: dict[str, Any]) -> None:
         raise ConfigError(problems)
 
 
-def read_prompts(input_path: str | Path, prompt_column: str, output_column: str) -> "pd.DataFrame":
+def read_prompts(input_path: str | Path, prompt_column: str, output_column: str,
+                 frame: "pd.DataFrame | None" = None) -> "pd.DataFrame":
     """The input table, checked: rows, a column of non-empty string prompts, no `output_column` yet."""
-    if not output_column.strip() or not output_column.isprintable():
-        raise ConfigError(f"`output_column` must be a column name (printable, not blank), got {output_column[:300]!r}")
-    frame = data_lib.read_table(input_path, role="input")
-    where = f"input {str(input_path)!r}"
-    if len(frame) == 0:
-        raise DataError(f"{where}: the table has no rows (columns: {', '.join(map(str, frame.columns))}); "
-                        "add at least one prompt")
-    if prompt_column not in frame.columns:
-        raise DataError(
-            f"{where}: no column {prompt_column!r} (columns: {', '.join(map(str, frame.columns))}); "
-            "name the prompt column with `prompt_column`"
-        )
-    if output_column in frame.columns:
-        raise DataError(
-            f"{where} already has a column {output_column!r}, which the output would replace; name the new "
-            f"column with --output-column NAME (e.g. --output-column {output_column}_new)"
-        )
+    frame = data_lib.read_table(input_path, role="input") if frame is None else frame
+    where = _check_columns(frame, input_path, prompt_column, output_column, "prompt_column")
     if frame[prompt_column].isna().any():
         rows = frame.index[frame[prompt_column].isna()].tolist()[:5]
         raise DataError(f"{where}: column {prompt_column!r} is empty in rows {rows}; fill or drop them")
@@ -257,77 +289,35 @@ def read_prompts(input_path: str | Path, prompt_column: str, output_column: str)
     return frame.reset_index(drop=True)
 
 
-def check_model_uri(model_uri: str) -> None:
-    """Fail before loading anything when `model_uri` names no model (an unknown name, alias,
-    version or run, a registered model without versions, a path that does not exist).
-
-    Raises:
-        LoraflowError: the URI names nothing; the message says what exists instead.
-        TrackingUnreachable: the tracking server does not answer (within seconds).
-    """
-    from loraflow.tracking import check_reachable
-
-    how = "give models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a folder holding an MLmodel file"
-    if model_uri.startswith("models:/"):
-        check_reachable()
-        _check_registered(model_uri, how)
-    elif model_uri.startswith("runs:/"):
-        check_reachable()
-        _check_run(model_uri, how)
-    elif "://" not in model_uri and not model_uri.startswith("file:"):
-        path = Path(model_uri).expanduser()
-        if not (path / "MLmodel").is_file():
-            what = "has no MLmodel file" if path.is_dir() else "is not a model URI nor an existing folder"
-            raise LoraflowError(f"`model_uri` {model_uri[:300]!r} {what}; {how}")
+def _check_columns(frame: "pd.DataFrame", input_path: str | Path, column: str, output_column: str, option: str) -> str:
+    """Refuse a table without rows or without `column`, or that has `output_column` already; its name."""
+    if not output_column.strip() or not output_column.isprintable():
+        raise ConfigError(f"`output_column` must be a column name (printable, not blank), got {output_column[:300]!r}")
+    where = f"input {str(input_path)!r}"
+    if len(frame) == 0:
+        raise DataError(f"{where}: the table has no rows (columns: {', '.join(map(str, frame.columns))}); "
+                        "add at least one row")
+    if column not in frame.columns:
+        raise DataError(
+            f"{where}: no column {column!r} (columns: {', '.join(map(str, frame.columns))}); "
+            f"name the column with `{option}` (--{option.replace('_', '-')} NAME)"
+        )
+    if output_column in frame.columns:
+        raise DataError(
+            f"{where} already has a column {output_column!r}, which the output would replace; name the new "
+            f"column with --output-column NAME (e.g. --output-column {output_column}_new)"
+        )
+    return where
 
 
-def _check_registered(model_uri: str, how: str) -> None:
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+def read_conversations(frame: "pd.DataFrame", input_path: str | Path, messages_column: str,
+                       output_column: str) -> list[list[dict[str, Any]]]:
+    """A chat table's conversations, checked (`data.check_conversations`) as plain lists of messages."""
+    from loraflow.data.conversations import as_conversation
 
-    rest = model_uri[len("models:/"):]
-    name, sep, ref = rest.partition("@") if "@" in rest else rest.partition("/")
-    client = MlflowClient()
-    try:
-        if not sep and name.startswith("m-"):
-            client.get_logged_model(name)
-            return
-        client.get_registered_model(name)
-    except MlflowException as err:
-        if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise
-        known = sorted(m.name for m in client.search_registered_models(max_results=100))
-        listed = f"registered models: {', '.join(known[:20])}" if known else "no model is registered yet"
-        raise LoraflowError(f"`model_uri` {model_uri!r}: there is no registered model {name!r} ({listed}); {how}") from err
-    versions = sorted((str(v.version) for v in client.search_model_versions(f"name='{name}'")), key=int)
-    if not versions:
-        raise LoraflowError(f"`model_uri` {model_uri!r}: registered model {name!r} has no versions yet; "
-                            "train one with --registered-model-name NAME")
-    try:
-        if sep == "@":
-            client.get_model_version_by_alias(name, ref)
-        elif ref and ref.lower() != "latest":
-            client.get_model_version(name, ref)
-    except MlflowException as err:
-        if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise
-        aliases = sorted(client.get_registered_model(name).aliases or {})
-        what = f"alias @{ref}" if sep == "@" else f"version {ref!r}"
-        raise LoraflowError(f"`model_uri` {model_uri!r}: {name!r} has no {what}; its versions are "
-                            f"{', '.join(versions)}, its aliases {', '.join(aliases) or 'none'}") from err
-
-
-def _check_run(model_uri: str, how: str) -> None:
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    run_id = model_uri[len("runs:/"):].split("/", 1)[0]
-    try:
-        MlflowClient().get_run(run_id)
-    except MlflowException as err:
-        if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise
-        raise LoraflowError(f"`model_uri` {model_uri!r}: there is no run {run_id!r} in the tracking store; {how}") from err
+    where = _check_columns(frame, input_path, messages_column, output_column, "messages_column")
+    data_lib.check_conversations(frame[messages_column].tolist(), f"{where} column {messages_column!r}", train_on="all")
+    return [as_conversation(v) for v in frame[messages_column]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,49 +328,63 @@ def predict_in_process(model_uri: str, prompts: list[str], params: dict[str, Any
     """The model's completions of `prompts`, through `mlflow.pyfunc` in this process."""
     import mlflow
 
-    return _predict(mlflow.pyfunc.load_model(model_uri), prompts, params)
+    return _completion_predictor(params)(mlflow.pyfunc.load_model(model_uri), prompts)
 
 
-def _predict(model: Any, prompts: list[str], params: dict[str, Any] | None) -> list[str]:
-    import pandas as pd
+def _completion_predictor(params: dict[str, Any] | None) -> Callable[[Any, list], list[str]]:
+    def predict(model: Any, prompts: list) -> list[str]:
+        import pandas as pd
 
-    predictions = model.predict(pd.DataFrame({"prompt": prompts}), params=params or None)
-    texts = predictions[OUTPUT_COLUMN] if isinstance(predictions, pd.DataFrame) else predictions
-    return [str(t) for t in texts]
+        predictions = model.predict(pd.DataFrame({"prompt": prompts}), params=params or None)
+        texts = predictions[OUTPUT_COLUMN] if isinstance(predictions, pd.DataFrame) else predictions
+        return [str(t) for t in texts]
+
+    return predict
 
 
-def _predict_in_chunks(model_uri: str, prompts: list[str], params: dict[str, Any] | None, output_path: Path, *,
+def _chat_predictor(request: dict[str, Any]) -> Callable[[Any, list], list[str]]:
+    """Each conversation as an OpenAI chat request with `request`'s settings; the replies' texts."""
+    def predict(model: Any, conversations: list) -> list[str]:
+        import pandas as pd
+
+        rows = pd.DataFrame({"messages": conversations, **{k: [v] * len(conversations) for k, v in request.items()}})
+        return [str(t) for t in model.predict(rows, params={"content_only": True})]
+
+    return predict
+
+
+def _predict_in_chunks(model_uri: str, inputs: list, predict: Callable[[Any, list], list[str]], output_path: Path, *,
                        overwrite: bool, resume: bool, chunk_rows: int) -> list[str]:
     import mlflow
 
     partial = partial_dir(output_path)
     if overwrite and not resume:
         shutil.rmtree(partial, ignore_errors=True)
-    done = _read_partial(partial, prompts) if resume else {}
-    todo = [i for i in range(len(prompts)) if i not in done]
-    logger.info("predicting %d prompts in-process (%d already done)", len(todo), len(done))
+    done = _read_partial(partial, inputs) if resume else {}
+    todo = [i for i in range(len(inputs)) if i not in done]
+    logger.info("predicting %d rows in-process (%d already done)", len(todo), len(done))
     if todo:
         with _signals_as_interrupts() as caught:
             try:
                 model = mlflow.pyfunc.load_model(model_uri)
                 for start in range(0, len(todo), chunk_rows):
                     rows = todo[start:start + chunk_rows]
-                    texts = _predict(model, [prompts[i] for i in rows], params)
-                    _keep_chunk(partial, rows, [prompts[i] for i in rows], texts)
+                    texts = predict(model, [inputs[i] for i in rows])
+                    _keep_chunk(partial, rows, [inputs[i] for i in rows], texts)
                     done.update(zip(rows, texts))
             except KeyboardInterrupt:
-                raise PredictionInterrupted(caught.get("name", "SIGINT"), partial, len(done), len(prompts)) from None
-    return [done[i] for i in range(len(prompts))]
+                raise PredictionInterrupted(caught.get("name", "SIGINT"), partial, len(done), len(inputs)) from None
+    return [done[i] for i in range(len(inputs))]
 
 
-def _keep_chunk(partial: Path, rows: list[int], prompts: list[str], texts: list[str]) -> None:
+def _keep_chunk(partial: Path, rows: list[int], prompts: list, texts: list[str]) -> None:
     partial.mkdir(parents=True, exist_ok=True)
     lines = (json.dumps({"row": r, "prompt": p, "text": t}, ensure_ascii=False) for r, p, t in zip(rows, prompts, texts))
     with atomic_file(partial / f"rows-{rows[0]:09d}-{rows[-1]:09d}.jsonl") as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def _read_partial(partial: Path, prompts: list[str]) -> dict[int, str]:
+def _read_partial(partial: Path, prompts: list) -> dict[int, str]:
     """The finished rows kept in `partial` ({row: text}); none if there is no such folder."""
     done: dict[int, str] = {}
     if not partial.is_dir():

@@ -166,12 +166,15 @@ class LoraflowPyfunc:
         """OpenAI chat requests in, `chat.completion` objects out (one object for one request).
 
         `params` holds the OpenAI keys declared in the chat signature's params schema (MLflow's server
-        moves them out of the body): each one that is set is refused by name with the request."""
+        moves them out of the body): each one that is set is refused by name with the request. With
+        `content_only`, the answer is the list of reply texts, one per request (a table's rows)."""
         from loraflow.flavor import chat
         from loraflow.flavor.generation import generate
 
+        params = dict(params or {})
+        content_only = params.pop("content_only", False)
         requests, single = chat.chat_requests(data)
-        extra = {k: v for k, v in (params or {}).items() if v is not None}
+        extra = {k: v for k, v in params.items() if v is not None}
         parsed = [chat.request_settings({**r, **extra}, self.generation_defaults) for r in requests]
         tokenizer = self.loaded.tokenizer
         prompts = [chat.render_prompt(tokenizer, messages) for messages, _, _ in parsed]
@@ -190,6 +193,8 @@ class LoraflowPyfunc:
                 answers[i] = chat.completion_object(
                     text, prompt_tokens=g.prompt_tokens, completion_tokens=g.completion_tokens,
                     finish_reason="stop" if g.stopped or cut else "length", model=self.model_name)
+        if content_only:  # tables: one reply per row, whatever the row count
+            return [a["choices"][0]["message"]["content"] for a in answers]
         return answers[0] if single else answers
 
     def _check_request_size(self, prompts: list[str]) -> None:
@@ -353,7 +358,9 @@ def chat_signature() -> "ModelSignature":
     from loraflow.flavor.chat import OPENAI_PARAMS
 
     inputs = Schema([*CHAT_MODEL_INPUT_SCHEMA.inputs, ColSpec("long", "seed", required=False)])
-    params = ParamSchema([ParamSpec(name, dtype, None) for name, dtype in OPENAI_PARAMS.items()])
+    params = ParamSchema([ParamSpec(name, dtype, None) for name, dtype in OPENAI_PARAMS.items()]
+                         # loraflow's own: answer a list of reply texts, one per row (batch-predict, Spark)
+                         + [ParamSpec("content_only", "boolean", False)])
     return ModelSignature(inputs=inputs, outputs=CHAT_MODEL_OUTPUT_SCHEMA, params=params)
 
 
