@@ -7,6 +7,7 @@ every bad model URI, input or option is one message with exit code 2, never a tr
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -240,3 +241,81 @@ def test_resume_with_spark_is_refused(model_dir, prompts, tmp_path):
 
     with pytest.raises(ConfigError, match="in-process prediction only"):
         predict_table(model_dir, prompts, tmp_path / "o.parquet", spark=object(), resume=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat models (issue 17): a `messages` column in, the assistant's reply out.
+
+CHATS = [[{"role": "user", "content": "What does a duck say?"}],
+         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
+         [{"role": "user", "content": "What colour is the sky?"}]]
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tmp_path_factory, tiny_path, tiny_tokenizer) -> str:
+    from model_helpers import make_peft_model
+
+    from loraflow import flavor
+    from loraflow.flavor.bases import load_base_model
+    from loraflow.flavor.chat import CHATML_TEMPLATE
+
+    path = tmp_path_factory.mktemp("bp-chat") / "model"
+    flavor.save_model(make_peft_model(load_base_model(tiny_path).eval()), path, tiny_tokenizer,
+                      base_model="builtin:tiny", chat_template=CHATML_TEMPLATE)
+    return str(path)
+
+
+def chat_replies(model_dir: str, max_tokens: int) -> list[str]:
+    model = mlflow.pyfunc.load_model(model_dir)
+    return [model.predict({"messages": chat, "max_tokens": max_tokens})["choices"][0]["message"]["content"]
+            for chat in CHATS]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_batch_predict_answers_a_messages_column_with_each_chat_reply(chat_model_dir, tmp_path, suffix):
+    source = tmp_path / f"chats{suffix}"
+    table = pd.DataFrame({"id": [1, 2, 3], "messages": CHATS})
+    table.to_parquet(source) if suffix == ".parquet" else table.to_json(source, orient="records", lines=True)
+    out = tmp_path / "replies.jsonl"
+    result = run("--model-uri", chat_model_dir, "--input", str(source), "--output", str(out), "--max-new-tokens", "4",
+                 "--chunk-rows", "2")
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    written = pd.read_json(out, lines=True)
+    assert written.columns.tolist() == ["id", "messages", "text"] and written["id"].tolist() == [1, 2, 3]
+    assert written["text"].tolist() == chat_replies(chat_model_dir, 4)
+
+
+def test_batch_predict_resumes_a_chat_job_from_its_kept_rows(chat_model_dir, tmp_path):
+    source = tmp_path / "chats.jsonl"
+    pd.DataFrame({"conversation": CHATS}).to_json(source, orient="records", lines=True)
+    out = tmp_path / "o.jsonl"
+    partial = tmp_path / "o.jsonl.partial"
+    partial.mkdir()
+    kept = json.dumps({"row": 0, "prompt": CHATS[0], "text": "kept reply"})
+    (partial / "rows-000000000-000000000.jsonl").write_text(kept + "\n")
+    result = run("--model-uri", chat_model_dir, "--input", str(source), "--output", str(out), "--messages-column",
+                 "conversation", "--max-new-tokens", "4", "--resume")
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    texts = pd.read_json(out, lines=True)["text"].tolist()
+    assert texts == ["kept reply", *chat_replies(chat_model_dir, 4)[1:]] and not partial.exists()
+
+
+def test_batch_predict_checks_conversations_and_the_task_before_the_chat_model_loads(chat_model_dir, model_dir,
+                                                                                     prompts, tmp_path, monkeypatch):
+    monkeypatch.setattr(mlflow.pyfunc, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    bad = tmp_path / "bad.jsonl"
+    pd.DataFrame({"messages": [CHATS[0], [{"role": "wizard", "content": "hi"}], "not a list"]}).to_json(
+        bad, orient="records", lines=True)
+    out = str(tmp_path / "o.jsonl")
+    text = assert_clean(run("--model-uri", chat_model_dir, "--input", str(bad), "--output", out))
+    assert "2 of 3 conversations are not valid" in text and "'wizard'" in text and "rows" in text
+    text = assert_clean(run("--model-uri", chat_model_dir, "--input", str(prompts), "--output", out))
+    assert "is a chat model" in text and "--messages-column" in text
+    chats = tmp_path / "chats.jsonl"
+    pd.DataFrame({"messages": CHATS}).to_json(chats, orient="records", lines=True)
+    text = assert_clean(run("--model-uri", model_dir, "--input", str(chats), "--output", out))
+    assert "is a completion model" in text and "--prompt-column" in text
+    text = assert_clean(run("--model-uri", chat_model_dir, "--input", str(chats), "--output", out,
+                            "--repetition-penalty", "1.2"))
+    assert "--repetition-penalty" in text and "chat model" in text
+    assert not Path(out).exists()

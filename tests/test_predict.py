@@ -114,3 +114,42 @@ def test_batch_predict_names_a_missing_prompt_column_before_loading_anything(tmp
                                        "--input", str(source), "--output", str(tmp_path / "out.jsonl")])
     assert result.exit_code == 2
     assert "no column 'prompt'" in result.output and "question" in result.output
+
+
+CHATS = [[{"role": "user", "content": "What does a duck say?"}],
+         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
+         [{"role": "user", "content": "What colour is the sky?"}]]
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory, tiny_path, tiny_tokenizer) -> str:
+    from model_helpers import make_peft_model
+
+    from loraflow import flavor
+    from loraflow.flavor.bases import load_base_model
+    from loraflow.flavor.chat import CHATML_TEMPLATE
+
+    path = tmp_path_factory.mktemp("spark-chat") / "model"
+    flavor.save_model(make_peft_model(load_base_model(tiny_path).eval()), path, tiny_tokenizer,
+                      base_model="builtin:tiny", chat_template=CHATML_TEMPLATE)
+    return str(path)
+
+
+def test_a_chat_model_answers_a_spark_messages_column_with_its_replies(chat_model, spark):
+    from loraflow.predict import spark_predictions
+
+    frame = spark.createDataFrame([(i, chat) for i, chat in enumerate(CHATS)],
+                                  "id long, messages array<struct<role: string, content: string>>").repartition(2)
+    rows = spark_predictions(frame, chat_model, params={"max_new_tokens": 4}, messages_column="messages",
+                             output_column="reply").orderBy("id").toPandas()
+    model = mlflow.pyfunc.load_model(chat_model)
+    expected = [model.predict({"messages": chat, "max_tokens": 4})["choices"][0]["message"]["content"] for chat in CHATS]
+    assert rows["reply"].tolist() == expected  # one string per row, also from a one-row partition
+    # The UDF itself, with `content_only`, over a struct (a bare column would be spread over MLflow's
+    # chat schema, its optional integer columns filled with NaN, which its enforcement refuses)
+    from pyspark.sql.functions import struct
+
+    udf = mlflow.pyfunc.spark_udf(spark, chat_model, result_type="string", env_manager="local",
+                                  params={"content_only": True})
+    direct = frame.withColumn("reply", udf(struct("messages"))).orderBy("id").toPandas()
+    assert direct["reply"].tolist() == [model.predict({"messages": c})["choices"][0]["message"]["content"] for c in CHATS]

@@ -1,9 +1,9 @@
 """The python_function model: what `mlflow.pyfunc.load_model(...).predict` and `mlflow models serve` run.
 
 A completion model's `predict` takes a DataFrame with a `prompt` column (or a list of strings, a
-dict, a string, or OpenAI's completions body `{"prompt": ..., "max_tokens": N}`) and params
-(`max_new_tokens`, `temperature`, `top_p`, `do_sample`, `repetition_penalty`, `seed`), and returns a
-DataFrame with a `text` column: the continuation only. A chat model (`task: chat`) takes OpenAI's
+string) and params (`max_new_tokens`, `temperature`, `top_p`, `do_sample`, `repetition_penalty`,
+`seed`), and returns a DataFrame with a `text` column: the continuation only, one row per row in.
+OpenAI's completions body `{"prompt": ..., "max_tokens": N}` gets a `text_completion` object. A chat model (`task: chat`) takes OpenAI's
 chat body `{"messages": [...], "max_tokens": N, ...}` (or a list of them) and returns
 `chat.completion` objects (`loraflow.flavor.chat`). Settings of the served model itself
 are its `model_config` (`PYFUNC_DEFAULTS`; override with `mlflow.pyfunc.load_model(uri,
