@@ -65,7 +65,6 @@ MAX_SEQ_LENGTH = 1024
 MAX_NEW_TOKENS = 64
 N_REQUESTS = 64
 INFER_BATCH = 32  # the pyfunc model's default batch size, used on both sides
-TARGETS = {"chat_training": 1.5, "chat_inference": 0.9}
 
 
 def _chat_dir(root: Path) -> Path:
@@ -128,10 +127,27 @@ def _counts(ids: list[list[int]], labels: list[list[int]]) -> dict[str, int]:
 # Training sides (each in a fresh process).
 
 
+class _CpuTimingRunLogger(bench_train._TimingRunLogger):
+    """`bench_train`'s timing logger, noting this process's CPU time at the same two moments too.
+
+    CPU time (all threads) is less sensitive than wall time to other processes on a shared machine.
+    """
+
+    cpu_start = cpu_end = None
+
+    def log_metrics(self, metrics, step):
+        super().log_metrics(metrics, step)
+        if self.start is not None and self.cpu_start is None:
+            self.cpu_start = time.process_time()
+        if "train_loss" in metrics:
+            self.cpu_end = time.process_time()
+
+
 def loraflow_side(root: str, seed: int, save_adapter: bool = False) -> dict[str, Any]:
     """Train with loraflow's recipe on the chat files; `save_adapter` keeps it for the inference side."""
     import dataclasses
 
+    import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -159,24 +175,25 @@ def loraflow_side(root: str, seed: int, save_adapter: bool = False) -> dict[str,
     eval_ids, eval_labels = loraflow_tokens(root_path, "eval")
     train_examples = data_lib.TokenizedExamples(train_ids, train_labels)
     eval_examples = data_lib.TokenizedExamples(eval_ids, eval_labels)
-    timing = bench_train._TimingRunLogger(tracking.RunLogger(None, enabled=False))
+    timing = _CpuTimingRunLogger(tracking.RunLogger(None, enabled=False))
     train.FineTune(model, tokenizer, train_examples, eval_examples, settings, accelerator, timing).train()
     model = accelerator.unwrap_model(model)
     peak = common.matmul_flops()  # after training, so its buffers never raise this side's peak RSS
     if save_adapter:
         model.save_pretrained(str(root_path / "chat-adapter"))
     return {
-        "train_s": timing.end - timing.start, "prep_s": prep_s, **_counts(train_ids, train_labels),
-        "lengths": [len(r) for r in train_ids],
+        "train_s": timing.end - timing.start, "train_cpu_s": timing.cpu_end - timing.cpu_start, "prep_s": prep_s,
+        **_counts(train_ids, train_labels), "lengths": [len(r) for r in train_ids],
         "computed_tokens": bench_train._computed_tokens(train_examples, settings, tokenizer.pad_token_id,
                                                         accelerator.device),
         "eval_loss": masked_eval_loss(model, eval_ids, eval_labels, tokenizer.pad_token_id),
-        "matmul_flops": peak,
+        "matmul_flops": peak, "torch_threads": torch.get_num_threads(),
     }
 
 
 def trl_side(root: str, seed: int) -> dict[str, Any]:
     """Train with TRL's SFTTrainer (assistant_only_loss) on the same conversations and template."""
+    import torch
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
     from peft import LoraConfig
@@ -190,13 +207,13 @@ def trl_side(root: str, seed: int) -> dict[str, Any]:
     model = AutoModelForCausalLM.from_pretrained(str(root_path / "base"))
 
     class Timer(TrainerCallback):
-        start = end = None
+        start = end = cpu_start = cpu_end = None
 
         def on_train_begin(self, args, state, control, **kw):
-            Timer.start = time.perf_counter()
+            Timer.start, Timer.cpu_start = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
-            Timer.end = time.perf_counter()
+            Timer.end, Timer.cpu_end = time.perf_counter(), time.process_time()
 
     args = SFTConfig(
         output_dir=str(root_path / "trl-out"), per_device_train_batch_size=work.batch_size, max_steps=work.steps,
@@ -226,12 +243,13 @@ def trl_side(root: str, seed: int) -> dict[str, Any]:
     trainer.train()
     eval_ids, eval_labels = loraflow_tokens(root_path, "eval")
     return {
-        "train_s": Timer.end - Timer.start, "prep_s": prep_s, **_counts(trl_ids, trl_labels),
+        "train_s": Timer.end - Timer.start, "train_cpu_s": Timer.cpu_end - Timer.cpu_start, "prep_s": prep_s,
+        **_counts(trl_ids, trl_labels),
         "computed_tokens": sum(computed[: work.steps]),  # the Trainer may collate one batch ahead
         "eval_loss": masked_eval_loss(trainer.model, eval_ids, eval_labels, tokenizer.pad_token_id),
         "identical_ids": sum(list(a) == b for a, b in zip(trl_ids, ours_ids)),
         "identical_labels": sum(list(a) == b for a, b in zip(trl_labels, ours_labels)),
-        "examples": len(ours_ids),
+        "examples": len(ours_ids), "torch_threads": torch.get_num_threads(),
     }
 
 
@@ -262,10 +280,10 @@ def pyfunc_side(root: str, uri: str) -> dict[str, Any]:
     model = mlflow.pyfunc.load_model(uri)
     body = [{"messages": m, "max_tokens": MAX_NEW_TOKENS, "temperature": 0} for m in requests]
     model.predict(body[:2])  # warm-up
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     answers = model.predict(body)
-    predict_s = time.perf_counter() - started
-    return {"predict_s": predict_s, "texts": [a["choices"][0]["message"]["content"] for a in answers],
+    predict_s, cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
+    return {"predict_s": predict_s, "predict_cpu_s": cpu_s, "texts": [a["choices"][0]["message"]["content"] for a in answers],
             "generated_tokens": sum(a["usage"]["completion_tokens"] for a in answers)}
 
 
@@ -295,11 +313,11 @@ def raw_side(root: str) -> dict[str, Any]:
         return rows
 
     generate(requests[:2])  # warm-up
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     tokens = [row for s in range(0, len(requests), INFER_BATCH) for row in generate(requests[s : s + INFER_BATCH])]
     texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
-    predict_s = time.perf_counter() - started
-    return {"predict_s": predict_s, "texts": texts, "generated_tokens": sum(map(len, tokens))}
+    predict_s, cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
+    return {"predict_s": predict_s, "predict_cpu_s": cpu_s, "texts": texts, "generated_tokens": sum(map(len, tokens))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,11 +353,14 @@ def run(root: Path, repeats: int, log=print) -> dict[str, Any]:
 
 
 def summarize(train: dict[str, list], infer: dict[str, list], work: fixtures.Workload) -> dict[str, Any]:
-    out: dict[str, Any] = {"train_samples": train, "infer_samples": infer, "workload": work}
+    out: dict[str, Any] = {"train_samples": train, "infer_samples": infer, "workload": work,
+                           "settings": {"max_seq_length": MAX_SEQ_LENGTH, "max_new_tokens": MAX_NEW_TOKENS,
+                                        "requests": N_REQUESTS, "batch": INFER_BATCH}}
     for side, rows in train.items():
         out[side] = {
             "tokens_per_s": common.median([r["tokens"] / r["train_s"] for r in rows]),
             "trained_tokens_per_s": common.median([r["trained_tokens"] / r["train_s"] for r in rows]),
+            "tokens_per_cpu_s": common.median([r["tokens"] / r["train_cpu_s"] for r in rows]),
             "peak_rss_mib": common.median([r["peak_rss_mib"] for r in rows]),
             "eval_loss": common.median([r["eval_loss"] for r in rows]),
             "computed_tokens": common.median([r["computed_tokens"] for r in rows]),
@@ -353,6 +374,7 @@ def summarize(train: dict[str, list], infer: dict[str, list], work: fixtures.Wor
     out["tokens"], out["trained_tokens"] = first["tokens"], first["trained_tokens"]
     for side, rows in infer.items():
         out[side] = {"tokens_per_s": common.median([r["generated_tokens"] / r["predict_s"] for r in rows]),
+                     "tokens_per_cpu_s": common.median([r["generated_tokens"] / r["predict_cpu_s"] for r in rows]),
                      "predict_s": common.median([r["predict_s"] for r in rows]),
                      "generated_tokens": rows[0]["generated_tokens"],
                      "deterministic": all(r["texts"] == rows[0]["texts"] for r in rows)}
@@ -360,134 +382,6 @@ def summarize(train: dict[str, list], infer: dict[str, list], work: fixtures.Wor
     out["train_speedup"] = out["loraflow"]["tokens_per_s"] / out["trl"]["tokens_per_s"]
     out["infer_ratio"] = out["pyfunc"]["tokens_per_s"] / out["raw"]["tokens_per_s"]
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# RESULTS.md
-
-
-def _mark(ok: bool) -> str:
-    return "yes" if ok else "**no**"
-
-
-def summary_rows(r: dict[str, Any]) -> list[tuple[str, ...]]:
-    """The chat rows of RESULTS.md's summary table (benchmark, loraflow, baseline, ratio, target, met?)."""
-    lf, trl, py, raw = r["loraflow"], r["trl"], r["pyfunc"], r["raw"]
-    rss = lf["peak_rss_mib"] / trl["peak_rss_mib"]
-    gap = abs(lf["eval_loss"] - trl["eval_loss"]) / trl["eval_loss"]
-    return [
-        ("chat training throughput (real tokens/s)", f"{lf['tokens_per_s']:,.0f}", f"{trl['tokens_per_s']:,.0f} (TRL SFTTrainer)",
-         f"{r['train_speedup']:.2f}x", ">= 1.5x", _mark(r["train_speedup"] >= TARGETS["chat_training"])),
-        ("chat training, trained (assistant) tokens/s", f"{lf['trained_tokens_per_s']:,.0f}",
-         f"{trl['trained_tokens_per_s']:,.0f}", f"{lf['trained_tokens_per_s'] / trl['trained_tokens_per_s']:.2f}x",
-         "(same data)", "-"),
-        ("chat training peak RSS (MiB)", f"{lf['peak_rss_mib']:,.0f}", f"{trl['peak_rss_mib']:,.0f}", f"{rss:.2f}x",
-         "<= 1.0x", _mark(rss <= 1.0)),
-        ("chat final eval loss (assistant tokens, median over seeds)", f"{lf['eval_loss']:.4f}", f"{trl['eval_loss']:.4f}",
-         f"{gap:.2%} apart", "within 2%", _mark(gap <= 0.02)),
-        ("chat pyfunc throughput (generated tokens/s)", f"{py['tokens_per_s']:.1f}", f"{raw['tokens_per_s']:.1f} (raw generate)",
-         f"{r['infer_ratio']:.2f}x", ">= 0.9x", _mark(r["infer_ratio"] >= TARGETS["chat_inference"])),
-    ]
-
-
-def _per_run(rows: list[dict], keys: list[str]) -> str:
-    formats = {"eval_loss": "{:.4f}", "computed_tokens": "{:,}", "generated_tokens": "{:,}"}
-    return "; ".join(", ".join(f"{k}={formats.get(k, '{:.2f}').format(x[k])}" for k in keys) for x in rows)
-
-
-def section(r: dict[str, Any]) -> list[str]:
-    """The `## Chat` section of RESULTS.md: setup, checks, decomposition and every run."""
-    work, lf, trl, py, raw = r["workload"], r["loraflow"], r["trl"], r["pyfunc"], r["raw"]
-    check = r["train_samples"]["trl"][0]
-    padding = trl["computed_tokens"] / lf["computed_tokens"]
-    per_token = trl["us_per_computed_token"] / lf["us_per_computed_token"]
-    n_seeds = len(r["train_samples"]["loraflow"])
-    return [
-        "## Chat (issue 17): training against TRL's SFTTrainer, chat pyfunc against raw `generate`",
-        "",
-        f"Model: benchmark 1's random Llama (hidden {work.hidden_size}, {work.num_layers} layers, builtin:tiny's "
-        f"tokenizer with its ChatML tokens). Data: {work.train_examples} training and {work.eval_examples} held-out "
-        "conversations from `fixtures.conversations` (seed "
-        f"{work.seed}; a system message half the time, 1-3 turns, user messages of 4-48 and replies of 8-160 "
-        f"corpus tokens), {r['tokens']:,} real tokens of which {r['trained_tokens']:,} trained (assistant replies "
-        f"and their `<|im_end|>\\n`); max_seq_length {MAX_SEQ_LENGTH} (no conversation is cut). LoRA r={work.r}, "
-        f"alpha={work.lora_alpha:g}, dropout 0.05 on {', '.join(work.target_modules)}; AdamW lr {work.learning_rate:g}, "
-        f"warmup {work.warmup_ratio:.0%} then cosine, clip 1.0, fp32; batch {work.batch_size}, {work.steps} steps "
-        f"(one epoch on both sides). Round i uses seed {work.seed} + i on both sides; values are medians over "
-        f"{n_seeds} seed(s).",
-        "",
-        "- Template: ChatML with `{% generation %}` / `{% endgeneration %}` around each reply and its `<|im_end|>\\n` "
-        "(`bench_chat.TEMPLATE`), written to a .jinja file: loraflow gets it as `--chat-template FILE` (its masks come "
-        "from the rendering and ignore the markers), TRL as `chat_template_path=FILE` with `assistant_only_loss=True`.",
-        f"- Identical inputs: TRL's tokenized train set equals loraflow's on {check['identical_ids']}/{check['examples']} "
-        f"conversations (input ids) and {check['identical_labels']}/{check['examples']} (labels, -100 outside the "
-        "assistant tokens).",
-        "- TRL is configured as a user would: its defaults (no packing; no padding_free, which it documents as needing "
-        "FlashAttention; its collator, padding each batch to its longest row; no `group_by_length`, the Trainer's "
-        "default; its chunked LM head over the trained positions only), except `gradient_checkpointing=False` and "
-        "`bf16=False` (TRL's defaults for GPUs): the loraflow side recomputes no activations and trains in fp32 here, "
-        "and this CPU's bf16 matmul runs at half its fp32 rate.",
-        "- Timed window: first optimizer step to the end of the last; tokenization is outside it (median: loraflow "
-        f"{lf['prep_s']:.2f} s, TRL's `SFTTrainer(...)` construction, tokenizing included, {trl['prep_s']:.2f} s). "
-        "Throughput counts real (non-padding) tokens, and the trained tokens beside them: both sides process the same "
-        "tokens, so the two ratios are the same.",
-        "- Eval loss: `bench_chat.masked_eval_loss` in each side's process after training: the token-weighted mean "
-        "next-token loss over the held-out conversations' assistant tokens (loraflow's labels, equal to TRL's), "
-        "batches of 8 in file order. Peak RSS: the side's own fresh process (`ru_maxrss`), loading and evaluation "
-        "included.",
-        "",
-        f"Where the training speed-up comes from: TRL computes {trl['computed_tokens']:,.0f} tokens (padding included), "
-        f"loraflow {lf['computed_tokens']:,.0f} ({padding:.2f}x); per computed token TRL takes "
-        f"{trl['us_per_computed_token']:.0f} us and loraflow {lf['us_per_computed_token']:.0f} us ({per_token:.2f}x). "
-        f"{padding:.2f}x x {per_token:.2f}x = {padding * per_token:.2f}x. Hardware efficiency of the loraflow side "
-        f"(benchmark 2's formula on these lengths): {r['efficiency']:.1%}.",
-        "",
-        f"Inference: the adapter of the first loraflow run, saved with `loraflow.flavor.save_model(chat_template=...)` "
-        f"and loaded with `mlflow.pyfunc.load_model`, predicting a list of {N_REQUESTS} chat requests "
-        f"(`fixtures.conversations` seed {work.seed} + 1000, cut before their last reply; max_tokens {MAX_NEW_TOKENS}, "
-        "temperature 0), against the same base + adapter (`PeftModel.from_pretrained`) running `model.generate` on "
-        f"`apply_chat_template(add_generation_prompt=True, padding=True)` batches of {INFER_BATCH} in request order, "
-        "left-padded, greedy, `eos_token_id=[eos, im_end]`. Both count generated tokens up to and including the stop "
-        "token; both time rendering, generating and decoding, after one warm-up call, each in a fresh process. "
-        f"Generated tokens: pyfunc {py['generated_tokens']:,}, raw {raw['generated_tokens']:,}; equal outputs "
-        f"{r['equal_outputs']}/{N_REQUESTS}; the same outputs on every repeat: pyfunc {py['deterministic']}, raw "
-        f"{raw['deterministic']}. Median predict time: pyfunc {py['predict_s']:.2f} s, raw {raw['predict_s']:.2f} s.",
-        "",
-        "Per run: loraflow " + _per_run(r["train_samples"]["loraflow"], ["train_s", "eval_loss", "peak_rss_mib", "computed_tokens"]),
-        "",
-        "Per run: TRL " + _per_run(r["train_samples"]["trl"], ["train_s", "eval_loss", "peak_rss_mib", "computed_tokens"]),
-        "",
-        "Per run: pyfunc " + _per_run(r["infer_samples"]["pyfunc"], ["predict_s", "generated_tokens"])
-        + " | raw " + _per_run(r["infer_samples"]["raw"], ["predict_s", "generated_tokens"]),
-    ]
-
-
-def standalone_text(r: dict[str, Any], command: str, elapsed: float, quick: bool) -> list[str]:
-    """The chat section with its own command, date, versions and summary rows (for `--write`)."""
-    from datetime import datetime, timezone
-    from importlib.metadata import version
-
-    lines = section(r)
-    head, rest = lines[:2], lines[2:]
-    note = ["> **Smoke run (`--quick`)**: not a result.", ""] if quick else []
-    return head + note + [
-        f"Command: `{command}` (run on its own, after the sections above; took {elapsed / 60:.1f} min, "
-        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; trl {version('trl')}, datasets {version('datasets')}).",
-        "",
-        "| benchmark | loraflow | baseline | ratio | target | met? |", "|---|---|---|---|---|---|",
-        *["| " + " | ".join(row) + " |" for row in summary_rows(r)], "",
-    ] + rest
-
-
-def write_section(path: Path, lines: list[str]) -> None:
-    """Replace (or append) the `## Chat` section of an existing RESULTS.md, keeping the others."""
-    old = path.read_text().splitlines() if path.exists() else []
-    start = next((k for k, line in enumerate(old) if line.startswith("## Chat")), len(old))
-    end = next((k for k in range(start + 1, len(old)) if old[k].startswith("## ")), len(old))
-    kept = old[:start] + old[end:]
-    while kept and not kept[-1].strip():
-        kept.pop()
-    path.write_text("\n".join(kept + [""] + lines) + "\n")
 
 
 def main() -> None:
@@ -499,7 +393,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model, 1 repeat: checks the harness only")
     parser.add_argument("--repeats", type=int, default=None, help="rounds per comparison (default 3; quick: 1)")
     parser.add_argument("--write", action="store_true", help="replace the chat section of benchmarks/RESULTS.md")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads in every side's process (OMP_NUM_THREADS; default: torch's own choice)")
     args = parser.parse_args()
+    if args.threads:  # read by torch when each child imports it
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     require_trl()
     repeats = args.repeats or (1 if args.quick else 3)
     command = "python benchmarks/bench_chat.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -514,9 +412,11 @@ def main() -> None:
         fixtures.build(root, fixtures.Workload.quick() if args.quick else fixtures.Workload.full())
         log(f"chat benchmark in {root}")
         result = run(root, repeats, log)
-    lines = standalone_text(result, command, time.perf_counter() - began, args.quick)
+    from benchmarks import chat_results
+
+    lines = chat_results.standalone_text(result, command, time.perf_counter() - began, args.quick)
     if args.write:
-        write_section(common.BENCH_DIR / "RESULTS.md", lines)
+        chat_results.write_section(common.BENCH_DIR / "RESULTS.md", lines)
         log("wrote the chat section of benchmarks/RESULTS.md")
     print("\n".join(lines))
 

@@ -22,10 +22,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import bench_chat, bench_infer, bench_serving, bench_size, bench_tracking, bench_train, common, fixtures  # noqa: E402
+from benchmarks import (  # noqa: E402
+    bench_chat, bench_infer, bench_serving, bench_size, bench_tracking, bench_train, chat_results, common, fixtures,
+)
 
 TARGETS = {"throughput": 1.5, "efficiency": 0.40, "inference": 3.0, "size": 1.1, "tracking": 0.03, "loss": 0.02,
-           **bench_chat.TARGETS}
+           **chat_results.TARGETS}
 
 
 def main() -> None:
@@ -144,8 +146,8 @@ def render(results: dict, work: fixtures.Workload, repeats: int, command: str, e
                      f"{r['off_s']:.1f} (off)", f"{r['overhead']:+.1%}", "<= 3%", _mark(r["overhead"] <= TARGETS["tracking"])))
         sections.append(_tracking_section(r))
     if "chat" in results:
-        rows += bench_chat.summary_rows(results["chat"])
-        sections.append(bench_chat.section(results["chat"]))
+        rows += chat_results.summary_rows(results["chat"])
+        sections.append(chat_results.section(results["chat"]))
     lines += ["## Summary", "", "| benchmark | loraflow | baseline | ratio | target | met? |", "|---|---|---|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += [""]
