@@ -97,6 +97,21 @@ def section(r: dict[str, Any]) -> list[str]:
         f"{raw['tokens_per_cpu_s']:.1f} generated tokens per CPU second "
         f"({py['tokens_per_cpu_s'] / raw['tokens_per_cpu_s']:.2f}x).",
         "",
+        _inference_text(r),
+        "",
+        "Per run: loraflow " + _per_run(r["train_samples"]["loraflow"], ["train_s", "train_cpu_s", "eval_loss", "peak_rss_mib", "computed_tokens"]),
+        "",
+        "Per run: TRL " + _per_run(r["train_samples"]["trl"], ["train_s", "train_cpu_s", "eval_loss", "peak_rss_mib", "computed_tokens"]),
+        "",
+        "Per run: pyfunc " + _per_run(r["infer_samples"]["pyfunc"], ["predict_s", "predict_cpu_s", "generated_tokens"])
+        + " | raw " + _per_run(r["infer_samples"]["raw"], ["predict_s", "predict_cpu_s", "generated_tokens"]),
+    ]
+
+
+def _inference_text(r: dict[str, Any]) -> str:
+    """The inference paragraph: what the two sides run, and what they generated."""
+    work, py, raw, s = r["workload"], r["pyfunc"], r["raw"], r["settings"]
+    return (
         f"Inference: the adapter of the first loraflow run, saved with `loraflow.flavor.save_model(chat_template=...)` "
         f"and loaded with `mlflow.pyfunc.load_model`, predicting a list of {s['requests']} chat requests "
         f"(`fixtures.conversations` seed {work.seed} + 1000, cut before their last reply; max_tokens {s['max_new_tokens']}, "
@@ -106,15 +121,8 @@ def section(r: dict[str, Any]) -> list[str]:
         "token; both time rendering, generating and decoding, after one warm-up call, each in a fresh process. "
         f"Generated tokens: pyfunc {py['generated_tokens']:,}, raw {raw['generated_tokens']:,}; equal outputs "
         f"{r['equal_outputs']}/{s['requests']}; the same outputs on every repeat: pyfunc {py['deterministic']}, raw "
-        f"{raw['deterministic']}. Median predict time: pyfunc {py['predict_s']:.2f} s, raw {raw['predict_s']:.2f} s.",
-        "",
-        "Per run: loraflow " + _per_run(r["train_samples"]["loraflow"], ["train_s", "train_cpu_s", "eval_loss", "peak_rss_mib", "computed_tokens"]),
-        "",
-        "Per run: TRL " + _per_run(r["train_samples"]["trl"], ["train_s", "train_cpu_s", "eval_loss", "peak_rss_mib", "computed_tokens"]),
-        "",
-        "Per run: pyfunc " + _per_run(r["infer_samples"]["pyfunc"], ["predict_s", "predict_cpu_s", "generated_tokens"])
-        + " | raw " + _per_run(r["infer_samples"]["raw"], ["predict_s", "predict_cpu_s", "generated_tokens"]),
-    ]
+        f"{raw['deterministic']}. Median predict time: pyfunc {py['predict_s']:.2f} s, raw {raw['predict_s']:.2f} s."
+    )
 
 
 def standalone_text(r: dict[str, Any], command: str, elapsed: float, quick: bool) -> list[str]:
