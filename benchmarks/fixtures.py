@@ -163,3 +163,33 @@ def prompts(root: Path, n: int = 64, seed: int = 0) -> list[str]:
         start = int(rng.integers(0, len(stream) - length))
         out.append(tok.decode(stream[start : start + length], skip_special_tokens=True).strip() or "The")
     return out
+
+
+def conversations(n: int, seed: int, *, max_turns: int = 3, user_len: tuple[int, int] = (4, 48),
+                  reply_len: tuple[int, int] = (8, 160)) -> list[list[dict[str, str]]]:
+    """n seeded chats of widely varying length, in OpenAI `messages` format (the chat benchmark's data).
+
+    Each has a system message half the time, then 1 to `max_turns` user/assistant turns; every
+    content is a window of the bundled corpus's token stream (lengths uniform in `user_len` /
+    `reply_len` tokens), decoded to text. Both training sides render the same text with the same
+    template, so (unlike `build`'s data) text is what they share; the benchmark checks that they
+    train on identical token ids.
+    """
+    import numpy as np
+
+    tok = tokenizer()
+    stream = _token_stream(tok)
+    rng = np.random.default_rng(seed)
+
+    def text(bounds: tuple[int, int]) -> str:
+        length = int(rng.integers(bounds[0], bounds[1] + 1))
+        start = int(rng.integers(0, len(stream) - length))
+        return tok.decode(stream[start : start + length], skip_special_tokens=True).strip() or "The"
+
+    out = []
+    for _ in range(n):
+        messages = [{"role": "system", "content": text((4, 16))}] if rng.random() < 0.5 else []
+        for _ in range(int(rng.integers(1, max_turns + 1))):
+            messages += [{"role": "user", "content": text(user_len)}, {"role": "assistant", "content": text(reply_len)}]
+        out.append(messages)
+    return out

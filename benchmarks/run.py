@@ -2,6 +2,7 @@
 
     python benchmarks/run.py            # the full run (about 15 minutes on 2 idle CPU cores)
     python benchmarks/run.py --quick    # a smoke run: tiny model, 1 repeat (not a result)
+    python benchmarks/run.py --only chat  # chat training vs TRL, chat pyfunc vs raw generate (needs '.[bench]')
 
 Benchmarks are measurements, not tests: nothing here asserts a time. Each comparison runs both
 sides in this one invocation, alternating, each side in a fresh process, and reports medians and
@@ -21,20 +22,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import bench_infer, bench_serving, bench_size, bench_tracking, bench_train, common, fixtures  # noqa: E402
+from benchmarks import (  # noqa: E402
+    bench_chat, bench_infer, bench_serving, bench_size, bench_tracking, bench_train, chat_results, common, fixtures,
+)
 
-TARGETS = {"throughput": 1.5, "efficiency": 0.40, "inference": 3.0, "size": 1.1, "tracking": 0.03, "loss": 0.02}
+TARGETS = {"throughput": 1.5, "efficiency": 0.40, "inference": 3.0, "size": 1.1, "tracking": 0.03, "loss": 0.02,
+           **chat_results.TARGETS}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, 1 repeat: checks the harness only")
     parser.add_argument("--repeats", type=int, default=None, help="rounds per comparison (default 3; quick: 1)")
-    parser.add_argument("--only", default="train,infer,size,tracking,serving", help="comma-separated subset")
+    parser.add_argument("--only", default="train,infer,size,tracking,serving,chat", help="comma-separated subset")
     parser.add_argument("--output", default=str(common.BENCH_DIR / "RESULTS.md"))
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
     only = set(args.only.split(","))
+    if "chat" in only:
+        bench_chat.require_trl()  # before anything runs
     work = fixtures.Workload.quick() if args.quick else fixtures.Workload.full()
     command = "python benchmarks/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     began = time.perf_counter()
@@ -64,6 +70,9 @@ def main() -> None:
             log("serving under concurrent clients")
             os.environ.update(common.CHILD_ENV)  # offline, as every child runs
             results["serving"] = bench_serving.run(quick=args.quick)
+        if "chat" in only:
+            log("chat: training against TRL's SFTTrainer, pyfunc against raw generate")
+            results["chat"] = bench_chat.run(root, repeats, log)
     elapsed = time.perf_counter() - began
     text = render(results, work, repeats, command, elapsed, quick=args.quick)
     Path(args.output).write_text(text)
@@ -136,6 +145,9 @@ def render(results: dict, work: fixtures.Workload, repeats: int, command: str, e
         rows.append(("5. tracking overhead (wall s, sqlite, per-step metrics)", f"{r['on_s']:.1f} (on)",
                      f"{r['off_s']:.1f} (off)", f"{r['overhead']:+.1%}", "<= 3%", _mark(r["overhead"] <= TARGETS["tracking"])))
         sections.append(_tracking_section(r))
+    if "chat" in results:
+        rows += chat_results.summary_rows(results["chat"])
+        sections.append(chat_results.section(results["chat"]))
     lines += ["## Summary", "", "| benchmark | loraflow | baseline | ratio | target | met? |", "|---|---|---|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += [""]
