@@ -34,7 +34,7 @@ from loraflow.flavor import fingerprint
 from loraflow.flavor.bases import NeedsRemoteCode, load_base_model, load_tokenizer, peft_wrapping
 from loraflow.flavor.files import file_sha256
 from loraflow.flavor.layout import ADAPTER_WEIGHTS_FILE, TRUST_REMOTE_CODE_ENV, env_flag, invalid, read_flavor_conf
-from loraflow.flavor.quantization import dequantizing, prepare_for_training
+from loraflow.flavor.quantization import dequantizing, keep_trainable_layout, prepare_for_training
 from loraflow.flavor.quantization import load_kwargs as quantization_load_kwargs
 
 if TYPE_CHECKING:
@@ -222,6 +222,8 @@ def _for_use(base: "PreTrainedModel", record: dict[str, Any] | None, is_trainabl
             base = base.dequantize(dtype=torch.float32)
     elif record and is_trainable:
         base = prepare_for_training(base)
+    elif record:
+        keep_trainable_layout(base)  # computes as in training (see there)
     return base
 
 
