@@ -188,3 +188,32 @@ def test_with_force_a_qlora_model_merges_onto_the_dequantized_base_in_16_bit(nf4
         reference = qlora(**batch).logits
         difference = (merged(**batch).logits - reference).abs().max().item()
     assert difference < 0.05 * reference.abs().max().item()  # bf16 rounding, not a different model
+
+
+# ---------------------------------------------------------------------------------------------
+# The MLproject parameter, and a quiet terminal.
+
+
+@pytest.mark.slow
+def test_mlflow_run_with_quantization_nf4_trains_quietly_and_logs_a_qlora_model(tmp_path):
+    """`mlflow run . -P quantization=nf4`; bitsandbytes' kernel line ("Failed to load CPU
+    gemm_4bit_forward", logged on import on AVX512-BF16 CPUs) and any warning stay off the terminal."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    from helpers import env_with_venv, project_copy
+
+    project = project_copy(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "mlflow"), "run", str(project), "--env-manager", "local",
+         "-P", "quantization=nf4", "-P", "max_steps=2", "-P", "eval_steps=2", "-P", "eval_samples=4"],
+        cwd=project, env=env_with_venv(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "gemm_4bit_forward" not in proc.stderr and "MatMul8bitLt" not in proc.stderr
+    assert not [line for line in proc.stderr.splitlines() if re.search(r"Warning:", line)], proc.stderr[-3000:]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("Default").experiment_id])
+    assert run.data.params["quantization"] == "nf4" and run.info.status == "FINISHED"

@@ -148,3 +148,27 @@ def test_a_changed_base_file_of_a_quantized_model_is_refused(saved, tmp_path):
     safetensors.torch.save_file(tensors, weights, metadata={"format": "pt"})
     with pytest.raises(MlflowException, match="does not match the one the adapter was trained on"):
         flavor.load_model(str(copy))
+
+
+def test_the_int8_matmuls_note_on_every_forward_is_not_shown(saved, caplog):
+    """bitsandbytes logs "MatMul8bitLt: inputs will be cast ..." on every int8 forward: dropped."""
+    import logging
+
+    quantization, model, tokenizer, _ = saved
+    with caplog.at_level(logging.DEBUG):
+        logits(model, tokenizer)
+    assert not [r for r in caplog.records if r.name.startswith("bitsandbytes")]
+    if quantization == "int8":  # the filter is what keeps it quiet: without it, the line is logged
+        from loraflow.flavor.quantization import _DropMessage
+
+        log = logging.getLogger("bitsandbytes.autograd._functions")
+        filters = [f for f in log.filters if isinstance(f, _DropMessage)]
+        for f in filters:
+            log.removeFilter(f)
+        try:
+            with caplog.at_level(logging.DEBUG):
+                logits(model, tokenizer)
+        finally:
+            for f in filters:
+                log.addFilter(f)
+        assert any("MatMul8bitLt" in r.getMessage() for r in caplog.records)
