@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from loraflow.errors import ConfigError
 from loraflow.flavor import bases
+from loraflow.flavor.quantization import load_kwargs, prepare_for_training, quantization_record
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -65,14 +66,25 @@ def load_skeleton(name_or_path: str, *, revision: str | None = None, trust_remot
 
 
 def load_for_training(
-    name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False
+    name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False,
+    quantization: str = "none", precision: str = "auto",
 ) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
     """The base model (in the dtype it was saved in, else fp32) and its tokenizer, to train on.
 
+    With `quantization` (nf4, fp4, int8) the base is quantized as it loads, by the standard QLoRA
+    recipe (`loraflow.flavor.quantization`: `BitsAndBytesConfig`, double quantization for 4-bit, a
+    compute dtype that follows `precision`), then prepared with peft's `prepare_model_for_kbit_training`.
+
     Raises:
-        ConfigError: an unknown built-in name, or a base that needs remote code not allowed.
+        ConfigError: an unknown built-in name, a base that needs remote code not allowed, or
+            quantization without bitsandbytes installed.
     """
+    record = quantization_record(quantization, precision)
+    try:
+        kwargs = load_kwargs(record) if record else {}
+    except ImportError as err:
+        raise ConfigError(f"`quantization`: {err}") from err
     with base_model_errors(name_or_path):
         tokenizer = bases.load_tokenizer(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
-        model = bases.load_base_model(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
-    return model, tokenizer
+        model = bases.load_base_model(name_or_path, revision=revision, trust_remote_code=trust_remote_code, **kwargs)
+    return (prepare_for_training(model) if record else model), tokenizer

@@ -461,10 +461,13 @@ def _unset_if_empty(ctx: click.Context, param: click.Parameter, value: str | Non
 @click.option("--overwrite", type=click.BOOL, default=False, is_flag=False, flag_value=True,
               help="Replace a non-empty --output folder (once the new export is complete). A flag, or "
                    "--overwrite true/false.")
+@click.option("--force", type=click.BOOL, default=False, is_flag=False, flag_value=True,
+              help="Merge a model trained on a quantized base (QLoRA) onto that base dequantized, in 16-bit: "
+                   "lossy, so refused without it. A flag, or --force true/false.")
 @click.option("--registered-model-name", default=None, callback=_unset_if_empty,
               help="--format transformers: also register the logged model under this name.")
 def export(model_uri: str | None, model_uri_option: str | None, export_format: str, output: str | None, dtype: str,
-           overwrite: bool, registered_model_name: str | None) -> None:
+           overwrite: bool, force: bool, registered_model_name: str | None) -> None:
     """Export the loraflow model MODEL_URI (models:/NAME@champion, runs:/..., a folder) for serving elsewhere.
 
     Writes a merged Hugging Face folder, a plain peft adapter folder (vLLM --lora-modules), or logs
@@ -477,7 +480,7 @@ def export(model_uri: str | None, model_uri_option: str | None, export_format: s
                                "(e.g. loraflow export models:/NAME@champion --format merged --output DIR)")
     model_uri = model_uri or model_uri_option
     with user_errors():
-        result = export_model(model_uri, export_format, output, dtype=dtype, overwrite=overwrite,
+        result = export_model(model_uri, export_format, output, dtype=dtype, overwrite=overwrite, force=force,
                               registered_model_name=registered_model_name)
     click.echo(f"loraflow: exported {model_uri} as {export_format} to {result.output}")
     if result.run_id:

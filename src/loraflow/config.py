@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 from loraflow.errors import ConfigError
 from loraflow.flavor.layout import parse_bool
+from loraflow.flavor.quantization import QUANTIZATIONS, bitsandbytes_problem
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,8 @@ class TrainSettings:
                               "(logged with a table of samples); 0 turns it off.", 64)
     seed: int = _help("Random seed for init, data order and dropout.", 42)
     precision: str = _help("auto (bf16 where the GPU supports it, else fp32), fp32, bf16 or fp16.", "auto")
+    quantization: str = _help("Quantize the frozen base (QLoRA) through bitsandbytes: none, nf4, fp4 or int8. 4-bit "
+                              "computes in `precision`'s dtype. Needs pip install 'loraflow[quantization]'.", "none")
     registered_model_name: str | None = _help("Register the logged model under this name. Empty: do not register.", None)
     run_name: str | None = _help("MLflow run name. Empty: named from what is trained, e.g. lora-r16-tiny-qa.", None)
     init_model: str | None = _help("A logged loraflow model URI to continue training from (models:/NAME@champion).", None)
@@ -284,9 +287,11 @@ def _train_rules(s: dict[str, Any]) -> list[str]:
     if "epochs" in s and s["epochs"] <= 0:
         problems.append(f"`epochs` must be a positive number, got {s['epochs']}")
     for name, choices in (("precision", PRECISIONS), ("base_mode", BASE_MODES), ("overflow", OVERFLOWS),
-                          ("train_on", TRAIN_ON)):
+                          ("train_on", TRAIN_ON), ("quantization", QUANTIZATIONS)):
         if name in s and s[name] not in choices:
             problems.append(_choice_problem(name, s[name], choices))
+    if s.get("quantization") in QUANTIZATIONS[1:] and (problem := bitsandbytes_problem()):
+        problems.append(f"`quantization` {s['quantization']} {problem}")
     return problems
 
 

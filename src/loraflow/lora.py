@@ -25,6 +25,7 @@ from loraflow.config import ALL_LINEAR, LoraSettings, TrainSettings, build_lora_
 from loraflow.errors import ConfigError
 from loraflow.flavor.bases import peft_wrapping
 from loraflow.flavor.layout import parse_bool
+from loraflow.flavor.quantization import parameter_count
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -178,6 +179,36 @@ def _architecture_problems(raw: Mapping[str, Any], names: LoraSettings, lora: Lo
     problems = unmatched_module_problems(skeleton, names.target_modules, names.modules_to_save)
     if lora is not None and not problems:
         problems += rank_problems(skeleton, lora.r, build_lora_config(lora))
+    return problems + quantization_problems(skeleton, raw, base, names.modules_to_save)
+
+
+def quantization_problems(skeleton: "nn.Module", raw: Mapping[str, Any], base: str,
+                          modules_to_save: tuple[str, ...]) -> list[str]:
+    """What a quantized base cannot do, checked on its skeleton: a full copy of a layer that
+    bitsandbytes quantizes (`modules_to_save` trains it in full, but its weights are 4 or 8 bits);
+    and embedding a base that is quantized in its own files (the flavor embeds an unquantized base)."""
+    from loraflow.flavor.bases import base_kind
+
+    problems = []
+    quantization = str(raw.get("quantization") or "none").strip()
+    if quantization != "none" and modules_to_save:
+        from transformers.quantizers.base import get_keys_to_not_convert
+        from transformers.quantizers.quantizers_utils import should_convert_module
+
+        skipped = get_keys_to_not_convert(skeleton)  # transformers' own rule: lm_head, tied and last layers stay
+        linear = [name for name, module in skeleton.named_modules() if type(module).__name__ in ("Linear", "Conv1D")]
+        for key in modules_to_save:
+            hit = [n for n in linear if _matcher(key, "modules_to_save")(n) and should_convert_module(n, skipped)]
+            if hit:
+                problems.append(f"`modules_to_save` entry {key!r} is a layer that --quantization {quantization} "
+                                f"quantizes ({hit[0]}), so it cannot be trained in full; target it with LoRA "
+                                "(`target_modules`) instead, or use --quantization none")
+    mode = str(raw.get("base_mode") or "auto").strip()
+    embedded = mode == "embedded" or (mode == "auto" and base_kind(base) != "hub")
+    if embedded and getattr(skeleton.config, "quantization_config", None) is not None:
+        problems.append(f"`base_mode` {mode} embeds the base, but {base!r} is a pre-quantized checkpoint (its "
+                        "config has a quantization_config); a loraflow model embeds only unquantized bases: use "
+                        "--base-mode reference, or the unquantized original with --quantization")
     return problems
 
 
@@ -242,7 +273,8 @@ def parameter_report(
 ) -> dict[str, float | int]:
     """Count parameters, and check that only LoRA and declared extras are trainable.
 
-    Shared (tied) tensors are counted once, so totals agree with peft's
+    Shared (tied) tensors are counted once and a quantized weight counts the elements it stands for
+    (a packed 4-bit tensor holds two per byte), so totals agree with peft's
     `get_nb_trainable_parameters`. Call it on the PeftModel or on an outer module that holds one
     (a multimodal model with a projector beside the LoRA-wrapped LLM).
 
@@ -264,7 +296,7 @@ def parameter_report(
     counts = dict.fromkeys(("total", "trainable", "lora", "projector", "other"), 0)
     others: list[str] = []
     for name, param in model.named_parameters():  # deduplicates tied weights
-        n = param.numel()
+        n = parameter_count(param)  # a 4-bit weight still counts its unquantized elements
         counts["total"] += n
         if _is_lora(name):
             counts["lora"] += n

@@ -220,10 +220,12 @@ class RunLogger:
         from loraflow import run_info
 
         resolved = {"lora": to_dict(lora), "train": to_dict(train)}
-        self._guard("log params", log_params_safely, {**resolved["train"], **resolved["lora"]})
+        quantized = quantization_params(train.quantization, train.precision)
+        self._guard("log params", log_params_safely, {**resolved["train"], **resolved["lora"], **quantized})
         self._guard("log config.yaml", mlflow.log_dict, resolved, "config.yaml")
         self.task = task
-        tags = run_info.run_tags(train.base_model, lora.r, lora.target_modules, task=task)
+        tags = run_info.run_tags(train.base_model, lora.r, lora.target_modules, task=task,
+                                 quantization=train.quantization)
         if self.may_name:
             self.run_name = run_info.run_name(lora.r, train.base_model, train.train_data)
             tags["mlflow.runName"] = self.run_name
@@ -354,6 +356,30 @@ def _describe_version(name: str, version: str, text: str) -> None:
     from mlflow import MlflowClient
 
     MlflowClient().update_model_version(name, str(version), description=text)
+
+
+def quantization_params(quantization: str, precision: str) -> dict[str, Any]:
+    """The params of a quantized base beside `quantization` itself: `quantization_compute_dtype`
+    and `quantization_double_quant` (none for an unquantized one)."""
+    from loraflow.flavor.quantization import quantization_record
+
+    record = quantization_record(quantization, precision) or {}
+    return {f"quantization_{key}": value for key, value in record.items() if key != "method"}
+
+
+def peak_memory() -> dict[str, float]:
+    """The process's peak memory so far, in MiB: `peak_rss_mib` (resident set, the OS's count), and
+    on a GPU `peak_gpu_memory_mib` (what torch allocated at most)."""
+    import resource
+    import sys
+
+    import torch
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    peak = {"peak_rss_mib": rss / (2**20 if sys.platform == "darwin" else 2**10)}
+    if torch.cuda.is_available():
+        peak["peak_gpu_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak
 
 
 def input_example_prompts(prompts: list[str], tokenizer: Any, context: int | None, max_new_tokens: int,

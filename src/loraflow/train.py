@@ -87,7 +87,8 @@ def load_model_and_tokenizer(lora: LoraSettings, settings: TrainSettings, explic
     if settings.init_model:
         return _continue_from(settings.init_model, lora, explicit, settings.trust_remote_code)
     model, tokenizer = load_for_training(settings.base_model, revision=settings.revision,
-                                         trust_remote_code=settings.trust_remote_code)
+                                         trust_remote_code=settings.trust_remote_code,
+                                         quantization=settings.quantization, precision=settings.precision)
     return apply_lora(model, lora), tokenizer, lora
 
 
@@ -446,7 +447,10 @@ def setup(lora: LoraSettings, settings: TrainSettings, explicit: set[str]):
 
 def finish(model, tokenizer, data: data_lib.TrainingData, lora: LoraSettings, settings: TrainSettings,
            run: "tracking.RunLogger", result: TrainResult, chat_template: str | None = None) -> None:
-    """Log the loss curve, the samples and the model (main process), and record in `result` what became of them."""
+    """Log peak memory, the loss curve, the samples and the model (main process); record in `result` what became of them."""
+    from loraflow.tracking import peak_memory
+
+    run.log_metrics(peak_memory(), None)  # of training: logging the model comes after
     run.log_loss_curve(result.history)
     if result.samples:
         run.log_samples(result.samples, result.history)

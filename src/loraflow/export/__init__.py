@@ -99,6 +99,7 @@ def export_model(
     *,
     dtype: str = "auto",
     overwrite: bool = False,
+    force: bool = False,
     registered_model_name: str | None = None,
     name: str = "model",
     progress: bool = True,
@@ -114,6 +115,8 @@ def export_model(
         output: the folder to write (merged, adapter); not used by `transformers`.
         dtype: `auto` (the base's recorded dtype), `bf16`, `fp16` or `fp32` (merged, transformers).
         overwrite: replace a non-empty output folder (only once the new one is complete).
+        force: merge a model trained on a quantized base (QLoRA): onto that base dequantized, in
+            16-bit (`--dtype auto`), which is lossy and so refused without it (merged, transformers).
         registered_model_name: register the `transformers` export as a version of this model.
         name: the logged model's name (`transformers`).
         progress: show a progress bar.
@@ -132,7 +135,7 @@ def export_model(
             from loraflow.export.logged import export_transformers
 
             return export_transformers(source, dtype=dtype, registered_model_name=registered_model_name, name=name,
-                                       progress=progress)
+                                       progress=progress, force=force)
         targets.check_not_inside(folder, source.path)
         targets.check_writable(folder, overwrite)  # fail on an unwritable folder before the model loads
         if export_format == "adapter":
@@ -141,4 +144,4 @@ def export_model(
             return export_adapter(source, folder, overwrite=overwrite, progress=progress)
         from loraflow.export.merged import export_merged
 
-        return export_merged(source, folder, dtype=dtype, overwrite=overwrite, progress=progress)
+        return export_merged(source, folder, dtype=dtype, overwrite=overwrite, progress=progress, force=force)

@@ -35,8 +35,10 @@ def export_transformers(
     registered_model_name: str | None = None,
     name: str = "model",
     progress: bool = True,
+    force: bool = False,
 ) -> ExportResult:
     """Log the merged model with `mlflow.transformers.log_model` into a new run; tag the run with the source.
+    `force`: merge a QLoRA model (`merged.load_source`).
 
     The run is new, nested under an active run if there is one; under `mlflow run . -e export` it is
     the project's run (MLflow starts it for the entry point). MLflow's transformers pyfunc strips
@@ -50,7 +52,7 @@ def export_transformers(
     torch_dtype = target_dtype(source, dtype)
     with tqdm(total=3, desc="export transformers", unit="step", disable=not progress) as bar:
         bar.set_postfix_str("load")
-        model, tokenizer, _ = load_source(source)
+        model, tokenizer, _ = load_source(source, force)
         model.to(getattr(torch, torch_dtype))
         bar.update()
         task = chat_task(source, tokenizer)

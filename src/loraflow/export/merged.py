@@ -9,6 +9,7 @@ merged model's logits on a probe prompt must match the adapter model's before an
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -20,6 +21,8 @@ from loraflow.export.target import write_folder, write_json
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+logger = logging.getLogger(__name__)
+
 
 class Merged(NamedTuple):
     """What `load_source` returns."""
@@ -30,23 +33,42 @@ class Merged(NamedTuple):
     """Whether the base tied its input and output embeddings (the merged model may no longer)."""
 
 
-def load_source(source: Source) -> Merged:
+def load_source(source: Source, force: bool = False) -> Merged:
     """Load the model in fp32 (verified by loraflow) and merge the adapter into the base.
 
+    A model trained on a quantized base (QLoRA) is merged, with `force` only, onto that base
+    quantized as in training and dequantized (transformers' `dequantize`) in fp32: the weights the
+    adapter learned beside. Merging into the quantized layers themselves (peft re-quantizes the
+    sum) would round the update away; either way the merged weights are no longer the quantized
+    ones, so the outputs change slightly.
+
     Raises:
-        ExportError: the model cannot be loaded (corrupt adapter, different base, ...), or the merged
-            model does not compute what the adapter model computes.
+        ExportError: the model cannot be loaded (corrupt adapter, different base, ...), a QLoRA
+            model without `force`, or the merged model does not compute what the adapter model computes.
     """
     from mlflow.exceptions import MlflowException
 
     from loraflow.flavor.load import load_local
 
+    quantization = source.conf.get("quantization")
+    if quantization and not force:
+        raise ExportError(lossy_merge_message(source.uri, quantization["method"]) + ": pass --force to export it so, "
+                          "or --format adapter to keep the adapter exact")
+    if quantization:
+        logger.warning("%s", lossy_merge_message(source.uri, quantization["method"]))
     try:
-        loaded = load_local(source.path, dtype="float32")
+        loaded = (load_local(source.path, dequantize=True) if quantization
+                  else load_local(source.path, dtype="float32"))
     except (MlflowException, LoraflowError, OSError) as e:
         raise ExportError(f"cannot load the loraflow model {source.uri!r}: {e}") from e
     base_tied = bool(getattr(_text_config(loaded.model.get_base_model()), "tie_word_embeddings", False))
     return Merged(merge(loaded.model, loaded.tokenizer, source.uri), loaded.tokenizer, base_tied)
+
+
+def lossy_merge_message(uri: str, method: str) -> str:
+    return (f"{uri!r} was trained on a {method}-quantized base (QLoRA): merging is lossy, as the adapter is merged "
+            f"onto the {method} base dequantized and saved in 16-bit (--dtype auto), whose outputs differ slightly "
+            "from the quantized model's")
 
 
 def _text_config(model: Any) -> Any:
@@ -121,12 +143,13 @@ def save_tokenizer(tokenizer: "PreTrainedTokenizerBase", directory: Path) -> Non
 
 
 def export_merged(source: Source, target: Path, *, dtype: str = "auto", overwrite: bool = False,
-                  progress: bool = True) -> ExportResult:
-    """Write the merged model as a plain Hugging Face folder at `target` (checked writable by the caller)."""
+                  progress: bool = True, force: bool = False) -> ExportResult:
+    """Write the merged model as a plain Hugging Face folder at `target` (checked writable by the caller);
+    `force`: merge a QLoRA model (see `load_source`)."""
     import torch
 
     torch_dtype = target_dtype(source, dtype)
-    model, tokenizer, base_tied = load_source(source)
+    model, tokenizer, base_tied = load_source(source, force)
     model.to(getattr(torch, torch_dtype))
     record = provenance(source, "merged", torch_dtype)
     record["tie_word_embeddings"] = bool(getattr(model.config, "tie_word_embeddings", False))
@@ -136,6 +159,8 @@ def export_merged(source: Source, target: Path, *, dtype: str = "auto", overwrit
         ("record", lambda d: write_json(d / EXPORT_RECORD, record)),
     ], overwrite=overwrite, progress=progress)
     notes = [f"serve it with: vllm serve {target}"]
+    if source.conf.get("quantization"):
+        notes.append(f"merged onto the dequantized {source.conf['quantization']['method']} base, in {torch_dtype}")
     if base_tied and not record["tie_word_embeddings"]:
         notes.append("the base ties its input and output embeddings, but the adapter changes lm_head or the "
                      "embeddings on their own, so the merged model stores both matrices (tie_word_embeddings=false)")

@@ -109,9 +109,12 @@ def provenance(source: Source, export_format: str, dtype: str | None) -> dict[st
 
 
 def target_dtype(source: Source, dtype: str) -> str:
-    """The torch dtype name to export in: `--dtype`, or (auto) the base's recorded dtype."""
+    """The torch dtype name to export in: `--dtype`, or (auto) the base's recorded dtype; for a base
+    quantized in training (QLoRA) 16 bits: its compute dtype if that is 16-bit, else bf16."""
     if DTYPES[dtype] is not None:
         return DTYPES[dtype]
+    if quantization := source.conf.get("quantization"):
+        return "float16" if quantization.get("compute_dtype") == "float16" else "bfloat16"
     recorded = str(source.conf["base"].get("dtype") or "")
     if recorded not in DTYPES.values():
         raise ExportError(f"the model records base dtype {recorded!r}, which --dtype auto cannot export: pass "

@@ -16,6 +16,7 @@ The package, module by module (each one says what it owns):
 - `load`: loading a saved model, with every check, as a `PeftModel`;
 - `pyfunc`: the python_function wrapper: requests in, generations out;
 - `generation`: batched generation;
+- `quantization`: QLoRA's quantized base (bitsandbytes): the recipe, and the record a model keeps;
 - `save`: writing a model.
 
 Why a custom flavor: `mlflow.transformers` round-trips a LoRA model on a local base with different
@@ -74,8 +75,8 @@ def log_model(peft_model: Any, name: str, tokenizer: Any, **kwargs: Any) -> Any:
 def load_model(model_uri: str, **kwargs: Any) -> "LoadedModel":
     """Load a loraflow model as `(model, tokenizer)`: the verified base with the adapter applied.
 
-    The keyword arguments (`is_trainable`, `device`, `dtype`, `dst_path`, `trust_remote_code`) are
-    documented on `loraflow.flavor.load.load_model`.
+    The keyword arguments (`is_trainable`, `device`, `dtype`, `dst_path`, `trust_remote_code`,
+    `quantization`) are documented on `loraflow.flavor.load.load_model`.
     """
     from loraflow.flavor import load
 

@@ -353,6 +353,46 @@ def start_base_fingerprint(
     return in_background(run)
 
 
+# A quantized base (QLoRA) holds packed weights in memory, not the weights it was made from, so its
+# fingerprint is that of its files, which a quantized load and an unquantized one read alike: the
+# config without `quantization_config`, and every tensor as stored, in name order. For a base that
+# loads its files' bytes unchanged (most do), this is the fingerprint of the unquantized base itself.
+
+
+def _stored_fingerprint(config: bytes, digests: dict[str, bytes]) -> str:
+    digest = hashlib.sha256(config)
+    for header in sorted(digests, key=lambda h: h.split("|", 1)[0]):
+        digest.update(f"\n{header}\n".encode())
+        digest.update(digests[header])
+    return f"{FINGERPRINT_SCHEME}:{digest.hexdigest()}"
+
+
+def _unquantized_config(model: "torch.nn.Module") -> bytes:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = {k: v for k, v in _normalized_config(base).items() if k != "quantization_config"}
+    return json.dumps(config, sort_keys=True, default=str).encode()
+
+
+def quantized_base_fingerprint(model: "torch.nn.Module", base: dict[str, Any]) -> str:
+    """The fingerprint of a quantized base (see above), from the files its `base` section names.
+
+    Raises:
+        MlflowException: the base's safetensors files are not on this machine.
+    """
+    digests = stored_tensor_digests(_base_weight_files(Path(), {**base, "mode": "reference"}),
+                                    workers=os.cpu_count() or 1, cache=_digest_cache_enabled())
+    if not digests:
+        raise MlflowException(f"cannot fingerprint the quantized base {base.get('name')!r}: its *.safetensors "
+                              "files are not on this machine")
+    return _stored_fingerprint(_unquantized_config(model), digests)
+
+
+def start_quantized_fingerprint(model: "torch.nn.Module", stored: "Future[dict[str, bytes]]") -> "Future[str]":
+    """`quantized_base_fingerprint` of a loaded base, from the digests of its files (`start_stored_digests`)."""
+    config = _unquantized_config(model)  # now, before anything changes the model
+    return in_background(lambda: _stored_fingerprint(config, stored.result()))
+
+
 def check_base(fingerprint: "Future[str]", base: dict[str, Any], where: str) -> None:
     """Wait for the base's fingerprint and refuse a base that is not the one the model recorded."""
     actual = fingerprint.result()

@@ -34,6 +34,8 @@ from loraflow.flavor import fingerprint
 from loraflow.flavor.bases import NeedsRemoteCode, load_base_model, load_tokenizer, peft_wrapping
 from loraflow.flavor.files import file_sha256
 from loraflow.flavor.layout import ADAPTER_WEIGHTS_FILE, TRUST_REMOTE_CODE_ENV, env_flag, invalid, read_flavor_conf
+from loraflow.flavor.quantization import dequantizing, keep_trainable_layout, prepare_for_training
+from loraflow.flavor.quantization import load_kwargs as quantization_load_kwargs
 
 if TYPE_CHECKING:
     import torch
@@ -96,8 +98,10 @@ def _remote_code_allowed(path: Path, base: dict[str, Any], trust_remote_code: bo
     return True
 
 
-def _load_base(path: Path, base: dict[str, Any], trust_remote_code: bool = False) -> tuple["PreTrainedModel", str]:
-    """Load the base in the recorded dtype; return it and where it came from (for messages).
+def _load_base(path: Path, base: dict[str, Any], trust_remote_code: bool = False,
+               quantization: dict[str, Any] | None = None, device: Any = None) -> tuple["PreTrainedModel", str]:
+    """Load the base in the recorded dtype (quantized as `quantization` says, on `device`); return it
+    and where it came from (for messages).
 
     Its fingerprint is not checked here: see `fingerprint.check_base`.
     """
@@ -107,8 +111,15 @@ def _load_base(path: Path, base: dict[str, Any], trust_remote_code: bool = False
         source, revision = base["name"], base.get("revision")
     where = f"{source}@{revision}" if revision else source
     try:
+        quantized = quantization_load_kwargs(quantization, device) if quantization else {}
+    except ImportError as e:
+        raise MlflowException(f"the model at {str(path)!r} was trained on a quantized base: loading it as it was "
+                              f"trained needs {e}; or load it unquantized with `load_model(uri, quantization='none')` "
+                              "(outputs change slightly)", INVALID_PARAMETER_VALUE) from e
+    try:
         # in eval mode: `from_pretrained` sets it
-        model = load_base_model(source, revision=revision, dtype=base["dtype"], trust_remote_code=trust_remote_code)
+        model = load_base_model(source, revision=revision, dtype=base["dtype"], trust_remote_code=trust_remote_code,
+                                **quantized)
     except NeedsRemoteCode as e:
         if base.get("trust_remote_code", False):
             raise MlflowException(f"cannot load the {base['mode']} base model {where!r}: {e}") from e
@@ -140,12 +151,16 @@ def load_local(
     dtype: "torch.dtype | str | None" = None,
     trust_remote_code: bool | None = None,
     conf: dict[str, Any] | None = None,
+    quantization: str | None = None,
+    dequantize: bool = False,
 ) -> LoadedModel:
     """Load the model saved in the local folder `path` (see `load_model`); `conf`: its flavor
-    configuration, when the caller read it already."""
+    configuration, when the caller read it already. `dequantize`: a quantized base is quantized as
+    recorded, then dequantized (in fp32) before the adapter is applied (what a merge starts from)."""
     import torch
 
     conf = conf or read_flavor_conf(path)
+    record = _quantization(conf, quantization, dtype)
     allowed = _remote_code_allowed(path, conf["base"], trust_remote_code)  # before any code can run
     _add_code_from_conf_to_system_path(str(path), conf)
     fingerprint.check_scheme(conf["base"]["fingerprint"])
@@ -157,11 +172,15 @@ def load_local(
     adapter_checked = fingerprint.in_background(lambda: _verify_adapter_files(adapter_files))
     stored = fingerprint.start_stored_digests(path, conf["base"])
     try:
-        base, where = _load_base(path, conf["base"], allowed)
+        base, where = _load_base(path, conf["base"], allowed, record, device)
     except Exception:
         adapter_checked.result()  # a corrupt artifact explains a failure best
         raise
-    base_checked = fingerprint.start_base_fingerprint(base, conf["base"]["fingerprint"], stored)
+    if conf.get("quantization"):  # a quantized base's fingerprint is its files' (`fingerprint`)
+        base_checked = fingerprint.start_quantized_fingerprint(base, stored)
+    else:
+        base_checked = fingerprint.start_base_fingerprint(base, conf["base"]["fingerprint"], stored)
+    base = _for_use(base, record, is_trainable, dequantize)
     adapter_checked.result()  # before peft reads the adapter, so its errors never come first
     try:
         model = _apply_adapter(base, adapter_dir, is_trainable)
@@ -172,9 +191,40 @@ def load_local(
     fingerprint.check_base(base_checked, conf["base"], where)
     if dtype is not None:
         model.to(dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
-    if device is not None and not _on_device(model, torch.device(device)):
+    if device is not None and not (record and not dequantize) and not _on_device(model, torch.device(device)):
         model.to(device)  # walks every module even when nothing moves: skipped then
     return LoadedModel(model, tokenizer)
+
+
+def _quantization(conf: dict[str, Any], quantization: str | None, dtype: Any) -> dict[str, Any] | None:
+    """The quantization to load with: as recorded (None), or none (`"none"`: the unquantized base).
+
+    Raises:
+        MlflowException: another value, or a `dtype` cast asked of a quantized model.
+    """
+    if quantization not in (None, "none"):
+        raise invalid(f"`quantization` must be None (as the model was trained) or 'none' (the unquantized base), "
+                      f"got {quantization!r}")
+    record = conf.get("quantization") if quantization is None else None
+    if record and dtype is not None:
+        raise invalid(f"`dtype` {dtype!r} cannot be set on a model trained on a {record['method']}-quantized base: "
+                      "drop it, or pass quantization='none' to load the unquantized base in that dtype")
+    return record
+
+
+def _for_use(base: "PreTrainedModel", record: dict[str, Any] | None, is_trainable: bool,
+             dequantize: bool) -> "PreTrainedModel":
+    """A quantized base prepared for training (peft's recipe) or dequantized in fp32 for a merge."""
+    import torch
+
+    if record and dequantize:
+        with dequantizing():
+            base = base.dequantize(dtype=torch.float32)
+    elif record and is_trainable:
+        base = prepare_for_training(base)
+    elif record:
+        keep_trainable_layout(base)  # computes as in training (see there)
+    return base
 
 
 def _on_device(model: "torch.nn.Module", device: "torch.device") -> bool:
@@ -193,6 +243,7 @@ def load_model(
     dtype: "torch.dtype | str | None" = None,
     dst_path: str | None = None,
     trust_remote_code: bool | None = None,
+    quantization: str | None = None,
 ) -> LoadedModel:
     """Load a model saved by this flavor: the base (verified by fingerprint) plus the adapter.
 
@@ -205,13 +256,18 @@ def load_model(
         trust_remote_code: allow a base recorded with `trust_remote_code` to run its code; default
             (None): the `LORAFLOW_TRUST_REMOTE_CODE` environment variable, else not allowed. Never
             turns remote code on for a model that did not record it.
+        quantization: None (default) loads a model trained on a quantized base (QLoRA) quantized
+            again exactly as it was trained, placed on `device` or else the first GPU, else the CPU;
+            `"none"` loads its adapter on the unquantized base (no bitsandbytes needed; outputs
+            change slightly, see the README's QLoRA section). Models without quantization ignore it.
 
     Returns:
         `LoadedModel(model, tokenizer)`: use `.model`/`.tokenizer` or unpack it.
 
     Raises:
         MlflowException: a bad argument (`is_trainable` that is not a bool, a device that does not
-            exist here), a URI with no model, a newer flavor version, a missing or corrupt adapter,
+            exist here, a `quantization` other than None or 'none', bitsandbytes missing for a
+            quantized model), a URI with no model, a newer flavor version, a missing or corrupt adapter,
             a base that needs remote code that was not allowed, or a base model that cannot be
             loaded or does not match the recorded fingerprint.
     """
@@ -223,7 +279,8 @@ def load_model(
             raise
         raise MlflowException(f"no loraflow model at {model_uri!r}: {e.message}", RESOURCE_DOES_NOT_EXIST) from e
     return load_local(
-        Path(local_path), is_trainable=is_trainable, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+        Path(local_path), is_trainable=is_trainable, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+        quantization=quantization,
     )
 
 

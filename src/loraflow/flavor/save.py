@@ -36,7 +36,7 @@ from mlflow.utils.requirements_utils import _get_installed_version, _get_pinned_
 
 from loraflow.flavor.bases import base_kind, resolve_base, resolved_revision
 from loraflow.flavor.files import atomic_dir, file_sha256, temporary_env
-from loraflow.flavor.fingerprint import base_fingerprint
+from loraflow.flavor.fingerprint import base_fingerprint, quantized_base_fingerprint
 from loraflow.flavor.layout import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_SUBPATH,
@@ -57,6 +57,7 @@ from loraflow.flavor.pyfunc import (
     default_signature,
     pyfunc_config,
 )
+from loraflow.flavor.quantization import record_of
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -75,10 +76,11 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # src/loraflow
 # Requirements.
 
 
-def get_default_pip_requirements() -> list[str]:
-    """Third-party pins of a saved model. `loraflow` itself travels as code (`code/loraflow`), see
-    `loraflow.flavor`'s docstring for why."""
+def get_default_pip_requirements(quantized: bool = False) -> list[str]:
+    """Third-party pins of a saved model (with bitsandbytes for a `quantized` one). `loraflow` itself
+    travels as code (`code/loraflow`), see `loraflow.flavor`'s docstring for why."""
     packages = ["mlflow", "torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers"]
+    packages += ["bitsandbytes"] if quantized else []
     return [_get_pinned_requirement(p, version=_public_version(p)) for p in packages]
 
 
@@ -173,9 +175,10 @@ def _base_section(peft_model: "PeftModel", base_model: str, base_mode: str, trus
         "revision": revision,
         "dtype": str(base.dtype).removeprefix("torch."),
         "architectures": list(getattr(base.config, "architectures", None) or []),
-        "fingerprint": base_fingerprint(base),
         "trust_remote_code": bool(trust_remote_code),
     }
+    # a quantized base's fingerprint is its files' (it holds packed weights): see `fingerprint`
+    section["fingerprint"] = quantized_base_fingerprint(base, section) if record_of(base) else base_fingerprint(base)
     if mode == "embedded":
         section["path"] = BASE_SUBPATH
         section["source_dir"] = str(_base_source_dir(base_model, kind, revision))
@@ -291,7 +294,7 @@ def save_model(
         if size := get_total_file_size(str(tmp)):
             mlflow_model.model_size_bytes = size
         mlflow_model.save(str(tmp / MLMODEL_FILE_NAME))
-        _write_environment(tmp, pip_requirements, extra_pip_requirements)
+        _write_environment(tmp, pip_requirements, extra_pip_requirements, quantized="quantization" in conf)
 
 
 def _with_chat_template(tokenizer: "PreTrainedTokenizerBase", chat_template: str | None) -> "PreTrainedTokenizerBase":
@@ -358,6 +361,8 @@ def _flavor_conf(path: Path, peft_model: "PeftModel", base_section: dict[str, An
     from loraflow import __version__ as loraflow_version
 
     adapter_dir = path / ADAPTER_SUBPATH
+    # a quantized base is saved unquantized and quantized again at load, as this record says
+    quantization = record_of(peft_model.get_base_model())
     return {
         "flavor_version": FLAVOR_VERSION,
         "loraflow_version": loraflow_version,
@@ -371,16 +376,17 @@ def _flavor_conf(path: Path, peft_model: "PeftModel", base_section: dict[str, An
         "base": base_section,
         "generation_defaults": generation_defaults,
         "code": code,
+        **({"quantization": quantization} if quantization else {}),
     }
 
 
-def _write_environment(path: Path, pip_requirements: Any, extra_pip_requirements: Any) -> None:
+def _write_environment(path: Path, pip_requirements: Any, extra_pip_requirements: Any, quantized: bool) -> None:
     """conda.yaml, requirements.txt, constraints and python_env.yaml.
 
     Requirements are not inferred by loading the model in a subprocess (as some MLflow flavors do):
     the defaults cover every import, and inference costs a model load.
     """
-    default_reqs = None if pip_requirements is not None else get_default_pip_requirements()
+    default_reqs = None if pip_requirements is not None else get_default_pip_requirements(quantized)
     conda_env, pip_reqs, pip_constraints = _process_pip_requirements(
         default_reqs, pip_requirements, extra_pip_requirements
     )

@@ -1,0 +1,178 @@
+"""Quantizing the frozen base through bitsandbytes (QLoRA): the one recipe training and loading share.
+
+QLoRA (Dettmers et al., 2023, https://arxiv.org/abs/2305.14314) trains a LoRA adapter on a base
+whose frozen weights are quantized: NF4 (or FP4) with double quantization of the scales, computing
+in 16 or 32 bits; LLM.int8() is the 8-bit variant. A quantized model is described by a small plain
+record, stored in the flavor config (`quantization`):
+
+    {"method": "nf4", "compute_dtype": "float32", "double_quant": true}
+
+`bnb_config` rebuilds transformers' `BitsAndBytesConfig` from it, so a saved model holds the
+*unquantized* base and is quantized again at load exactly as it was for training. bitsandbytes is
+optional (`pip install 'loraflow[quantization]'`); `bitsandbytes_problem` says when it is missing.
+
+Two lines bitsandbytes 0.50 logs that nobody can act on are dropped here, and only those: on a CPU
+with AVX512-BF16 it tries an optional Hub kernel when imported ("Failed to load CPU
+gemm_4bit_forward from kernels-community"), and the int8 matmul announces on every forward that it
+casts its fp32 inputs to fp16 ("MatMul8bitLt: inputs will be cast"), which is how LLM.int8() works.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import BitsAndBytesConfig, PreTrainedModel
+
+QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
+EXTRA = "loraflow[quantization]"
+INSTALL_HINT = f"pip install '{EXTRA}'"
+PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+# (logger, start of the message) of the bitsandbytes lines dropped, see the module docstring
+_QUIET = (("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
+          ("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast"))
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def _quiet_bitsandbytes() -> None:
+    """Attach the two filters to bitsandbytes' loggers (once)."""
+    for name, prefix in _QUIET:
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) and f.prefix == prefix for f in log.filters):
+            log.addFilter(_DropMessage(prefix))
+
+
+def bitsandbytes_problem() -> str | None:
+    """Why quantization cannot run here (bitsandbytes missing or broken, with the fix), or None."""
+    _quiet_bitsandbytes()  # before the import, which may log the kernel line
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as err:  # ImportError, or a broken native library
+        return f"needs bitsandbytes, which cannot be imported here ({err}): {INSTALL_HINT}"
+    return None
+
+
+def compute_dtype(precision: str) -> str:
+    """The dtype quantized layers compute in, following `precision` (auto: bf16 where CUDA has it)."""
+    if precision == "auto":
+        import torch
+
+        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    return PRECISION_DTYPES[precision]
+
+
+def quantization_record(method: str, precision: str = "auto") -> dict[str, Any] | None:
+    """The plain record of a quantization (None for `none`): what the flavor config stores."""
+    if method == "none":
+        return None
+    if method not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {method!r}; known: {', '.join(QUANTIZATIONS)}")
+    if method == "int8":
+        return {"method": method}
+    return {"method": method, "compute_dtype": compute_dtype(precision), "double_quant": True}
+
+
+def bnb_config(record: dict[str, Any]) -> "BitsAndBytesConfig":
+    """transformers' `BitsAndBytesConfig` for a record (`quantization_record`)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if record["method"] == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=record["method"],
+        bnb_4bit_use_double_quant=bool(record.get("double_quant", True)),
+        bnb_4bit_compute_dtype=getattr(torch, record.get("compute_dtype", "float32")),
+    )
+
+
+def load_kwargs(record: dict[str, Any], device: "str | torch.device | None" = None) -> dict[str, Any]:
+    """`from_pretrained` arguments that quantize the base as `record` says, on `device`.
+
+    A quantized model is placed by `from_pretrained` (`device_map`), never moved afterwards: the
+    quantization happens on the device that computes. Default device: the first GPU, else the CPU.
+
+    Raises:
+        ImportError: bitsandbytes is missing (the message names the extra to install).
+    """
+    import torch
+
+    if problem := bitsandbytes_problem():
+        raise ImportError(f"{record['method']} quantization {problem}")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return {"quantization_config": bnb_config(record), "device_map": {"": device}}
+
+
+def record_of(model: "PreTrainedModel") -> dict[str, Any] | None:
+    """The record of a model quantized by bitsandbytes (as `quantization_record` builds it), else None."""
+    config = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
+    if config is None or str(getattr(config, "quant_method", "")).split(".")[-1].lower() not in (
+            "bitsandbytes", "bits_and_bytes"):
+        return None
+    if config.load_in_8bit:
+        return {"method": "int8"}
+    dtype = config.bnb_4bit_compute_dtype
+    return {"method": config.bnb_4bit_quant_type, "compute_dtype": str(dtype).removeprefix("torch."),
+            "double_quant": bool(config.bnb_4bit_use_double_quant)}
+
+
+def keep_trainable_layout(model: "PreTrainedModel") -> "PreTrainedModel":
+    """Keep bitsandbytes' 4-bit layers in their one layout on the CPU, for training and serving alike.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks a `Linear4bit`'s weight at its first
+    no-grad forward in eval mode (an evaluation) into a layout whose kernel computes in bf16 and has
+    no backward, and never packs it back: training after an evaluation then backpropagates through
+    that kernel, which torch warns "may lead to silently incorrect behavior" (measured here: 6 nf4
+    steps raised the eval loss from 2.55 to 2.65 instead of lowering it). Turned off, every
+    forward computes in the compute dtype, so the model that serves is the model that trained.
+    """
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def prepare_for_training(model: "PreTrainedModel") -> "PreTrainedModel":
+    """peft's `prepare_model_for_kbit_training` (base frozen, norms in fp32), without gradient
+    checkpointing (loraflow bounds activation memory with micro-batches instead)."""
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(keep_trainable_layout(model), use_gradient_checkpointing=False)
+
+
+@contextlib.contextmanager
+def dequantizing() -> Iterator[None]:
+    """Around transformers' `dequantize`: its note of the dtype it dequantizes in is dropped."""
+    log = logging.getLogger("transformers.integrations.bitsandbytes")
+    note = _DropMessage("The modules are dequantized in")
+    log.addFilter(note)
+    try:
+        yield
+    finally:
+        log.removeFilter(note)
+
+
+def parameter_count(param: "torch.Tensor") -> int:
+    """Elements of a parameter as it was before quantization: a packed 4-bit weight holds two per
+    byte, and bitsandbytes records its original shape in `quant_state`."""
+    import math
+
+    state = getattr(param, "quant_state", None)
+    return math.prod(state.shape) if state is not None and getattr(state, "shape", None) else param.numel()
