@@ -2,7 +2,8 @@
 
 The names below are imported on first use (PEP 562), so `import loraflow.flavor` (what
 `mlflow.pyfunc.load_model` does) loads only the flavor's own modules. This file ships inside every
-saved model, beside the `loraflow.flavor` package, so it imports nothing eagerly.
+saved model, beside the `loraflow.flavor` package, so it imports nothing eagerly (only the standard
+library's `logging`, for `quiet_bitsandbytes`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,12 @@ from typing import TYPE_CHECKING, Any
 # which MLflow puts first on `sys.path`. Extending `__path__` lets the rest of the package (training,
 # tracking) still import from an installed loraflow in that process, instead of failing as missing.
 __path__ = pkgutil.extend_path(__path__, __name__)
+
+# peft imports bitsandbytes whenever it is installed; two of its log lines that nobody can act on are
+# filtered before that can happen (a logging filter: nothing is imported).
+from loraflow.flavor.quantization import quiet_bitsandbytes  # noqa: E402
+
+quiet_bitsandbytes()
 
 if TYPE_CHECKING:
     from loraflow.config import LoraSettings, TrainSettings, lora_settings, parse_settings

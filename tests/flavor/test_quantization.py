@@ -170,3 +170,19 @@ def test_the_int8_matmuls_note_on_every_forward_is_not_shown(saved, caplog):
             for f in filters:
                 log.addFilter(f)
         assert any("MatMul8bitLt" in r.getMessage() for r in caplog.records)
+
+
+def test_importing_loraflow_quiets_the_bitsandbytes_kernel_line_that_peft_imports_bring():
+    """peft imports bitsandbytes whenever it is installed, so its "Failed to load CPU gemm_4bit_forward"
+    line would reach every run's terminal, quantized or not: a plain `import loraflow` filters it."""
+    import subprocess
+    import sys
+
+    code = ("import logging, loraflow\n"
+            "record = logging.LogRecord('bitsandbytes.backends.cpu.ops', logging.WARNING, 'x', 1,\n"
+            "    'Failed to load CPU gemm_4bit_forward from kernels-community: ...', None, None)\n"
+            "other = logging.LogRecord('bitsandbytes.backends.cpu.ops', logging.WARNING, 'x', 1, 'other', None, None)\n"
+            "log = logging.getLogger('bitsandbytes.backends.cpu.ops')\n"
+            "print(log.filter(record), log.filter(other))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["False", "True"]

@@ -47,8 +47,9 @@ class _DropMessage(logging.Filter):
         return not str(record.msg).startswith(self.prefix)
 
 
-def _quiet_bitsandbytes() -> None:
-    """Attach the two filters to bitsandbytes' loggers (once)."""
+def quiet_bitsandbytes() -> None:
+    """Attach the two filters to bitsandbytes' loggers (once). `import loraflow` calls it: peft imports
+    bitsandbytes whenever it is installed, so the kernel line would come with every run, quantized or not."""
     for name, prefix in _QUIET:
         log = logging.getLogger(name)
         if not any(isinstance(f, _DropMessage) and f.prefix == prefix for f in log.filters):
@@ -57,7 +58,7 @@ def _quiet_bitsandbytes() -> None:
 
 def bitsandbytes_problem() -> str | None:
     """Why quantization cannot run here (bitsandbytes missing or broken, with the fix), or None."""
-    _quiet_bitsandbytes()  # before the import, which may log the kernel line
+    quiet_bitsandbytes()  # before the import, which may log the kernel line
     try:
         import bitsandbytes  # noqa: F401
     except Exception as err:  # ImportError, or a broken native library
