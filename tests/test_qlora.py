@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 from loraflow import flavor
 from loraflow.cli import main
 from loraflow.config import lora_settings, parse_settings
+from loraflow.errors import ConfigError
 from loraflow.flavor.bases import load_base_model
 from loraflow.lora import apply_lora, parameter_report
 from loraflow.train import run_training
@@ -69,6 +70,25 @@ def test_the_run_records_the_quantization_and_the_peak_memory(nf4_run):
     assert run.data.params["quantization_double_quant"] == "True"
     assert run.data.tags["quantization"] == "nf4"
     assert run.data.metrics["peak_rss_mib"] > 100  # torch alone takes more
+
+
+def test_continuing_from_a_qlora_model_keeps_and_records_its_quantization(nf4_run):
+    """`--init-model` of a QLoRA model trains on the base quantized again as it was, and the run says
+    so; asking for another quantization is refused before any model loads."""
+    tmp, uri, result, _ = nf4_run
+    mlflow.set_tracking_uri(uri)
+    try:
+        raw = {**FAST, "max_steps": "2", "eval_samples": "0", "output_dir": str(tmp / "outputs"),
+               "init_model": result.model_uri}
+        lora, settings = parse_settings(raw)
+        continued = run_training(lora, settings, explicit=set(raw))
+        assert continued.ok and continued.eval_loss_before == pytest.approx(result.eval_loss_after, rel=1e-4)
+        assert MlflowClient(uri).get_run(continued.run_id).data.params["quantization"] == "nf4"
+        lora, settings = parse_settings({**raw, "quantization": "none"})
+        with pytest.raises(ConfigError, match="trained with 'nf4'"):
+            run_training(lora, settings, explicit={*raw, "quantization"})
+    finally:
+        mlflow.set_tracking_uri(None)
 
 
 def test_the_parameter_report_counts_a_4bit_weight_as_the_elements_it_stands_for(nf4_run, tiny_path):

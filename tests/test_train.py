@@ -149,6 +149,20 @@ def test_a_training_run_reads_its_training_file_once(tracking_uri, tmp_path, mon
     assert set(sources) == {"train", "eval"} and all(str(data) in source for source in sources.values())
 
 
+def test_logging_the_model_never_loads_a_second_copy_of_it(tracking_uri, tmp_path, monkeypatch):
+    """MLflow would check the input example by loading the logged model again in this process (a
+    second copy of the base in memory); training skips that reload, and the logged model still serves."""
+    from loraflow.flavor import load
+
+    loads = []
+    real = load.load_local
+    monkeypatch.setattr(load, "load_local", lambda *a, **k: loads.append(a) or real(*a, **k))
+    result = train(output_dir=str(tmp_path))
+    assert result.ok and result.model_uri and loads == []
+    answer = mlflow.pyfunc.load_model(result.model_uri).predict(["Q: What does a cow say?\nA:"])
+    assert len(loads) == 1 and len(answer) == 1
+
+
 def test_bad_data_fails_before_any_model_loads(tracking_uri, tmp_path, monkeypatch):
     import loraflow.flavor.bases
 

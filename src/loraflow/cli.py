@@ -158,24 +158,13 @@ def _report_bug() -> None:
     raise SystemExit(1)
 
 
-def _name_source(record: "logging.LogRecord") -> bool:
-    """Tag a log line with where it comes from: `[loraflow]` is ours, `[bitsandbytes]` is not."""
-    record.source = "loraflow" if record.name.startswith("loraflow") else record.name.split(".")[0]
-    return True
-
-
 @click.group(cls=LoraflowGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="loraflow")
 def main() -> None:
     """Fine-tune causal language models with LoRA, tracked and packaged with MLflow."""
-    import logging
+    from loraflow.report import configure_logging
 
-    handler = logging.StreamHandler()
-    handler.addFilter(_name_source)
-    handler.setFormatter(logging.Formatter("[%(source)s] %(levelname)s %(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
-    for noisy in ("httpx", "urllib3", "alembic", "mlflow.store"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging()
 
 
 @main.command()

@@ -1,10 +1,28 @@
-"""What a finished training run tells its user on the terminal: the summary, with answers before and after."""
+"""What the terminal shows: log lines that name their source, and a finished run's summary, with
+answers before and after."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 EXAMPLES = 3  # held-out questions shown with their answers before and after fine-tuning
+
+
+def _name_source(record: logging.LogRecord) -> bool:
+    """Tag a log line with where it comes from: `[loraflow]` is ours, `[bitsandbytes]` is not."""
+    record.source = "loraflow" if record.name.startswith("loraflow") else record.name.split(".")[0]
+    return True
+
+
+def configure_logging() -> None:
+    """INFO and up on stderr as `[source] LEVEL message`; chatty client libraries at WARNING."""
+    handler = logging.StreamHandler()
+    handler.addFilter(_name_source)
+    handler.setFormatter(logging.Formatter("[%(source)s] %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    for noisy in ("httpx", "urllib3", "alembic", "mlflow.store"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def print_summary(result: Any) -> None:

@@ -195,13 +195,13 @@ def forward_backward(model, batch: dict, accelerator: "Accelerator", max_tokens:
 
     Each part's mean loss is weighted by its share of the batch's label tokens, so the summed
     gradients are the gradient of the whole batch's mean loss (the same update as one pass).
-    Returns that mean loss, detached. Gradients sync across processes only on the last part.
+    Returns that mean loss, detached. Gradients sync only on the last part; no KV cache is built.
     """
     parts = data_lib.split_batch(batch, max_tokens) if max_tokens else [batch]
     counts = [int((part["labels"][:, 1:] != data_lib.IGNORE_INDEX).sum()) for part in parts] if len(parts) > 1 else []
     total = sum(counts)
     if total == 0:  # one part (the common case: nothing to weigh), or no label tokens at all
-        loss = model(**batch).loss
+        loss = model(**batch, use_cache=False).loss
         accelerator.backward(loss)
         return loss.detach()
     # A part with no label tokens has nothing to learn from (its mean loss is 0/0): drop it before
@@ -210,7 +210,7 @@ def forward_backward(model, batch: dict, accelerator: "Accelerator", max_tokens:
     loss_sum = None
     for i, (part, count) in enumerate(kept):
         with contextlib.nullcontext() if i == len(kept) - 1 else accelerator.no_sync(model):
-            loss = model(**part).loss * (count / total)
+            loss = model(**part, use_cache=False).loss * (count / total)
             accelerator.backward(loss)
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
     return loss_sum
@@ -392,11 +392,10 @@ def run_training(
         ConfigError, DataError: bad settings or data, raised before any model is loaded.
         TrainingInterrupted: SIGINT/SIGTERM; a checkpoint was written first.
     """
-    from loraflow import tracking
-
-    from loraflow import evaluation
+    from loraflow import evaluation, model_uri, tracking
 
     data = data_lib.load_training_data(settings)  # fails on bad data before anything heavy
+    settings = model_uri.with_init_quantization(settings, explicit or set()) if settings.init_model else settings
     tracking.check_reachable()  # and on a dead tracking server, within seconds
     accelerator, model, tokenizer, lora = setup(lora, settings, explicit or set())
     template = data_lib.resolve_chat_template(tokenizer, settings.chat_template) if data.columns.is_chat else None

@@ -151,11 +151,24 @@ def keep_trainable_layout(model: "PreTrainedModel") -> "PreTrainedModel":
 
 
 def prepare_for_training(model: "PreTrainedModel") -> "PreTrainedModel":
-    """peft's `prepare_model_for_kbit_training` (base frozen, norms in fp32), without gradient
-    checkpointing (loraflow bounds activation memory with micro-batches instead)."""
+    """peft's `prepare_model_for_kbit_training` (base frozen, norms in fp32) with gradient
+    checkpointing, as the QLoRA recipe has it.
+
+    Checkpointing matters more here than for a full-precision base: on the CPU, bitsandbytes' 4-bit
+    forward keeps each layer's dequantized weight for the backward pass. Measured on a 297M Qwen2 in
+    nf4, batch 8 x 64: the forward grew the process by 2.0 GB without checkpointing and by 0.47 GB
+    with it (peak 3.76 against 2.59 GB). Non-reentrant checkpointing restores the CPU generator
+    before recomputing, so LoRA dropout draws the same masks twice.
+    """
+    import warnings
+
     from peft import prepare_model_for_kbit_training
 
-    return prepare_model_for_kbit_training(keep_trainable_layout(model), use_gradient_checkpointing=False)
+    with warnings.catch_warnings():  # peft calls transformers' deprecated name for it
+        warnings.filterwarnings("ignore", message=r"`gradient_checkpointing_enable` is deprecated",
+                                category=FutureWarning)
+        return prepare_model_for_kbit_training(keep_trainable_layout(model), use_gradient_checkpointing=True,
+                                               gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 @contextlib.contextmanager

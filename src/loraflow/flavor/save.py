@@ -226,6 +226,7 @@ def save_model(
     max_new_tokens_cap: int = PYFUNC_DEFAULTS["max_new_tokens_cap"],
     trust_remote_code: bool = False,
     chat_template: str | None = None,
+    validate_serving_input: bool = True,
 ) -> None:
     """Save a PEFT LoRA model, its tokenizer and its base model (embedded or referenced) to `path`.
 
@@ -253,6 +254,8 @@ def save_model(
             is saved with the tokenizer (inference renders with exactly it), the flavor records
             `task: chat` and the template's end-of-turn tokens, and the pyfunc model answers
             OpenAI chat requests (`chat_signature`).
+        validate_serving_input: read by `log_model` (MLflow's `Model.log` hands its arguments to
+            `save_model` too); saving ignores it.
 
     Raises:
         MlflowException: an invalid argument, a non-empty `path`, or a base model that cannot be
@@ -417,6 +420,7 @@ def log_model(
     max_new_tokens_cap: int = PYFUNC_DEFAULTS["max_new_tokens_cap"],
     trust_remote_code: bool = False,
     chat_template: str | None = None,
+    validate_serving_input: bool = True,
     **kwargs: Any,
 ) -> "mlflow.models.model.ModelInfo":
     """Log a PEFT LoRA model to the active run (one is started if none is active).
@@ -426,6 +430,9 @@ def log_model(
         max_new_tokens_cap, trust_remote_code, chat_template, signature, input_example,
         pip_requirements, extra_pip_requirements, code_paths, metadata: as for `save_model`.
         name: the logged model's name (MLflow 3).
+        validate_serving_input: let MLflow check the input example by loading the logged model again
+            in this process (a second copy of the model in memory while it runs; a failure is only a
+            logged warning).
         registered_model_name: also register a version under this name.
         kwargs: passed to `mlflow.models.Model.log` (e.g. `params`, `tags`, `step`).
 
@@ -457,5 +464,6 @@ def log_model(
             max_new_tokens_cap=max_new_tokens_cap,
             trust_remote_code=trust_remote_code,
             chat_template=chat_template,
+            validate_serving_input=validate_serving_input,
             **kwargs,
         )
