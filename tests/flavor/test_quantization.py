@@ -186,3 +186,24 @@ def test_importing_loraflow_quiets_the_bitsandbytes_kernel_line_that_peft_import
             "print(log.filter(record), log.filter(other))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.split() == ["False", "True"]
+
+
+def test_a_quantized_load_copies_the_unquantized_tensors_out_of_the_mapped_checkpoint(monkeypatch):
+    """The embeddings and norms bitsandbytes leaves unquantized would keep the whole checkpoint file
+    mapped and resident: the load gives each one storage of its own, same values, ties kept."""
+    import loraflow.flavor.quantization as q
+    from loraflow.flavor.bases import load_base_model
+
+    kwargs = q.load_kwargs(q.quantization_record("nf4", "fp32"))
+    copy = q.own_unquantized_tensors
+    calls = []
+    monkeypatch.setattr(q, "own_unquantized_tensors", lambda m: calls.append(m) or m)
+    mapped = load_base_model("builtin:tiny", **kwargs)  # as from_pretrained leaves it
+    assert calls == [mapped]  # the load asks for the copy
+    before = {name: (p.data_ptr(), p.detach().clone()) for name, p in mapped.named_parameters()
+              if type(p).__name__ == "Parameter"}
+    copy(mapped)
+    after = dict(mapped.named_parameters())
+    assert before and all(after[n].data_ptr() != ptr and torch.equal(after[n], v) for n, (ptr, v) in before.items())
+    if mapped.config.tie_word_embeddings:
+        assert mapped.lm_head.weight is mapped.model.embed_tokens.weight

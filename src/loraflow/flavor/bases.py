@@ -130,6 +130,10 @@ def load_base_model(
         kwargs["dtype"] = dtype
     with remote_code_refused(name_or_path):
         model = AutoModelForCausalLM.from_pretrained(resolve_base(name_or_path), **kwargs)
+    if "quantization_config" in kwargs:
+        from loraflow.flavor.quantization import own_unquantized_tensors
+
+        model = own_unquantized_tensors(model)
     if base_kind(name_or_path) == "hub" and getattr(model.config, "_commit_hash", None) is None:
         model.config._commit_hash = _cached_commit(name_or_path, revision)
     return model

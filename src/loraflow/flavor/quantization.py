@@ -150,6 +150,22 @@ def keep_trainable_layout(model: "PreTrainedModel") -> "PreTrainedModel":
     return model
 
 
+def own_unquantized_tensors(model: "PreTrainedModel") -> "PreTrainedModel":
+    """Copy the CPU tensors bitsandbytes left unquantized (embeddings, norms) out of the checkpoint file.
+
+    `from_pretrained` maps the safetensors file and those tensors still point into it, so every page
+    read while quantizing stays resident for as long as the model lives. Measured on a 297M Qwen2
+    saved in fp32, after an nf4 load: 1,119 MiB of file pages and 532 MiB of anonymous memory; after
+    the copy (123 tensors, 125 MiB), 110 and 657. On a GPU they are in device memory already.
+    """
+    seen: set[int] = set()
+    for param in model.parameters():
+        if type(param).__name__ == "Parameter" and param.device.type == "cpu" and id(param) not in seen:
+            seen.add(id(param))  # a tied matrix is one Parameter: copied once
+            param.data = param.data.clone()
+    return model
+
+
 def prepare_for_training(model: "PreTrainedModel") -> "PreTrainedModel":
     """peft's `prepare_model_for_kbit_training` (base frozen, norms in fp32) with gradient
     checkpointing, as the QLoRA recipe has it.
