@@ -152,11 +152,13 @@ def test_a_training_run_reads_its_training_file_once(tracking_uri, tmp_path, mon
 def test_logging_the_model_never_loads_a_second_copy_of_it(tracking_uri, tmp_path, monkeypatch):
     """MLflow would check the input example by loading the logged model again in this process (a
     second copy of the base in memory); training skips that reload, and the logged model still serves."""
-    from loraflow.flavor import load
+    from loraflow.flavor import load, pyfunc
 
     loads = []
     real = load.load_local
-    monkeypatch.setattr(load, "load_local", lambda *a, **k: loads.append(a) or real(*a, **k))
+    counting = lambda *a, **k: loads.append(a) or real(*a, **k)  # noqa: E731
+    monkeypatch.setattr(load, "load_local", counting)
+    monkeypatch.setattr(pyfunc, "load_local", counting)  # the pyfunc loader (MLflow's check) binds it at import
     result = train(output_dir=str(tmp_path))
     assert result.ok and result.model_uri and loads == []
     answer = mlflow.pyfunc.load_model(result.model_uri).predict(["Q: What does a cow say?\nA:"])
