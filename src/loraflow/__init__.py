@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 __path__ = pkgutil.extend_path(__path__, __name__)
 
 # peft imports bitsandbytes whenever it is installed; two of its log lines that nobody can act on are
-# filtered before that can happen (a logging filter: nothing is imported).
+# filtered before that can happen (logging filters only: bitsandbytes itself is not imported here).
 from loraflow.flavor.quantization import quiet_bitsandbytes  # noqa: E402
 
 quiet_bitsandbytes()
