@@ -71,3 +71,20 @@ def perturb_safetensors(file: Path) -> None:
     tensors[name] = tensors[name].clone()
     tensors[name].view(-1)[0] += 1e-3
     save_file(tensors, str(file), metadata={"format": "pt"})
+
+
+# Three short conversations for the chat-model tests (batch-predict, Spark).
+CHATS = [[{"role": "user", "content": "What does a duck say?"}],
+         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
+         [{"role": "user", "content": "What colour is the sky?"}]]
+
+
+def save_chat_model(path: Path, tiny_path: str, tiny_tokenizer) -> str:
+    """A chat model (ChatML template, `task: chat`) on the built-in base, saved at `path`."""
+    from loraflow import flavor
+    from loraflow.flavor.bases import load_base_model
+    from loraflow.flavor.chat import CHATML_TEMPLATE
+
+    flavor.save_model(make_peft_model(load_base_model(tiny_path).eval()), path, tiny_tokenizer,
+                      base_model="builtin:tiny", chat_template=CHATML_TEMPLATE)
+    return str(path)

@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 from helpers import env_with_venv, free_port
+from model_helpers import CHATS, save_chat_model
 
 from loraflow.cli import main
 
@@ -246,23 +247,9 @@ def test_resume_with_spark_is_refused(model_dir, prompts, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Chat models (issue 17): a `messages` column in, the assistant's reply out.
 
-CHATS = [[{"role": "user", "content": "What does a duck say?"}],
-         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
-         [{"role": "user", "content": "What colour is the sky?"}]]
-
-
 @pytest.fixture(scope="module")
 def chat_model_dir(tmp_path_factory, tiny_path, tiny_tokenizer) -> str:
-    from model_helpers import make_peft_model
-
-    from loraflow import flavor
-    from loraflow.flavor.bases import load_base_model
-    from loraflow.flavor.chat import CHATML_TEMPLATE
-
-    path = tmp_path_factory.mktemp("bp-chat") / "model"
-    flavor.save_model(make_peft_model(load_base_model(tiny_path).eval()), path, tiny_tokenizer,
-                      base_model="builtin:tiny", chat_template=CHATML_TEMPLATE)
-    return str(path)
+    return save_chat_model(tmp_path_factory.mktemp("bp-chat") / "model", tiny_path, tiny_tokenizer)
 
 
 def chat_replies(model_dir: str, max_tokens: int) -> list[str]:

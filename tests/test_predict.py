@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
+from model_helpers import CHATS, save_chat_model
 
 from loraflow.cli import main
 from loraflow.config import parse_settings
@@ -116,23 +117,9 @@ def test_batch_predict_names_a_missing_prompt_column_before_loading_anything(tmp
     assert "no column 'prompt'" in result.output and "question" in result.output
 
 
-CHATS = [[{"role": "user", "content": "What does a duck say?"}],
-         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
-         [{"role": "user", "content": "What colour is the sky?"}]]
-
-
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory, tiny_path, tiny_tokenizer) -> str:
-    from model_helpers import make_peft_model
-
-    from loraflow import flavor
-    from loraflow.flavor.bases import load_base_model
-    from loraflow.flavor.chat import CHATML_TEMPLATE
-
-    path = tmp_path_factory.mktemp("spark-chat") / "model"
-    flavor.save_model(make_peft_model(load_base_model(tiny_path).eval()), path, tiny_tokenizer,
-                      base_model="builtin:tiny", chat_template=CHATML_TEMPLATE)
-    return str(path)
+    return save_chat_model(tmp_path_factory.mktemp("spark-chat") / "model", tiny_path, tiny_tokenizer)
 
 
 def test_a_chat_model_answers_a_spark_messages_column_with_its_replies(chat_model, spark):
