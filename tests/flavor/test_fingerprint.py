@@ -58,6 +58,28 @@ def test_digests_of_the_stored_tensors_are_those_of_the_loaded_ones(tiny_path, t
     assert fingerprint._fingerprint(inputs, stored) == fingerprint.base_fingerprint(tiny_model)
 
 
+def test_a_files_ranges_are_hashed_through_the_buffer_as_a_whole(tmp_path, monkeypatch):
+    """Files are read through a small buffer, not mapped: a range hashes as its bytes do, across
+    chunk boundaries, and a file that ends early is an error, not a short digest."""
+    import hashlib
+
+    data = bytes(range(256)) * 40
+    (tmp_path / "f").write_bytes(data)
+    monkeypatch.setattr(fingerprint, "_READ_CHUNK", 1000)
+    for start, end in [(0, len(data)), (7, 7), (13, 2999), (999, 1001)]:
+        assert fingerprint._range_sha256(tmp_path / "f", start, end) == hashlib.sha256(data[start:end]).digest()
+    with pytest.raises(OSError, match="changed while being read"):
+        fingerprint._range_sha256(tmp_path / "f", 10, len(data) + 1)
+
+
+def test_a_sharded_base_missing_a_shard_has_no_local_files(tmp_path, tiny_model):
+    """Hashing part of a base would give another fingerprint: either every shard is here, or none counts."""
+    tiny_model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    sorted((tmp_path / "sharded").glob("model-*.safetensors"))[-1].unlink()
+    base = {"mode": "reference", "kind": "local", "name": str(tmp_path / "sharded")}
+    assert fingerprint._base_weight_files(tmp_path, base) == []
+
+
 def test_a_sharded_base_is_hashed_from_every_shard_its_index_names(tmp_path, tiny_model):
     tiny_model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
     shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
@@ -109,15 +131,15 @@ def referenced(tmp_path, peft_model, tiny_tokenizer, tiny_path, monkeypatch):
 
 @pytest.fixture
 def hashed_files(monkeypatch) -> list[Path]:
-    """The weight files hashed from disk (each is memory-mapped only to be hashed)."""
+    """The weight files hashed from disk, once per time each is read."""
     opened: list[Path] = []
-    mapped = fingerprint._mapped
+    hashed = fingerprint._hashed_ranges
 
-    def spy(file):
+    def spy(file, ranges, workers):
         opened.append(Path(file))
-        return mapped(file)
+        return hashed(file, ranges, workers)
 
-    monkeypatch.setattr(fingerprint, "_mapped", spy)
+    monkeypatch.setattr(fingerprint, "_hashed_ranges", spy)
     return opened
 
 

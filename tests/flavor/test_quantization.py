@@ -188,22 +188,50 @@ def test_importing_loraflow_quiets_the_bitsandbytes_kernel_line_that_peft_import
     assert out.stdout.split() == ["False", "True"]
 
 
-def test_a_quantized_load_copies_the_unquantized_tensors_out_of_the_mapped_checkpoint(monkeypatch):
-    """The embeddings and norms bitsandbytes leaves unquantized would keep the whole checkpoint file
-    mapped and resident: the load gives each one storage of its own, same values, ties kept."""
+def test_a_quantized_load_reads_the_checkpoint_with_pread_into_the_model_transformers_loads(monkeypatch):
+    """The files are read, not mapped (a mapped file's pages stay resident through the load), and
+    the model is the one `from_pretrained(path)` quantizes: same logits, config name, generation
+    config, tied embeddings."""
+    import safetensors
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
     import loraflow.flavor.quantization as q
-    from loraflow.flavor.bases import load_base_model
+    from loraflow.flavor.bases import builtin_dir, load_base_model, load_tokenizer
 
     kwargs = q.load_kwargs(q.quantization_record("nf4", "fp32"))
-    copy = q.own_unquantized_tensors
-    calls = []
+    backends, real_open = [], safetensors.safe_open
+    monkeypatch.setattr(safetensors, "safe_open",
+                        lambda *a, **k: backends.append(k.get("backend")) or real_open(*a, **k))
+    model = load_base_model("builtin:tiny", **kwargs)
+    assert backends == ["pread"]
+    path = str(builtin_dir("tiny"))
+    expected = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    assert type(model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    tokenizer = load_tokenizer(path)
+    assert torch.equal(logits(model, tokenizer), logits(expected, tokenizer))
+    assert model.config.name_or_path == model.name_or_path == expected.config.name_or_path == path
+    assert model.generation_config.to_dict() == GenerationConfig.from_pretrained(path).to_dict()
+    if model.config.tie_word_embeddings:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_a_base_whose_files_are_not_local_loads_quantized_as_transformers_does(monkeypatch):
+    """A base `from_pretrained` must download (or one not in safetensors) goes through
+    `from_pretrained` itself; the tensors bitsandbytes leaves unquantized then get storage of their
+    own, out of the mapped file: same values, ties kept."""
+    import loraflow.flavor.bases as bases
+    import loraflow.flavor.quantization as q
+
+    monkeypatch.setattr(bases, "local_weight_files", lambda *args: [])
+    kwargs = q.load_kwargs(q.quantization_record("nf4", "fp32"))
+    copy, calls = q.own_unquantized_tensors, []
     monkeypatch.setattr(q, "own_unquantized_tensors", lambda m: calls.append(m) or m)
-    mapped = load_base_model("builtin:tiny", **kwargs)  # as from_pretrained leaves it
-    assert calls == [mapped]  # the load asks for the copy
-    before = {name: (p.data_ptr(), p.detach().clone()) for name, p in mapped.named_parameters()
+    loaded = bases.load_base_model("builtin:tiny", **kwargs)
+    assert calls == [loaded] and type(loaded.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    before = {name: (p.data_ptr(), p.detach().clone()) for name, p in loaded.named_parameters()
               if type(p).__name__ == "Parameter"}
-    copy(mapped)
-    after = dict(mapped.named_parameters())
+    copy(loaded)
+    after = dict(loaded.named_parameters())
     assert before and all(after[n].data_ptr() != ptr and torch.equal(after[n], v) for n, (ptr, v) in before.items())
-    if mapped.config.tie_word_embeddings:
-        assert mapped.lm_head.weight is mapped.model.embed_tokens.weight
+    if loaded.config.tie_word_embeddings:
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight

@@ -29,18 +29,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import mmap
 import os
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from mlflow.exceptions import MlflowException
 
-from loraflow.flavor.bases import resolve_base
+from loraflow.flavor.bases import local_weight_files
 from loraflow.flavor.files import atomic_file
 from loraflow.flavor.layout import DIGEST_CACHE_ENV, cache_root, env_flag
 
@@ -186,8 +184,7 @@ def _file_digests(file: Path, workers: int, cache: bool) -> dict[str, tuple[str,
         for name, info in layout.items()
         if name != "__metadata__" and info["dtype"] in SAFETENSORS_DTYPES
     ]
-    with _mapped(file) as mapped, ThreadPoolExecutor(max(1, workers), thread_name_prefix="loraflow-fingerprint") as pool:
-        digests = list(pool.map(lambda job: _range_sha256(mapped, job[2], job[3]), jobs))
+    digests = _hashed_ranges(file, [(start, end) for *_, start, end in jobs], workers)
     result = {name: (header, digest) for (name, header, *_), digest in zip(jobs, digests)}
     if cache:
         _record_file_digests(file, identity, started_ns, result)
@@ -265,27 +262,10 @@ def _prune_digest_cache(directory: Path) -> None:
 
 
 def _base_weight_files(path: Path, base: dict[str, Any]) -> list[Path]:
-    """The safetensors files `from_pretrained` reads for this base, as far as they are local now."""
-    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
-
-    if base["mode"] == "embedded" or base["kind"] != "hub":
-        root = path / base["path"] if base["mode"] == "embedded" else Path(resolve_base(base["name"]))
-
-        def locate(name: str) -> Path | None:
-            return root / name
-    else:
-        from huggingface_hub import try_to_load_from_cache
-
-        def locate(name: str) -> Path | None:
-            found = try_to_load_from_cache(base["name"], name, revision=base.get("revision"))
-            return Path(found) if isinstance(found, str) else None
-
-    index = locate(SAFE_WEIGHTS_INDEX_NAME)
-    if index is not None and index.is_file():
-        files = [locate(shard) for shard in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    else:
-        files = [locate(SAFE_WEIGHTS_NAME)]
-    return [file for file in files if file is not None and file.is_file()]
+    """The safetensors files `from_pretrained` reads for this base, when all of them are local now."""
+    if base["mode"] == "embedded":
+        return local_weight_files(str(path / base["path"]))
+    return local_weight_files(base["name"], base.get("revision"))
 
 
 def start_stored_digests(path: Path, base: dict[str, Any]) -> "Future[dict[str, bytes]]":
@@ -320,15 +300,30 @@ def in_background(work: Callable[[], Any]) -> Future:
         pool.shutdown(wait=False)  # the submitted work still runs to the end
 
 
-@contextmanager
-def _mapped(file: Path) -> Iterator[mmap.mmap]:
-    with open(file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-        yield mapped
+# Files are hashed through a small buffer, not mapped: the pages of a mapped file count in the
+# process's resident memory until it is unmapped. Measured at the end of an nf4 run on a 297M Qwen2
+# saved in fp32, hashing its 1.2 GB file mapped raised the run's peak RSS from 1.6 to 2.8 GB.
+_READ_CHUNK = 4 << 20
 
 
-def _range_sha256(mapped: mmap.mmap, start: int, end: int) -> bytes:
-    with memoryview(mapped) as whole, whole[start:end] as view:  # no copy; released before unmapping
-        return hashlib.sha256(view).digest()
+def _hashed_ranges(file: Path, ranges: list[tuple[int, int]], workers: int) -> list[bytes]:
+    """sha256 of each byte range [start, end) of a file, on `workers` threads."""
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="loraflow-fingerprint") as pool:
+        return list(pool.map(lambda span: _range_sha256(file, *span), ranges))
+
+
+def _range_sha256(file: Path, start: int, end: int) -> bytes:
+    """sha256 of the bytes [start, end) of a file."""
+    digest = hashlib.sha256()
+    buffer = memoryview(bytearray(min(_READ_CHUNK, max(end - start, 1))))
+    with open(file, "rb", buffering=0) as f:
+        f.seek(start)
+        while (left := end - f.tell()) > 0:
+            read = f.readinto(buffer[:min(left, len(buffer))])
+            if not read:
+                raise OSError(f"{file} ended before byte {end}: it changed while being read")
+            digest.update(buffer[:read])
+    return digest.digest()
 
 
 def start_base_fingerprint(
