@@ -151,7 +151,8 @@ def keep_trainable_layout(model: "PreTrainedModel") -> "PreTrainedModel":
 
 
 def own_unquantized_tensors(model: "PreTrainedModel") -> "PreTrainedModel":
-    """Copy the CPU tensors bitsandbytes left unquantized (embeddings, norms) out of the checkpoint file.
+    """Copy the CPU tensors bitsandbytes left unquantized (embeddings, norms) out of the checkpoint file,
+    after a load through transformers' own reader (`bases.load_base_model` reads local files itself).
 
     `from_pretrained` maps the safetensors file and those tensors still point into it, so every page
     read while quantizing stays resident for as long as the model lives. Measured on a 297M Qwen2
