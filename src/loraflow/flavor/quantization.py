@@ -171,11 +171,12 @@ def prepare_for_training(model: "PreTrainedModel") -> "PreTrainedModel":
     """peft's `prepare_model_for_kbit_training` (base frozen, norms in fp32) with gradient
     checkpointing, as the QLoRA recipe has it.
 
-    Checkpointing matters more here than for a full-precision base: on the CPU, bitsandbytes' 4-bit
-    forward keeps each layer's dequantized weight for the backward pass. Measured on a 297M Qwen2 in
-    nf4, batch 8 x 64: the forward grew the process by 2.0 GB without checkpointing and by 0.47 GB
-    with it (peak 3.76 against 2.59 GB). Non-reentrant checkpointing restores the CPU generator
-    before recomputing, so LoRA dropout draws the same masks twice.
+    Measured on a 297M Qwen2 in nf4 on the CPU, batch 8 x 64: the forward grew the process by
+    2.0 GB without checkpointing and by 0.47 GB with it (peak 3.76 against 2.59 GB). With it, most
+    of the growth left is heap that glibc keeps from the buffers bitsandbytes dequantizes each
+    weight into on every matmul (with a fixed 1 MiB mmap threshold, 2.5 MB per layer instead of
+    25-35). Non-reentrant checkpointing restores the CPU generator before recomputing, so LoRA
+    dropout draws the same masks twice.
     """
     import warnings
 
