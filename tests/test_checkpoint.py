@@ -38,19 +38,30 @@ def interrupt_at(monkeypatch, step: int, signum: int = signal.SIGTERM) -> None:
     monkeypatch.setattr(tracking.RunLogger, "log_metrics", log_metrics)
 
 
-def test_interrupted_and_resumed_run_ends_exactly_like_an_uninterrupted_one(tracking_uri, tmp_path, monkeypatch):
-    # dropout on, so the RNG state must be restored too; 12 steps over 36 examples cross an epoch
-    reference = run_training(*settings(tmp_path / "a"))
+def _has_bitsandbytes() -> bool:
+    from loraflow.flavor.quantization import bitsandbytes_problem
+
+    return bitsandbytes_problem() is None
+
+
+@pytest.mark.parametrize("quantization", [
+    "none", pytest.param("nf4", marks=pytest.mark.skipif(not _has_bitsandbytes(), reason="needs bitsandbytes"))])
+def test_interrupted_and_resumed_run_ends_exactly_like_an_uninterrupted_one(quantization, tracking_uri, tmp_path,
+                                                                            monkeypatch):
+    # dropout on, so the RNG state must be restored too; 12 steps over 36 examples cross an epoch.
+    # nf4: the checkpoint holds the adapter only, and the resumed run quantizes the base again
+    reference = run_training(*settings(tmp_path / "a", quantization=quantization))
     interrupt_at(monkeypatch, 5)
     with pytest.raises(TrainingInterrupted) as stopped:
-        run_training(*settings(tmp_path / "b"))
+        run_training(*settings(tmp_path / "b", quantization=quantization))
     monkeypatch.undo()
     state = ckpt.read_state(stopped.value.checkpoint)
     assert state.step == 5 and stopped.value.signal_name == "SIGTERM"
     client = MlflowClient()
     assert client.get_run(state.run_id).info.status == "KILLED"
 
-    resumed = run_training(*settings(tmp_path / "b"), resume=stopped.value.checkpoint)
+    resumed = run_training(*settings(tmp_path / "b", quantization=quantization), resume=stopped.value.checkpoint)
+    assert client.get_run(state.run_id).data.params["quantization"] == quantization
     assert resumed.run_id == state.run_id  # the same MLflow run continues
     assert resumed.eval_loss_after == pytest.approx(reference.eval_loss_after, abs=1e-5)
     assert client.get_run(state.run_id).info.status == "FINISHED"
