@@ -198,7 +198,8 @@ def quantization_problems(skeleton: "nn.Module", raw: Mapping[str, Any], base: s
         skipped = get_keys_to_not_convert(skeleton)  # transformers' own rule: lm_head, tied and last layers stay
         linear = [name for name, module in skeleton.named_modules() if type(module).__name__ in ("Linear", "Conv1D")]
         for key in modules_to_save:
-            hit = [n for n in linear if _matcher(key, "modules_to_save")(n) and should_convert_module(n, skipped)]
+            matches = _matcher(key, "modules_to_save")
+            hit = [n for n in linear if matches(n) and should_convert_module(n, skipped)]
             if hit:
                 problems.append(f"`modules_to_save` entry {key!r} is a layer that --quantization {quantization} "
                                 f"quantizes ({hit[0]}), so it cannot be trained in full; target it with LoRA "

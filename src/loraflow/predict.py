@@ -173,8 +173,11 @@ def predict_table(
     frame = data_lib.read_table(input_path, role="input")
     chat = messages_column is not None or (prompt_column not in frame.columns and "messages" in frame.columns)
     column = (messages_column or "messages") if chat else prompt_column
-    inputs = read_conversations(frame, input_path, column, output_column) if chat else None
-    frame = read_prompts(input_path, prompt_column, output_column, frame=frame) if not chat else frame
+    if chat:
+        inputs = read_conversations(frame, input_path, column, output_column)
+    else:
+        frame = read_prompts(frame, input_path, prompt_column, output_column)
+        inputs = frame[prompt_column].tolist()
     check_model_uri(model_uri)
     check_task(model_uri, chat, column)
     session = _spark_session(spark)
@@ -187,9 +190,8 @@ def predict_table(
                                    messages_column=column if chat else None)
         texts = result.select(output_column).toPandas()[output_column].tolist()
     else:
-        rows = inputs if chat else frame[prompt_column].tolist()
         predict = _chat_predictor(chat_request(params or {})) if chat else _completion_predictor(params)
-        texts = _predict_in_chunks(model_uri, rows, predict, output_path, overwrite=overwrite, resume=resume,
+        texts = _predict_in_chunks(model_uri, inputs, predict, output_path, overwrite=overwrite, resume=resume,
                                    chunk_rows=chunk_rows)
     out = frame.assign(**{output_column: texts})
     with atomic_file(output_path) as tmp:
@@ -272,10 +274,9 @@ def check_params(params: dict[str, Any]) -> None:
         raise ConfigError(problems)
 
 
-def read_prompts(input_path: str | Path, prompt_column: str, output_column: str,
-                 frame: "pd.DataFrame | None" = None) -> "pd.DataFrame":
+def read_prompts(frame: "pd.DataFrame", input_path: str | Path, prompt_column: str,
+                 output_column: str) -> "pd.DataFrame":
     """The input table, checked: rows, a column of non-empty string prompts, no `output_column` yet."""
-    frame = data_lib.read_table(input_path, role="input") if frame is None else frame
     where = _check_columns(frame, input_path, prompt_column, output_column, "prompt_column")
     if frame[prompt_column].isna().any():
         rows = frame.index[frame[prompt_column].isna()].tolist()[:5]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from loraflow.flavor.layout import invalid
+from loraflow.flavor.layout import invalid, short_repr
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -137,7 +137,7 @@ def request_settings(request: Mapping[str, Any], defaults: Mapping[str, Any]) ->
             conversation (each problem named).
     """
     unknown = sorted(set(request) - set(REQUEST_KEYS))
-    problems = [f"unknown request keys {_short(unknown, 200)}; known: {list(REQUEST_KEYS)}"] if unknown else []
+    problems = [f"unknown request keys {short_repr(unknown, 200)}; known: {list(REQUEST_KEYS)}"] if unknown else []
     if request.get("n", 1) != 1:
         problems.append(f"`n` must be 1 (one choice per request), got {request.get('n')!r}")
     if request.get("stream"):
@@ -170,13 +170,13 @@ def openai_temperature(temperature: Any, defaults: Mapping[str, Any]) -> dict[st
 def conversation_problems(messages: Any) -> list[str]:
     """What keeps `messages` from being rendered as a conversation (empty when it can be)."""
     if not isinstance(messages, list) or not messages:
-        return [f"`messages` must be a non-empty list of {{'role', 'content'}} messages, got {_short(messages)}"]
+        return [f"`messages` must be a non-empty list of {{'role', 'content'}} messages, got {short_repr(messages)}"]
     problems = []
     for number, message in enumerate(messages, start=1):
         if not isinstance(message, Mapping):
             problems.append(f"message {number} is a {type(message).__name__}, not a mapping with role and content")
         elif message.get("role") not in ("system", "user", "assistant", "tool"):
-            problems.append(f"message {number} has role {_short(message.get('role'))}; roles are system, user, "
+            problems.append(f"message {number} has role {short_repr(message.get('role'))}; roles are system, user, "
                             "assistant, tool")
         elif not isinstance(message.get("content", ""), str):
             problems.append(f"message {number} has {type(message.get('content')).__name__} content, not a string")
@@ -243,8 +243,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {k: _plain(v) for k, v in value.items() if v is not None}
     return value
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."

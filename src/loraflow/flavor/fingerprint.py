@@ -374,7 +374,7 @@ def quantized_base_fingerprint(model: "torch.nn.Module", base: dict[str, Any]) -
     Raises:
         MlflowException: the base's safetensors files are not on this machine.
     """
-    digests = stored_tensor_digests(_base_weight_files(Path(), {**base, "mode": "reference"}),
+    digests = stored_tensor_digests(local_weight_files(base["name"], base.get("revision")),
                                     workers=os.cpu_count() or 1, cache=_digest_cache_enabled())
     if not digests:
         raise MlflowException(f"cannot fingerprint the quantized base {base.get('name')!r}: its *.safetensors "

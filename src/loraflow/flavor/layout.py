@@ -53,6 +53,12 @@ def invalid(message: str) -> "MlflowException":
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
+def short_repr(value: Any, limit: int = 80) -> str:
+    """`repr(value)` cut to `limit` characters, for an error message about a request of any size."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def parse_bool(value: Any) -> bool | None:
     """`True`/`False` for a bool or a boolean word (true/false, 1/0, yes/no, y/n, on/off), else None.
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from mlflow.environment_variables import _MLFLOW_IS_IN_SERVING_ENVIRONMENT
 
-from loraflow.flavor.layout import invalid
+from loraflow.flavor.layout import invalid, short_repr
 from loraflow.flavor.load import LoadedModel, device_problem, load_local
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ def _prompts_and_params(data: Any, params: dict[str, Any] | None) -> tuple[list[
     if isinstance(data, dict) and "prompt" in data:
         unknown = sorted(set(data) - {"prompt", *OPENAI_COMPLETION_KEYS, *OPENAI_UNSUPPORTED})
         if unknown:
-            raise invalid(f"unknown request keys {_short(unknown)}; a completion request takes `prompt` and "
+            raise invalid(f"unknown request keys {short_repr(unknown, 200)}; a completion request takes `prompt` and "
                           f"{sorted(OPENAI_COMPLETION_KEYS)}")
         from loraflow.flavor.chat import openai_temperature
 
@@ -96,11 +96,11 @@ def _prompts_from_input(data: Any) -> list[str]:
             prompts = data[data.columns[0]].tolist()
         else:
             raise invalid(
-                f"the input has no `prompt` column (columns: {_short([str(c) for c in data.columns])}); "
+                f"the input has no `prompt` column (columns: {short_repr([str(c) for c in data.columns], 200)}); "
                 'send e.g. {"dataframe_records": [{"prompt": "..."}]}'
             )
     elif isinstance(data, dict):
-        raise invalid(f"the input dict has no `prompt` key (keys: {_short(sorted(map(str, data)))})")
+        raise invalid(f"the input dict has no `prompt` key (keys: {short_repr(sorted(map(str, data)), 200)})")
     elif isinstance(data, (list, tuple, pd.Series, np.ndarray)):
         prompts = list(data)
     else:
@@ -118,11 +118,6 @@ def _prompts_from_input(data: Any) -> list[str]:
     if bad:
         raise invalid(f"every `prompt` must be a string; not strings (row, type): {bad[:5]}")
     return [str(p) for p in prompts]
-
-
-def _short(value: Any, limit: int = 200) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class LoraflowPyfunc:
