@@ -301,7 +301,7 @@ def _check_columns(frame: "pd.DataFrame", input_path: str | Path, column: str, o
     if column not in frame.columns:
         raise DataError(
             f"{where}: no column {column!r} (columns: {', '.join(map(str, frame.columns))}); "
-            f"name the column with `{option}` (--{option.replace('_', '-')} NAME)"
+            f"name the column with `{option}`"
         )
     if output_column in frame.columns:
         raise DataError(
