@@ -6,10 +6,14 @@
 The base is built from a `Qwen2Config` with random weights and saved in fp32 (the fp32 side trains
 it as saved; the nf4 side quantizes it at load, as users do with a Hub checkpoint). Both sides run
 the same `loraflow train` command (same LoRA settings, data, batch and steps), each in a fresh
-process, alternating; the figure is each process's own peak RSS (`ru_maxrss`), which covers
+process, alternating; the figure is each process's own peak RSS (`VmHWM`), which covers
 loading, training, evaluating and logging the model, and beside it the peak of its anonymous
 resident memory (`RssAnon`, sampled every 10 ms), which leaves out the checkpoint's file pages that
-the process maps while it reads the weights. Nothing here asserts anything.
+the process maps while it reads the weights.
+
+A third side, "nf4 untrimmed", runs nf4 with `loraflow.flavor.heap`'s per-layer `malloc_trim` turned
+off: the memory it saves and the time it costs (training tokens per second, the median of the run's
+logged `tokens_per_second`). Nothing here asserts anything.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ def _rss_anon_mib() -> float:
 class AnonPeak:
     """The largest `RssAnon` seen, sampled every 10 ms: resident memory that is not file pages.
 
-    `ru_maxrss` also counts the pages of the checkpoint file mapped while it is read (the kernel can
+    Peak RSS also counts the pages of the checkpoint file mapped while it is read (the kernel can
     drop those at will), so both are reported."""
 
     def __init__(self) -> None:
@@ -87,12 +91,16 @@ class AnonPeak:
         self._thread.join()
 
 
-def train_side(base: str, quantization: str, tracking_uri: str) -> dict[str, Any]:
-    """Child: one `loraflow train` on `base` (peak RSS is added by `common.run_child`)."""
+def train_side(base: str, quantization: str, tracking_uri: str, trim: bool = True) -> dict[str, Any]:
+    """Child: one `loraflow train` on `base` (peak RSS is added by `common.run_child`); `trim=False`
+    turns off the heap trimming of quantized CPU training."""
     import mlflow
 
     from loraflow.cli import main
+    from loraflow.flavor import heap
 
+    if not trim:
+        heap.malloc_trim = lambda: None
     mlflow.set_tracking_uri(tracking_uri)
     args = ["train", "--base-model", base, "--quantization", quantization, *TRAIN_ARGS]
     with AnonPeak() as anon:
@@ -102,36 +110,50 @@ def train_side(base: str, quantization: str, tracking_uri: str) -> dict[str, Any
             if stop.code:
                 raise
     run = mlflow.search_runs(order_by=["start_time DESC"], max_results=1, output_format="list")[0]
-    return {"eval_loss": run.data.metrics.get("eval_loss"), "status": run.info.status, "peak_anon_mib": anon.peak}
+    rates = [m.value for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "tokens_per_second")]
+    return {"eval_loss": run.data.metrics.get("eval_loss"), "status": run.info.status, "peak_anon_mib": anon.peak,
+            "tokens_per_second": common.median(rates)}
 
 
 def measure(base: Path, repeats: int, tracking_uri: str, log=print) -> dict[str, list[dict[str, Any]]]:
-    samples: dict[str, list[dict[str, Any]]] = {"none": [], "nf4": []}
+    sides = {"none": {"quantization": "none"}, "nf4": {"quantization": "nf4"},
+             "nf4 untrimmed": {"quantization": "nf4", "trim": False}}
+    samples: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
     for round_ in range(repeats):
-        for quantization in samples:
+        for side, kwargs in sides.items():
             result = common.run_child("bench_qlora", "train_side",
-                                      {"base": str(base), "quantization": quantization, "tracking_uri": tracking_uri})
-            samples[quantization].append(result)
-            log(f"  round {round_ + 1}: {quantization:>4} peak RSS {result['peak_rss_mib']:,.0f} MiB "
-                f"(anonymous {result['peak_anon_mib']:,.0f}), eval loss {result['eval_loss']:.4f}")
+                                      {"base": str(base), "tracking_uri": tracking_uri, **kwargs})
+            samples[side].append(result)
+            log(f"  round {round_ + 1}: {side:>13} peak RSS {result['peak_rss_mib']:,.0f} MiB "
+                f"(anonymous {result['peak_anon_mib']:,.0f}), {result['tokens_per_second']:.0f} tokens/s, "
+                f"eval loss {result['eval_loss']:.4f}")
     return samples
 
 
 def report(samples: dict[str, list[dict[str, Any]]], parameters: int) -> str:
-    med = {side: {key: common.summarize(runs, key) for key in ("peak_rss_mib", "peak_anon_mib", "eval_loss")}
-           for side, runs in samples.items()}
-    fp32, nf4 = med["none"], med["nf4"]
+    keys = ("peak_rss_mib", "peak_anon_mib", "tokens_per_second", "eval_loss")
+    med = {side: {key: common.summarize(runs, key) for key in keys} for side, runs in samples.items()}
+    fp32, nf4, untrimmed = med["none"], med["nf4"], med["nf4 untrimmed"]
+
+    def row(label: str, m: dict[str, float]) -> str:
+        return (f"| {label} | {m['peak_rss_mib']:,.0f} | {m['peak_anon_mib']:,.0f} | "
+                f"{m['tokens_per_second']:.0f} | {m['eval_loss']:.4f} |")
+
     return "\n".join([
         f"Qwen2-shaped base: {parameters / 1e6:.0f}M parameters, fp32 on disk; "
         f"{len(samples['nf4'])} run(s) per side, medians",
         "",
-        "| side | peak RSS (MiB) | peak anonymous RSS (MiB) | eval loss |",
-        "|---|---|---|---|",
-        f"| fp32 (`--quantization none`) | {fp32['peak_rss_mib']:,.0f} | {fp32['peak_anon_mib']:,.0f} | {fp32['eval_loss']:.4f} |",
-        f"| nf4 (`--quantization nf4`) | {nf4['peak_rss_mib']:,.0f} | {nf4['peak_anon_mib']:,.0f} | {nf4['eval_loss']:.4f} |",
+        "| side | peak RSS (MiB) | peak anonymous RSS (MiB) | tokens/s | eval loss |",
+        "|---|---|---|---|---|",
+        row("fp32 (`--quantization none`)", fp32),
+        row("nf4 (`--quantization nf4`)", nf4),
+        row("nf4, heap not trimmed", untrimmed),
         "",
         f"nf4 / fp32 peak RSS: **{common.ratio(nf4['peak_rss_mib'], fp32['peak_rss_mib']):.2f}x** (target <= 0.5x); "
         f"peak anonymous RSS: {common.ratio(nf4['peak_anon_mib'], fp32['peak_anon_mib']):.2f}x",
+        f"heap trimming: peak RSS {common.ratio(nf4['peak_rss_mib'], untrimmed['peak_rss_mib']):.2f}x, "
+        f"training speed {common.ratio(nf4['tokens_per_second'], untrimmed['tokens_per_second']):.2f}x "
+        "(nf4 against nf4 untrimmed)",
     ])
 
 

@@ -81,7 +81,7 @@ def section(r: dict[str, Any]) -> list[str]:
         "tokens, so the two ratios are the same.",
         "- Eval loss: `bench_chat.masked_eval_loss` in each side's process after training: the token-weighted mean "
         "next-token loss over the held-out conversations' assistant tokens (loraflow's labels, equal to TRL's), "
-        "batches of 8 in file order. Peak RSS: the side's own fresh process (`ru_maxrss`), loading and evaluation "
+        "batches of 8 in file order. Peak RSS: the side's own fresh process (`VmHWM`), loading and evaluation "
         "included.",
         "",
         f"Where the training speed-up comes from: TRL computes {trl['computed_tokens']:,.0f} tokens (padding included), "

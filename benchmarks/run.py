@@ -194,7 +194,7 @@ def _train_section(r: dict, work: fixtures.Workload) -> list[str]:
         "(dynamic padding, right side), default Trainer optimizer, logging and saving off.",
         "- tokens/s = real (non-padding) tokens / time from the first optimizer step to the end of the last.",
         "- eval loss: the same function on both sides (token-weighted mean over the eval set) after training.",
-        "- peak RSS: the side's own process (`ru_maxrss`), model load and evaluation included.",
+        "- peak RSS: the side's own process (its kernel high-water mark, `VmHWM`), model load and evaluation included.",
         "",
         "FLOP formula (hardware efficiency): per token `4 x N_frozen + 6 x N_trainable`, where N counts matmul "
         "weights (every Linear plus the tied lm_head; the embedding lookup is free); plus, per sequence of T real "

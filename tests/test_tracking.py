@@ -44,3 +44,21 @@ def test_a_buffer_setting_the_user_chose_is_kept(tracking_uri, monkeypatch):
         run.log_metrics({"train_loss": 1.0}, 1)
         assert os.environ[tracking.ASYNC_BUFFER_ENV] == "5"
     assert os.environ[tracking.ASYNC_BUFFER_ENV] == "5"
+
+
+def test_peak_rss_is_the_processs_own_not_its_parents():
+    """A child of a large process reports its own peak: `ru_maxrss` would report the parent's size."""
+    parent = bytearray(1024 * 2**20)
+    parent[:: 4096] = b"\1" * len(parent[:: 4096])  # make every page resident
+    code = (
+        "import resource\n"
+        "from loraflow.tracking import peak_rss_mib\n"
+        "print(peak_rss_mib(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    del parent
+    assert result.returncode == 0, result.stderr
+    own, ru_maxrss = map(float, result.stdout.split())
+    if sys.platform == "linux":
+        assert ru_maxrss >= 1024  # the kernel keeps the parent's size there: what the check guards against
+        assert 0 < own < 512
