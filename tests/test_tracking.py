@@ -46,7 +46,7 @@ def test_a_buffer_setting_the_user_chose_is_kept(tracking_uri, monkeypatch):
     assert os.environ[tracking.ASYNC_BUFFER_ENV] == "5"
 
 
-def test_peak_rss_is_the_processs_own_not_its_parents():
+def test_peak_rss_counts_this_process_not_the_parent_that_started_it():
     """A child of a large process reports its own peak: `ru_maxrss` would report the parent's size."""
     parent = bytearray(1024 * 2**20)
     parent[:: 4096] = b"\1" * len(parent[:: 4096])  # make every page resident
