@@ -51,8 +51,8 @@ def with_init_quantization(settings: "TrainSettings", explicit: set[str]) -> "Tr
     method = record.get("method", "none")
     if "quantization" in explicit and settings.quantization != method:
         raise ConfigError(f"`quantization` is {settings.quantization!r} but init_model {settings.init_model!r} was "
-                          f"trained with {method!r}; omit `quantization` (the model's is used) or start a new "
-                          "adapter without init_model")
+                          f"trained with {method!r}; leave it out (the model's is used) or start a new adapter "
+                          "without init_model")
     return dataclasses.replace(settings, quantization=method)
 
 
