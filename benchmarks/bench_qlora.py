@@ -118,16 +118,18 @@ def train_side(base: str, quantization: str, tracking_uri: str, trim: bool = Tru
 def measure(base: Path, repeats: int, tracking_uri: str, log=print) -> dict[str, list[dict[str, Any]]]:
     sides = {"none": {"quantization": "none"}, "nf4": {"quantization": "nf4"},
              "nf4 untrimmed": {"quantization": "nf4", "trim": False}}
-    samples: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
-    for round_ in range(repeats):
-        for side, kwargs in sides.items():
+
+    def side(name: str) -> Any:
+        def run(_round: int) -> dict[str, Any]:
             result = common.run_child("bench_qlora", "train_side",
-                                      {"base": str(base), "tracking_uri": tracking_uri, **kwargs})
-            samples[side].append(result)
-            log(f"  round {round_ + 1}: {side:>13} peak RSS {result['peak_rss_mib']:,.0f} MiB "
+                                      {"base": str(base), "tracking_uri": tracking_uri, **sides[name]})
+            log(f"  {name:>13}: peak RSS {result['peak_rss_mib']:,.0f} MiB "
                 f"(anonymous {result['peak_anon_mib']:,.0f}), {result['tokens_per_second']:.0f} tokens/s, "
                 f"eval loss {result['eval_loss']:.4f}")
-    return samples
+            return result
+        return run
+
+    return common.alternate({name: side(name) for name in sides}, repeats, log)
 
 
 def report(samples: dict[str, list[dict[str, Any]]], parameters: int) -> str:

@@ -22,7 +22,6 @@ on the heap. Other C libraries (musl) have no `malloc_trim`; there nothing is do
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -34,11 +33,12 @@ if TYPE_CHECKING:
 
 @functools.cache
 def malloc_trim() -> Callable[[int], int] | None:
-    """glibc's `malloc_trim`, or None where the C library has none."""
-    name = ctypes.util.find_library("c")
+    """glibc's `malloc_trim`, or None where the C library has none. Looked up among the symbols the
+    process has loaded already (`CDLL(None)`), which holds the C library: `find_library` would run
+    `ldconfig` in a subprocess."""
     try:
-        return getattr(ctypes.CDLL(name), "malloc_trim") if name else None
-    except (OSError, AttributeError):
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except (OSError, TypeError):  # no dlopen(NULL), e.g. on Windows
         return None
 
 
