@@ -391,7 +391,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, 1 repeat: checks the harness only")
-    parser.add_argument("--repeats", type=int, default=None, help="rounds per comparison (default 3; quick: 1)")
+    parser.add_argument("--repeats", type=common.positive_int, default=None, help="rounds per comparison (default 3; quick: 1)")
     parser.add_argument("--write", action="store_true", help="replace the chat section of benchmarks/RESULTS.md")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads in every side's process (OMP_NUM_THREADS; default: torch's own choice)")

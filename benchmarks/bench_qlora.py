@@ -162,7 +162,7 @@ def report(samples: dict[str, list[dict[str, Any]]], parameters: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny Qwen2, 1 repeat: checks the harness only")
-    parser.add_argument("--repeats", type=int, default=None, help="runs per side (default 3; quick: 1)")
+    parser.add_argument("--repeats", type=common.positive_int, default=None, help="runs per side (default 3; quick: 1)")
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
     with tempfile.TemporaryDirectory(prefix="loraflow-qlora-") as tmp:

@@ -7,6 +7,7 @@ and each comparison is reported as medians plus the ratio of medians.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -142,6 +143,18 @@ def matmul_flops(n: int = 2048, repeats: int = 10) -> float:
 
 # ---------------------------------------------------------------------------------------------
 # Child processes.
+
+
+def positive_int(text: str) -> int:
+    """An argparse `type` for counts such as `--repeats`: a whole number of at least 1. argparse
+    reports anything else as a usage error (exit 2) before any side runs."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def run_child(module: str, function: str, kwargs: dict[str, Any], *, timeout: float = 1800) -> dict[str, Any]:

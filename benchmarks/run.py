@@ -33,7 +33,7 @@ TARGETS = {"throughput": 1.5, "efficiency": 0.40, "inference": 3.0, "size": 1.1,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, 1 repeat: checks the harness only")
-    parser.add_argument("--repeats", type=int, default=None, help="rounds per comparison (default 3; quick: 1)")
+    parser.add_argument("--repeats", type=common.positive_int, default=None, help="rounds per comparison (default 3; quick: 1)")
     parser.add_argument("--only", default="train,infer,size,tracking,serving,chat", help="comma-separated subset")
     parser.add_argument("--output", default=str(common.BENCH_DIR / "RESULTS.md"))
     args = parser.parse_args()
