@@ -9,8 +9,8 @@ shrink: it keeps pages nobody uses. `malloc_trim(0)` hands those pages back.
 Measured on a 297M Qwen2 in nf4, LoRA r=16 on all seven projections, batch 8, on 2 cores. In a
 training step alone, glibc's own statistics (`mallinfo2`) showed at most 410 MB of heap in use but
 1,290 MB held. In `loraflow train` (`benchmarks/bench_qlora.py`, 3 rounds, medians), trimming after
-each decoder layer's forward lowered the run's peak RSS from 1,662 to 1,448 MiB (0.87x; fp32: 3,162),
-and training ran at 0.92x the speed (0.81x and 0.89x in two earlier runs with slightly different
+each decoder layer's forward lowered the run's peak RSS from 1,663 to 1,515 MiB (0.91x; fp32: 3,201),
+and training ran at 0.87x the speed (0.81x-0.92x over four runs, some with slightly different
 rules). The time goes into faulting the pages given back in again when the next layer's buffers
 take them. Trimming only between steps or evaluations lowered nothing, and a fixed 1 MiB mmap
 threshold (`MALLOC_MMAP_THRESHOLD_`) saved less (about 1,550 MiB) for 0.67x the speed.
