@@ -6,7 +6,7 @@ built-in model is built first, outside the clock. Two figures:
 
 - the generation evals themselves: the time spent in `loraflow.evaluation.answer` (every greedy
   generation of every evaluation, timed around the call), as a share of the rest of the run.
-  Target (issue 11): at most 15%;
+  Target: at most 15%;
 - the whole difference between the sides, (median with - median without) / median without, which
   also holds what logging the samples table and the eval-quality figure costs.
 

@@ -50,7 +50,7 @@ def section(r: dict[str, Any]) -> list[str]:
     per_token = trl["us_per_computed_token"] / lf["us_per_computed_token"]
     n_seeds = len(r["train_samples"]["loraflow"])
     return [
-        "## Chat (issue 17): training against TRL's SFTTrainer, chat pyfunc against raw `generate`",
+        "## Chat: training against TRL's SFTTrainer, chat pyfunc against raw `generate`",
         "",
         f"Model: benchmark 1's random Llama (hidden {work.hidden_size}, {work.num_layers} layers, builtin:tiny's "
         f"tokenizer with its ChatML tokens). Data: {work.train_examples} training and {work.eval_examples} held-out "

@@ -287,7 +287,7 @@ def _infer_section(r: dict) -> list[str]:
 
 
 def _builtin_fidelity(r: dict) -> str:
-    """Whether the built-in flavor changed the outputs here (the issue reports it changing logits)."""
+    """Whether the built-in flavor changed the outputs here."""
     tf, n = r["transformers"], len(r["reference"])
     models = {name: r["samples"][name][0]["model"] for name in ("loraflow", "transformers")}
     loaded = " and ".join(f"{k} a `{v['class']}` in {'/'.join(v['dtypes'])}" for k, v in models.items())
@@ -297,7 +297,7 @@ def _builtin_fidelity(r: dict) -> str:
     else:
         verdict = (f"Yes here: {n - tf['matches_reference']}/{n} of its continuations differ from the in-memory "
                    "model's (first mismatch below)")
-    return (f"Does the built-in flavor change the outputs (the issue reports it changing logits)? {verdict}. "
+    return (f"Does the built-in flavor change the outputs? {verdict}. "
             f"Loaded through pyfunc, the models run are: {loaded}.")
 
 

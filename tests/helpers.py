@@ -13,6 +13,30 @@ from pathlib import Path
 from typing import Iterator
 
 BIN = Path(sys.executable).parent
+_STORE_TEMPLATE: list[Path] = []  # one migrated sqlite store per test process, copied per test
+
+
+def fresh_store(db: Path, artifact_root: str | None = None) -> str:
+    """A new, migrated MLflow sqlite store at `db`, as `mlflow` would create it from the current
+    directory (or, with `artifact_root`, as a server with that default root would), copied from
+    one made once per test process: creating a store runs every migration (seconds)."""
+    import shutil
+    import sqlite3
+    import tempfile
+
+    if not _STORE_TEMPLATE:
+        import mlflow
+
+        folder = Path(tempfile.mkdtemp(prefix="loraflow-store-template-"))
+        mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
+        _STORE_TEMPLATE.append(folder / "mlflow.db")
+    db.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_STORE_TEMPLATE[0], db)
+    root = artifact_root or str(Path.cwd().resolve() / "mlruns")
+    with sqlite3.connect(db) as conn:  # the default experiment's artifacts go where a new store puts them
+        conn.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0", (root.rstrip("/") + "/0",))
+    conn.close()
+    return f"sqlite:///{db}"
 
 
 def free_port() -> int:
@@ -50,7 +74,7 @@ def mlflow_server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
     proc = subprocess.Popen(
         [
             str(BIN / "mlflow"), "server",
-            "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+            "--backend-store-uri", fresh_store(tmp_path / "server.db", "mlflow-artifacts:/"),
             "--artifacts-destination", str(tmp_path / "server-artifacts"),
             "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
         ],

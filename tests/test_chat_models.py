@@ -10,7 +10,7 @@ import subprocess
 import mlflow
 import pytest
 import torch
-from helpers import BIN, env_with_venv, free_port, stop, wait_for_http
+from helpers import BIN, env_with_venv, free_port, fresh_store, stop, wait_for_http
 from test_serving import post
 from test_serving_faults import post_raw
 
@@ -27,7 +27,7 @@ QUESTION = [{"role": "system", "content": "Answer in one sentence."}, {"role": "
 @pytest.fixture(scope="module")
 def chat_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("chat-run")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = fresh_store(tmp / 'mlflow.db')
     mlflow.set_tracking_uri(uri)
     import os
 
@@ -87,14 +87,20 @@ def test_chat_pyfunc_takes_batches_stop_strings_and_refuses_bad_requests_by_name
     result, uri = chat_run
     mlflow.set_tracking_uri(uri)
     pyfunc = mlflow.pyfunc.load_model(result.model_uri)
-    one = pyfunc.predict({"messages": QUESTION, "max_tokens": 2})
-    assert one["choices"][0]["finish_reason"] == "length" and one["usage"]["completion_tokens"] == 2
-    requests = [{"messages": QUESTION, "max_tokens": 2}, {"messages": QUESTION[1:], "max_tokens": 5}]
+    # Lengths are chosen from answers generated here, not from what a trained model happens to say.
+    answers = [pyfunc.predict({"messages": q, "max_tokens": 12}) for q in (QUESTION, QUESTION[1:])]
+    lengths = [a["usage"]["completion_tokens"] for a in answers]
+    cut_at = [max(1, n - 1) for n in lengths]  # one token short of each full answer
+    one = pyfunc.predict({"messages": QUESTION, "max_tokens": cut_at[0]})
+    assert one["usage"]["completion_tokens"] == min(cut_at[0], lengths[0])
+    if lengths[0] > 1:
+        assert one["choices"][0]["finish_reason"] == "length"
+    requests = [{"messages": QUESTION, "max_tokens": cut_at[0]}, {"messages": QUESTION[1:], "max_tokens": cut_at[1]}]
     batch = pyfunc.predict(requests)
     assert len(batch) == 2  # one answer per request, each with its own settings
     assert [b["choices"][0]["message"] for b in batch] == [pyfunc.predict(r)["choices"][0]["message"] for r in requests]
-    assert batch[0]["usage"]["completion_tokens"] == 2 and batch[1]["usage"]["completion_tokens"] <= 5
-    full = pyfunc.predict({"messages": QUESTION, "max_tokens": 12})["choices"][0]["message"]["content"]
+    assert [b["usage"]["completion_tokens"] for b in batch] == [min(c, n) for c, n in zip(cut_at, lengths)]
+    full = answers[0]["choices"][0]["message"]["content"]
     if len(full) > 3:
         cut = pyfunc.predict({"messages": QUESTION, "max_tokens": 12, "stop": [full[2:4]]})["choices"][0]
         assert cut["message"]["content"] == full[: full.index(full[2:4])] and cut["finish_reason"] == "stop"

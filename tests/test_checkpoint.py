@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import env_with_venv
+from helpers import env_with_venv, fresh_store
 from mlflow import MlflowClient
 
 from loraflow import checkpoint as ckpt
@@ -111,7 +111,7 @@ def test_resume_from_a_run_id_and_clear_error_when_there_is_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_kill_9_resumes_from_the_last_complete_checkpoint(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_store(tmp_path / 'mlflow.db')
     out = tmp_path / "out"
     args = [sys.executable, "-m", "loraflow", "train", "--max-steps", "4000", "--eval-steps", "1000",
             "--checkpoint-steps", "5", "--batch-size", "4", "--output-dir", str(out)]

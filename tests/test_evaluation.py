@@ -12,7 +12,7 @@ import mlflow
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from helpers import env_with_venv
+from helpers import env_with_venv, fresh_store
 from mlflow import MlflowClient
 
 from loraflow import data, evaluation
@@ -54,7 +54,7 @@ def test_score_is_the_mean_of_the_metric_definitions():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evaluate")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = fresh_store(tmp / 'mlflow.db')
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     import os

@@ -102,13 +102,17 @@ def test_matching_follows_peft_suffix_rule(model):
     assert unmatched_module_problems(model, "all-linear", ("lm_head",)) == []
 
 
-def test_modules_to_save_follows_peft_plain_suffix_rule(model):
-    """peft saves every module whose name ends with the entry, dot or not: "layernorm" is valid."""
+def test_modules_to_save_check_agrees_with_the_installed_peft(model):
+    """An entry is valid exactly when the installed peft copies a module for it: the check asks peft
+    (whose rule changed between releases: 0.22 no longer takes "layernorm" for input_layernorm)."""
     from peft import LoraConfig, get_peft_model
 
-    assert unmatched_module_problems(model, ("q_proj",), ("layernorm",)) == []
-    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(target_modules=["q_proj"], modules_to_save=["layernorm"]))
-    assert any(".input_layernorm.modules_to_save." in n for n in trainable_names(peft_model))
+    for key in ("layernorm", "input_layernorm", "norm", "lm_head", "layers.0.mlp", "layernorms"):
+        peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(target_modules=["q_proj"], modules_to_save=[key]))
+        copied = any(".modules_to_save." in n for n in trainable_names(peft_model))
+        problems = unmatched_module_problems(model, ("q_proj",), (key,))
+        assert (problems == []) == copied, f"{key!r}: peft copies a module: {copied}; problems: {problems}"
+    assert unmatched_module_problems(model, ("q_proj",), ("input_layernorm", "lm_head")) == []
     assert len(unmatched_module_problems(model, ("q_proj",), ("layernorms",))) == 1
 
 

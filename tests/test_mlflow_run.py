@@ -4,38 +4,81 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import mlflow
 import pytest
-from helpers import env_with_venv, mlflow_server, project_copy
+from helpers import env_with_venv, mlflow_server
 from mlflow import MlflowClient
 
 pytestmark = pytest.mark.slow
 
 
-def test_mlflow_run_main_entry_point_on_the_defaults(tmp_path):
-    project = project_copy(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = subprocess.run(
-        [str(Path(sys.executable).parent / "mlflow"), "run", str(project), "-P", "r=16", "--env-manager", "local",
-         # the same modules in other words: re-logging the pre-logged param must not fail the run
-         "-P", "target_modules=q_proj, k_proj, v_proj, o_proj"],
-        cwd=project, env=env_with_venv(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "loraflow: training finished" in proc.stdout
-    client = MlflowClient(uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("Default").experiment_id])
-    assert run.info.status == "FINISHED"
-    history = sorted(client.get_metric_history(run.info.run_id, "eval_loss"), key=lambda m: m.step)
-    assert history[0].step == 0 and history[-1].value <= 0.8 * history[0].value
-    mlflow.set_tracking_uri(uri)
+def test_mlflow_run_main_entry_point_on_the_defaults(default_run):
+    assert "loraflow: training finished" in default_run.stdout
+    assert default_run.run.info.status == "FINISHED"
+    mlflow.set_tracking_uri(default_run.uri)
     try:
-        out = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model").predict(["Question: What does a pig say?\nAnswer:"])
+        model = mlflow.pyfunc.load_model(default_run.model_uri)
+        out = model.predict(["Question: What does a pig say?\nAnswer:"])
+        short = model.predict(["Question: What does a cow say?\nAnswer:"], params={"max_new_tokens": 8})
     finally:
         mlflow.set_tracking_uri(None)
-    assert out["text"][0].strip()
+    assert out["text"][0].strip() and short["text"][0].strip()
+
+
+def test_defaults_cut_eval_loss_by_at_least_a_fifth(default_run):
+    losses = default_run.history("eval_loss")
+    assert losses[0][0] == 0 and losses[-1][0] == 300
+    assert losses[-1][1] <= 0.8 * losses[0][1]
+
+
+def test_the_default_run_visibly_learns_to_answer_held_out_questions(default_run):
+    """Exact match on held-out eval questions: <= 0.2 before training, >= 0.7 after."""
+    exact = dict(default_run.history("eval_exact_match"))
+    assert exact[0] <= 0.2 and exact[300] >= 0.7
+    assert sorted(exact) == [0, 50, 100, 150, 200, 250, 300]
+    assert default_run.history("eval_token_f1")[-1][1] >= exact[300]
+
+
+def test_the_samples_table_has_a_row_per_sample_per_evaluation(default_run):
+    import json
+
+    import pandas as pd
+
+    mlflow.set_tracking_uri(default_run.uri)
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=default_run.run_id, artifact_path="eval_samples.json")
+        figure = mlflow.artifacts.download_artifacts(run_id=default_run.run_id, artifact_path="eval_quality.png")
+    finally:
+        mlflow.set_tracking_uri(None)
+    doc = json.loads(open(local).read())
+    table = pd.DataFrame(doc["data"], columns=doc["columns"])
+    assert list(table.columns) == ["step", "prompt", "expected", "generated", "exact_match"]
+    per_step = table.groupby("step").size()
+    assert sorted(per_step.index) == [0, 50, 100, 150, 200, 250, 300] and per_step.nunique() == 1
+    for step, value in default_run.history("eval_exact_match"):  # the table is what the metric scored
+        assert table[table.step == step].exact_match.mean() == pytest.approx(value)
+    assert open(figure, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_records_params_metric_histories_inputs_and_artifacts(default_run):
+    import math
+
+    client = MlflowClient(default_run.uri)
+    run = client.get_run(default_run.run_id)
+    assert run.data.params["r"] == "16" and run.data.params["base_model"] == "builtin:tiny"
+    assert run.data.params["target_modules"] == "q_proj,k_proj,v_proj,o_proj"
+    evals = default_run.history("eval_loss")
+    assert evals[0][0] == 0 and evals[-1][0] == 300
+    assert math.isclose(evals[-1][1], run.data.metrics["eval_loss"], rel_tol=1e-6)
+    assert len(default_run.history("train_loss")) == 300
+    for key in ("learning_rate", "tokens_per_second", "eval_perplexity", "trainable_params", "lora_params"):
+        assert key in run.data.metrics
+    contexts = sorted(d.tags[0].value for d in run.inputs.dataset_inputs)
+    assert contexts == ["evaluation", "training"]
+    assert all(d.dataset.digest and d.dataset.source for d in run.inputs.dataset_inputs)
+    artifacts = {a.path for a in client.list_artifacts(default_run.run_id)}
+    assert {"config.yaml", "loss_curve.png"} <= artifacts
 
 
 def test_training_against_a_real_tracking_server(tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from helpers import BIN, env_with_venv, free_port, project_copy
+from helpers import BIN, env_with_venv, free_port, fresh_store, project_copy
 from mlflow import MlflowClient
 
 pytestmark = pytest.mark.slow
@@ -34,7 +34,7 @@ FINAL_EVAL_LOSS_TOLERANCE = 0.02
 
 
 def train(tmp_path: Path, name: str, launcher: list[str], batch_size: int) -> MlflowClient:
-    uri = f"sqlite:///{tmp_path / f'{name}.db'}"
+    uri = fresh_store(tmp_path / f'{name}.db')
     proc = subprocess.run(
         [*launcher, "loraflow", "train", *SETTINGS, "--batch-size", str(batch_size),
          "--output-dir", str(tmp_path / f"{name}-outputs")],
@@ -109,7 +109,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(runs):
 def test_mlflow_run_distributed_entry_point(tmp_path):
     """`mlflow run -e distributed -P nproc_per_node=2`: torchrun under MLflow's run, still one run."""
     project = project_copy(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_store(tmp_path / 'mlflow.db')
     proc = subprocess.run(
         [str(BIN / "mlflow"), "run", str(project), "-e", "distributed", "--env-manager", "local",
          "-P", "nproc_per_node=2", "-P", "max_steps=2", "-P", "eval_steps=1", "-P", "batch_size=4"],

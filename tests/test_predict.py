@@ -19,6 +19,7 @@ from model_helpers import CHATS, save_chat_model
 from loraflow.cli import main
 from loraflow.config import parse_settings
 from loraflow.train import run_training
+from helpers import fresh_store
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +37,7 @@ PARAMS = {"max_new_tokens": 8}
 def champion(tmp_path_factory):
     """A model trained for 2 steps, registered as NAME with the alias `champion`, in a sqlite store."""
     tmp = tmp_path_factory.mktemp("spark-store")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = fresh_store(tmp / 'mlflow.db')
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     os.environ.update(MLFLOW_TRACKING_URI=uri, MLFLOW_REGISTRY_URI=uri)
     mlflow.set_tracking_uri(uri)

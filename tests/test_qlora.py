@@ -20,6 +20,7 @@ from loraflow.errors import ConfigError
 from loraflow.flavor.bases import load_base_model
 from loraflow.lora import apply_lora, parameter_report
 from loraflow.train import run_training
+from helpers import fresh_store
 
 pytest.importorskip("bitsandbytes")
 
@@ -32,7 +33,7 @@ def invoke(*args: str):
 
 
 def train_run(tmp, **overrides):
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = fresh_store(tmp / 'mlflow.db')
     mlflow.set_tracking_uri(uri)
     try:
         raw = {**FAST, "output_dir": str(tmp / "outputs"), **overrides}
@@ -226,7 +227,7 @@ def test_mlflow_run_with_quantization_nf4_trains_quietly_and_logs_a_qlora_model(
     from helpers import env_with_venv, project_copy
 
     project = project_copy(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_store(tmp_path / 'mlflow.db')
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "mlflow"), "run", str(project), "--env-manager", "local",
          "-P", "quantization=nf4", "-P", "max_steps=2", "-P", "eval_steps=2", "-P", "eval_samples=4"],

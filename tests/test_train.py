@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
-import os
 
 import mlflow
 import pytest
@@ -25,101 +23,12 @@ def train(**overrides):
     return run_training(lora, settings, explicit=set(raw))
 
 
-@pytest.fixture(scope="module")
-def default_run(tmp_path_factory):
-    """One run on the real defaults (built-in model, bundled data, 300 steps): the main job's numbers."""
-    tmp = tmp_path_factory.mktemp("default-run")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    cwd = os.getcwd()
-    os.chdir(tmp)  # the sqlite store's default artifact root is ./mlruns
-    try:
-        lora, settings = parse_settings({"output_dir": str(tmp / "outputs")})
-        result = run_training(lora, settings)
-    finally:
-        os.chdir(cwd)
-        mlflow.set_tracking_uri(None)
-    return uri, result
-
-
-def test_defaults_cut_eval_loss_by_at_least_a_fifth(default_run):
-    _, result = default_run
-    assert result.ok
-    assert result.eval_loss_after <= 0.8 * result.eval_loss_before
-
-
-def test_the_default_run_visibly_learns_to_answer_held_out_questions(default_run):
-    """Issue 11's target: exact match on held-out eval questions <= 0.2 before, >= 0.7 after."""
-    uri, result = default_run
-    exact = dict(result.history["eval_exact_match"])
-    assert exact[0] <= 0.2 and exact[300] >= 0.7
-    assert sorted(exact) == [0, 50, 100, 150, 200, 250, 300]
-    client = MlflowClient(uri)
-    logged = sorted(client.get_metric_history(result.run_id, "eval_exact_match"), key=lambda m: m.step)
-    assert [(m.step, m.value) for m in logged] == sorted(exact.items())
-    assert client.get_metric_history(result.run_id, "eval_token_f1")[-1].value >= exact[300]
-
-
-def test_the_samples_table_has_a_row_per_sample_per_evaluation(default_run):
-    import pandas as pd
-
-    uri, result = default_run
-    mlflow.set_tracking_uri(uri)
-    try:
-        local = mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="eval_samples.json")
-        figure = mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="eval_quality.png")
-    finally:
-        mlflow.set_tracking_uri(None)
-    import json
-
-    doc = json.loads(open(local).read())
-    table = pd.DataFrame(doc["data"], columns=doc["columns"])
-    assert list(table.columns) == ["step", "prompt", "expected", "generated", "exact_match"]
-    per_step = table.groupby("step").size()
-    assert sorted(per_step.index) == [0, 50, 100, 150, 200, 250, 300] and per_step.nunique() == 1
-    final = table[table.step == 300]
-    assert final.exact_match.mean() == pytest.approx(dict(result.history["eval_exact_match"])[300])
-    assert open(figure, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-
-
 def test_eval_samples_zero_turns_generation_metrics_off(tracking_uri, tmp_path):
     result = train(output_dir=str(tmp_path), eval_samples="0")
     assert "eval_exact_match" not in result.history and result.samples == []
     run = MlflowClient(tracking_uri).get_run(result.run_id)
     assert "eval_exact_match" not in run.data.metrics
     assert "eval_samples.json" not in {a.path for a in MlflowClient(tracking_uri).list_artifacts(result.run_id)}
-
-
-def test_run_records_params_metric_histories_inputs_and_artifacts(default_run):
-    uri, result = default_run
-    client = MlflowClient(uri)
-    run = client.get_run(result.run_id)
-    assert run.info.status == "FINISHED"
-    assert run.data.params["r"] == "16" and run.data.params["base_model"] == "builtin:tiny"
-    assert run.data.params["target_modules"] == "q_proj,k_proj,v_proj,o_proj"
-    evals = client.get_metric_history(result.run_id, "eval_loss")
-    assert [m.step for m in evals][0] == 0 and max(m.step for m in evals) == 300
-    assert math.isclose(sorted(evals, key=lambda m: m.step)[-1].value, result.eval_loss_after, rel_tol=1e-6)
-    assert len(client.get_metric_history(result.run_id, "train_loss")) == 300
-    for key in ("learning_rate", "tokens_per_second", "eval_perplexity", "trainable_params", "lora_params"):
-        assert key in run.data.metrics
-    contexts = sorted(d.tags[0].value for d in run.inputs.dataset_inputs)
-    assert contexts == ["evaluation", "training"]
-    assert all(d.dataset.digest and d.dataset.source for d in run.inputs.dataset_inputs)
-    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
-    assert {"config.yaml", "loss_curve.png"} <= artifacts
-
-
-def test_logged_model_generates_through_pyfunc(default_run):
-    uri, result = default_run
-    mlflow.set_tracking_uri(uri)
-    try:
-        out = mlflow.pyfunc.load_model(result.model_uri).predict(
-            ["Question: What does a cow say?\nAnswer:"], params={"max_new_tokens": 8}
-        )
-    finally:
-        mlflow.set_tracking_uri(None)
-    assert out["text"][0].strip()
 
 
 def test_same_seed_gives_the_same_final_eval_loss(tracking_uri, tmp_path):

@@ -19,6 +19,7 @@ from loraflow import config
 from loraflow.errors import LoraflowError
 from loraflow.export import DTYPES as EXPORT_DTYPES
 from loraflow.export import FORMATS as EXPORT_FORMATS
+from loraflow.sweep.command import make_command as make_sweep_command
 
 
 def option_name(field: str) -> str:
@@ -486,6 +487,9 @@ def export(model_uri: str | None, model_uri_option: str | None, export_format: s
             f", registered {registered_model_name} version {result.registered_version}" if result.registered_version else ""))
     for note in result.notes:
         click.echo(f"loraflow: {note}")
+
+
+main.add_command(make_sweep_command(settings_options, config_file_option, collect_settings))  # loraflow.sweep.command
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -103,7 +103,9 @@ class TrainSettings:
     eval_samples: int = _help("Eval rows answered greedily at each evaluation, scored by exact match and token F1 "
                               "(logged with a table of samples); 0 turns it off.", 64)
     seed: int = _help("Random seed for init, data order and dropout.", 42)
-    precision: str = _help("auto (bf16 where the GPU supports it, else fp32), fp32, bf16 or fp16.", "auto")
+    precision: str = _help("The dtype the frozen base is held and computes in, whatever it was saved in (the "
+                           "adapter stays fp32): auto (fp32 on a CPU; bf16 on a GPU that has it, else fp16), "
+                           "fp32, bf16 or fp16 (GPU only). See loraflow.flavor.dtypes.", "auto")
     quantization: str = _help("Quantize the frozen base (QLoRA) through bitsandbytes: none, nf4, fp4 or int8. 4-bit "
                               "computes in `precision`'s dtype. Needs pip install 'loraflow[quantization]'.", "none")
     registered_model_name: str | None = _help("Register the logged model under this name. Empty: do not register.", None)

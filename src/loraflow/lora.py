@@ -15,8 +15,10 @@ the settings and the report is the caller's job (`loraflow.tracking`).
 
 from __future__ import annotations
 
+import copy
 import difflib
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,17 +63,43 @@ def linear_module_names(model: "nn.Module") -> list[str]:
     return sorted(names - set(OUTPUT_LAYER_NAMES))
 
 
-def _matcher(key: str, field: str = "target_modules") -> "Callable[[str], bool]":
-    """Whether a module name is matched by one `target_modules` or `modules_to_save` entry, by peft's rule."""
-    if field == "modules_to_save":
-        # peft's rule for modules_to_save (`_set_trainable`) is a plain suffix: "layernorm" matches
-        # input_layernorm. peft has no standalone function for it, so it is written out here.
-        return lambda module_name: module_name.endswith(key)
+def _matcher(key: str) -> "Callable[[str], bool]":
+    """Whether a module name is matched by one `target_modules` entry, by peft's own function."""
     from peft import LoraConfig
     from peft.tuners.tuners_utils import check_target_module_exists
 
     config = LoraConfig(target_modules=[key])
     return lambda module_name: bool(check_target_module_exists(config, module_name))
+
+
+def saved_module_names(model: "nn.Module", key: str) -> list[str]:
+    """The modules that peft itself copies for one `modules_to_save` entry, read off a meta copy of
+    `model` wrapped by the installed peft (its matching rule changes between releases)."""
+    from peft import LoraConfig, get_peft_model
+    from peft.utils.constants import DUMMY_TARGET_MODULES
+
+    config = LoraConfig(target_modules=DUMMY_TARGET_MODULES, modules_to_save=[key])
+    try:
+        with peft_wrapping(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a probe: peft's advice about the copy is not for the user
+            wrapped = get_peft_model(_meta_copy(model), config)
+    except ValueError:  # peft refuses an entry it cannot wrap (e.g. a LoRA layer's own name)
+        return []
+    marker = SAVED_MODULE_MARKER.rstrip(".")
+    return sorted({name.split(marker)[0].removeprefix("base_model.model.")
+                   for name, _ in wrapped.named_modules() if marker + "." in name})
+
+
+def _meta_copy(model: "nn.Module") -> "nn.Module":
+    """A deep copy of `model` whose parameters and buffers are empty meta tensors (no memory)."""
+    import torch
+    from torch import nn
+
+    memo: dict[int, Any] = {}
+    for tensor in (*model.parameters(), *model.buffers()):
+        empty = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+        memo[id(tensor)] = nn.Parameter(empty, requires_grad=False) if isinstance(tensor, nn.Parameter) else empty
+    return copy.deepcopy(model, memo)
 
 
 def unmatched_module_problems(
@@ -88,7 +116,9 @@ def unmatched_module_problems(
     targets = () if target_modules == ALL_LINEAR else target_modules
     for field, keys in (("target_modules", targets), ("modules_to_save", modules_to_save)):
         for key in keys:
-            if any(map(_matcher(key, field), module_names)):
+            if field == "target_modules" and any(map(_matcher(key), module_names)):
+                continue
+            if field == "modules_to_save" and saved_module_names(model, key):
                 continue
             close = difflib.get_close_matches(key, short_names, n=3, cutoff=0.6)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -198,8 +228,8 @@ def quantization_problems(skeleton: "nn.Module", raw: Mapping[str, Any], base: s
         skipped = get_keys_to_not_convert(skeleton)  # transformers' own rule: lm_head, tied and last layers stay
         linear = [name for name, module in skeleton.named_modules() if type(module).__name__ in ("Linear", "Conv1D")]
         for key in modules_to_save:
-            matches = _matcher(key, "modules_to_save")
-            hit = [n for n in linear if matches(n) and should_convert_module(n, skipped)]
+            saved = set(saved_module_names(skeleton, key))
+            hit = [n for n in linear if n in saved and should_convert_module(n, skipped)]
             if hit:
                 problems.append(f"`modules_to_save` entry {key!r} is a layer that --quantization {quantization} "
                                 f"quantizes ({hit[0]}), so it cannot be trained in full; target it with LoRA "

@@ -3,7 +3,7 @@
 The rules themselves (alias names, the metric comparison, the decision records) are pure and live
 in `loraflow.promotion`; this module talks to the registry.
 
-The rules (issue 5), in the order they are checked:
+The rules, in the order they are checked:
 
 1. The version exists, is READY, holds a loraflow model, and its source run FINISHED and was not
    deleted (a failed, killed or deleted run is refused: its model may be half-trained or tampered with).

@@ -210,9 +210,11 @@ class RunLogger:
             logger.warning("MLflow: could not %s (%s: %s); %s", what, type(err).__name__, err, then)
             return None
 
-    def log_settings(self, lora: LoraSettings, train: Any, task: str = "completion") -> None:
+    def log_settings(self, lora: LoraSettings, train: Any, task: str = "completion",
+                     dtypes: Mapping[str, str] | None = None) -> None:
         """Every resolved setting as a param, the whole config as `config.yaml`, and the run's tags
-        (`task`: `completion` or `chat`, what the data is)."""
+        (`task`: `completion` or `chat`, what the data is). `dtypes`: the params `base_dtype` and
+        `compute_dtype`, the dtypes the run chose (`loraflow.base_models.effective_dtypes`)."""
         if not self.enabled:
             return
         import mlflow
@@ -221,7 +223,8 @@ class RunLogger:
 
         resolved = {"lora": to_dict(lora), "train": to_dict(train)}
         quantized = quantization_params(train.quantization, train.precision)
-        self._guard("log params", log_params_safely, {**resolved["train"], **resolved["lora"], **quantized})
+        self._guard("log params", log_params_safely, {**resolved["train"], **resolved["lora"], **quantized,
+                                                             **(dtypes or {})})
         self._guard("log config.yaml", mlflow.log_dict, resolved, "config.yaml")
         self.task = task
         tags = run_info.run_tags(train.base_model, lora.r, lora.target_modules, task=task,

@@ -23,7 +23,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,36 +67,29 @@ class TrainResult:
 # Setup.
 
 
-def mixed_precision(precision: str) -> str:
-    """accelerate's mixed_precision for our `precision` setting (`auto`: bf16 where the GPU has it)."""
-    import torch
-
-    if precision == "auto":
-        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return "bf16" if cuda_bf16 else "no"
-    if precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("`precision` fp16 needs a CUDA GPU, none is available; use auto, fp32 or bf16")
-    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
-
-
 def load_model_and_tokenizer(lora: LoraSettings, settings: TrainSettings, explicit: set[str]):
     """The PEFT model to train, its tokenizer, and the LoRA settings actually in effect."""
-    from loraflow.base_models import load_for_training
+    from loraflow.base_models import load_for_training, training_plan_or_error
+    from loraflow.flavor.dtypes import keep_adapter_fp32
     from loraflow.lora import apply_lora
 
-    if settings.init_model:
-        return _continue_from(settings.init_model, lora, explicit, settings.trust_remote_code)
-    model, tokenizer = load_for_training(settings.base_model, revision=settings.revision,
-                                         trust_remote_code=settings.trust_remote_code,
-                                         quantization=settings.quantization, precision=settings.precision)
-    return apply_lora(model, lora), tokenizer, lora
+    if settings.init_model:  # its base in `precision`'s dtype (a quantized one as it was trained)
+        dtype = training_plan_or_error(settings.precision).base if settings.quantization == "none" else None
+        model, tokenizer, lora = _continue_from(settings.init_model, lora, explicit, settings.trust_remote_code, dtype)
+    else:
+        model, tokenizer = load_for_training(settings.base_model, revision=settings.revision,
+                                             trust_remote_code=settings.trust_remote_code,
+                                             quantization=settings.quantization, precision=settings.precision)
+        model = apply_lora(model, lora)
+    return keep_adapter_fp32(model), tokenizer, lora
 
 
-def _continue_from(uri: str, requested: LoraSettings, explicit: set[str], trust_remote_code: bool = False):
-    """Load a logged model trainable; its LoRA settings win, and a conflicting request is an error."""
+def _continue_from(uri: str, requested: LoraSettings, explicit: set[str], trust_remote_code: bool = False,
+                   dtype: str | None = None):
+    """Load a logged model trainable (in `dtype`); its LoRA settings win, and a conflicting request is an error."""
     from loraflow import flavor
 
-    loaded = flavor.load_model(uri, is_trainable=True, trust_remote_code=trust_remote_code)
+    loaded = flavor.load_model(uri, is_trainable=True, trust_remote_code=trust_remote_code, dtype=dtype)
     peft_config = loaded.model.peft_config["default"]
     names = [f.name for f in dataclasses.fields(LoraSettings)]
     from_model = lora_settings({n: _peft_value(getattr(peft_config, n)) for n in names if hasattr(peft_config, n)})
@@ -238,13 +231,13 @@ class FineTune:
     def __init__(self, model, tokenizer, train_examples: data_lib.TokenizedExamples,
                  eval_examples: data_lib.TokenizedExamples, settings: TrainSettings, accelerator: "Accelerator",
                  run: "tracking.RunLogger", *, resume: Path | None = None, flat_settings: dict[str, Any] | None = None,
-                 samples: "evaluation.Samples | None" = None):
+                 samples: "evaluation.Samples | None" = None, on_evaluate: Callable[..., None] | None = None):
         import torch
         from transformers import get_cosine_schedule_with_warmup
 
         self.settings, self.accelerator, self.run, self.tokenizer = settings, accelerator, run, tokenizer
         self.flat_settings = flat_settings or {}
-        self.samples, self.sample_rows = samples, []  # generation metrics at each evaluation
+        self.samples, self.sample_rows, self.on_evaluate = samples, [], on_evaluate
         self.train_loader, self.eval_loader = self._loader(train_examples, True), self._loader(eval_examples, False)
         self.budget = micro_batch_budget(settings.micro_batch_tokens, accelerator.device)
         self.steps = total_steps(settings, len(self.train_loader))
@@ -350,6 +343,8 @@ class FineTune:
         if self.samples is not None and self.samples.prompts and self.accelerator.is_main_process:
             logged.update(self._generation_metrics())
         self.run.log_metrics(logged, self.step)
+        if self.on_evaluate is not None:  # (step, metrics, final?): e.g. a sweep's pruner, which may raise to stop
+            self.on_evaluate(self.step, logged, self.step >= self.steps)
         return loss
 
     def _generation_metrics(self) -> dict[str, float]:
@@ -376,23 +371,23 @@ class FineTune:
         return path
 
 
-def run_training(
-    lora: LoraSettings, settings: TrainSettings, explicit: set[str] | None = None, resume: Path | None = None
-) -> TrainResult:
+def run_training(lora: LoraSettings, settings: TrainSettings, explicit: set[str] | None = None,
+                 resume: Path | None = None, on_evaluate: Callable[..., None] | None = None) -> TrainResult:
     """Run the whole recipe in the active MLflow run (or a new one) and log the model.
 
     Args:
         lora: LoRA settings (ignored in favour of the model's own when `settings.init_model` is set).
         settings: everything else.
         explicit: the setting names the user gave, to detect conflicts with `init_model`.
-        resume: a checkpoint folder (`checkpoint.resolve_checkpoint`) to continue from, in the
-            same MLflow run that wrote it.
+        resume: a checkpoint folder (`checkpoint.resolve_checkpoint`) to continue from, in the same run that wrote it.
+        on_evaluate: called after each evaluation as (step, metrics logged, final evaluation?).
 
     Raises:
         ConfigError, DataError: bad settings or data, raised before any model is loaded.
         TrainingInterrupted: SIGINT/SIGTERM; a checkpoint was written first.
     """
     from loraflow import evaluation, model_uri, tracking
+    from loraflow.base_models import effective_dtypes
 
     data = data_lib.load_training_data(settings)  # fails on bad data before anything heavy
     settings = model_uri.with_init_quantization(settings, explicit or set()) if settings.init_model else settings
@@ -408,14 +403,14 @@ def run_training(
                if settings.eval_samples else None)
     run_id = ckpt.read_state(resume).run_id if resume else None
     with tracking.RunLogger.start(enabled=accelerator.is_main_process, run_id=run_id, run_name=settings.run_name) as run:
-        run.log_settings(lora, settings, task="chat" if data.columns.is_chat else "completion")
+        run.log_settings(lora, settings, task="chat" if data.columns.is_chat else "completion",
+                         dtypes=effective_dtypes(model, accelerator.mixed_precision))
         run.log_datasets(data.train, data.eval)
         from loraflow.lora import parameter_report
-
         run.log_metrics(parameter_report(model), None)
         flat = {**config.to_dict(settings), **config.to_dict(lora)}
         recipe = FineTune(model, tokenizer, train_examples, eval_examples, settings, accelerator, run,
-                          resume=resume, flat_settings=flat, samples=samples)
+                          resume=resume, flat_settings=flat, samples=samples, on_evaluate=on_evaluate)
         before, after, history = recipe.train()
         accelerator.wait_for_everyone()
         result = TrainResult(ok=True, run_id=run.run_id, model_uri=None, eval_loss_before=before,
@@ -435,11 +430,16 @@ def setup(lora: LoraSettings, settings: TrainSettings, explicit: set[str]):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    accelerator = Accelerator(
-        # Without a GPU, accelerate goes multi-process (gloo) only when told it runs on the CPU.
-        cpu=torch.accelerator.current_accelerator() is None,
-        mixed_precision=mixed_precision(settings.precision), gradient_accumulation_steps=settings.grad_accum_steps
-    )
+    from accelerate.state import AcceleratorState
+
+    from loraflow.base_models import training_plan_or_error
+
+    mixed = training_plan_or_error(settings.precision).mixed_precision  # `loraflow.flavor.dtypes`
+    if AcceleratorState._shared_state.get("_mixed_precision", mixed) != mixed:  # an earlier run in this process:
+        AcceleratorState._reset_state()  # accelerate refuses another precision (its process state is kept)
+    accelerator = Accelerator(  # without a GPU, accelerate goes multi-process (gloo) only when told it runs on the CPU
+        cpu=torch.accelerator.current_accelerator() is None, mixed_precision=mixed,
+        gradient_accumulation_steps=settings.grad_accum_steps)
     set_seed(settings.seed)
     return (accelerator, *load_model_and_tokenizer(lora, settings, explicit))
 

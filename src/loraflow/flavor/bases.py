@@ -7,6 +7,8 @@ same way as the base it is served on (its fingerprint depends on that).
 - `builtin:<name>` is built from code on first use (`loraflow.builtin`) and cached in
   `$LORAFLOW_HOME/<name>-v<version>`, written atomically so a crash never leaves half a model there;
 - a local folder is read as it is;
+- a `*.gguf` file (llama.cpp, Ollama) is read through transformers' GGUF support (the `gguf`
+  package), dequantized into the dtype asked for; it is not quantized any more once loaded;
 - anything else is a Hub id, loaded through transformers' cache (no network here: only what is
   cached already).
 
@@ -41,16 +43,79 @@ class UnknownBuiltin(ValueError):
     """A `builtin:` name that loraflow does not know."""
 
 
+class BadGguf(ValueError):
+    """A GGUF base that cannot be loaded: missing, damaged, or of an architecture transformers cannot read."""
+
+
 def is_builtin(name: str) -> bool:
     """True for names such as `builtin:tiny`."""
     return name.startswith(BUILTIN_PREFIX)
 
 
+def is_gguf(name_or_path: str) -> bool:
+    """True for a path to a GGUF file (`*.gguf`, llama.cpp's and Ollama's format)."""
+    return not is_builtin(name_or_path) and name_or_path.lower().endswith(".gguf")
+
+
 def base_kind(name_or_path: str) -> str:
-    """`"builtin"`, `"local"` (an existing directory) or `"hub"` (anything else)."""
+    """`"builtin"`, `"gguf"` (a `*.gguf` file), `"local"` (an existing directory) or `"hub"` (anything else)."""
     if is_builtin(name_or_path):
         return "builtin"
+    if is_gguf(name_or_path):
+        return "gguf"
     return "local" if Path(os.path.expanduser(name_or_path)).is_dir() else "hub"
+
+
+def gguf_location(name_or_path: str) -> dict[str, str]:
+    """`from_pretrained` arguments for a GGUF file: its folder, and `gguf_file` (its name).
+
+    Raises:
+        BadGguf: the file does not exist.
+    """
+    path = Path(os.path.expanduser(name_or_path)).resolve()
+    if not path.is_file():
+        raise BadGguf(f"{name_or_path!r} is not a file: give the path of an existing .gguf file")
+    return {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name}
+
+
+@contextlib.contextmanager
+def gguf_errors(name_or_path: str) -> Iterator[None]:
+    """Turn transformers' and the `gguf` reader's failures on a GGUF file into one `BadGguf`,
+    naming the file and the problem (an architecture transformers cannot read, or a damaged file)."""
+    import re
+
+    try:
+        yield
+    except BadGguf:
+        raise
+    except ImportError as err:
+        raise BadGguf(f"{name_or_path!r} is a GGUF file, which needs the `gguf` package: "
+                      "pip install 'loraflow[gguf]'") from err
+    except Exception as err:  # the reader raises ValueError, struct/numpy errors or KeyError on a bad file
+        text = str(err)
+        if match := re.search(r"architecture (\S+) is not supported", text):
+            raise BadGguf(f"{name_or_path!r} is a GGUF model of architecture {match.group(1)!r}, which "
+                          "transformers cannot read; use a GGUF of a supported architecture (llama, mistral, "
+                          "qwen2, gemma, phi3, ...) or the model's Hugging Face folder") from err
+        raise BadGguf(f"{name_or_path!r} cannot be read as a GGUF file ({type(err).__name__}: "
+                      f"{text[:200]}): it is truncated or corrupt; download it again") from err
+
+
+def _load_gguf_model(name_or_path: str, dtype: Any, kwargs: dict[str, Any]) -> "PreTrainedModel":
+    """A GGUF base dequantized into `dtype` (default fp32), as a plain model: transformers marks it
+    quantized, which forbids casting and saving it, though its weights are ordinary tensors by now."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {k: v for k, v in kwargs.items() if k != "revision"}
+    kwargs["dtype"] = dtype or "float32"
+    with gguf_errors(name_or_path):
+        model = AutoModelForCausalLM.from_pretrained(**gguf_location(name_or_path), **kwargs)
+    model.hf_quantizer = None
+    for holder in (model, model.config):
+        if hasattr(holder, "quantization_config"):
+            delattr(holder, "quantization_config")
+    model.config.name_or_path = model.name_or_path = str(Path(os.path.expanduser(name_or_path)).resolve())
+    return model
 
 
 def resolve_base(name_or_path: str) -> str:
@@ -113,21 +178,25 @@ def load_base_model(
     """Load a causal LM through `AutoModelForCausalLM`, exactly as a user would (in eval mode).
 
     Args:
-        name_or_path: `builtin:tiny`, a local directory, or a Hub id.
+        name_or_path: `builtin:tiny`, a local directory, a `*.gguf` file, or a Hub id.
         revision: a Hub branch, tag or commit hash.
-        dtype: torch dtype (or its name) to load the weights in; default: as saved, else fp32.
+        dtype: torch dtype (or its name) to load the weights in; default: as saved, else fp32 (a
+            GGUF file: dequantized into it, default fp32).
         trust_remote_code: run code shipped with the model. Off unless the user asks.
         from_pretrained: more keyword arguments for `from_pretrained` (e.g. `quantization_config`).
 
     Raises:
         NeedsRemoteCode: the model needs remote code and `trust_remote_code` is False.
         UnknownBuiltin: an unknown `builtin:` name.
+        BadGguf: a GGUF file that is missing, damaged, or of an architecture transformers cannot read.
     """
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": bool(trust_remote_code), **from_pretrained}
     if dtype is not None:
         kwargs["dtype"] = dtype
+    if is_gguf(name_or_path):
+        return _load_gguf_model(name_or_path, kwargs.pop("dtype", None), kwargs)
     with remote_code_refused(name_or_path):
         if "quantization_config" in kwargs:
             model = _load_quantized(name_or_path, kwargs)
@@ -183,6 +252,8 @@ def local_weight_files(name_or_path: str, revision: str | None = None) -> list[P
 
     from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
+    if is_gguf(name_or_path):
+        return []  # not safetensors: its tensors are hashed as loaded
     if base_kind(name_or_path) != "hub":
         root = Path(os.path.expanduser(resolve_base(name_or_path)))
 
@@ -214,13 +285,18 @@ def load_tokenizer(
 
     Raises:
         NeedsRemoteCode: the tokenizer needs remote code and `trust_remote_code` is False.
+        BadGguf: a GGUF file that cannot be read.
     """
     from transformers import AutoTokenizer
 
-    with remote_code_refused(name_or_path):
-        tokenizer = AutoTokenizer.from_pretrained(
-            resolve_base(name_or_path), revision=revision, trust_remote_code=bool(trust_remote_code)
-        )
+    if is_gguf(name_or_path):
+        with gguf_errors(name_or_path):
+            tokenizer = AutoTokenizer.from_pretrained(**gguf_location(name_or_path))
+    else:
+        with remote_code_refused(name_or_path):
+            tokenizer = AutoTokenizer.from_pretrained(
+                resolve_base(name_or_path), revision=revision, trust_remote_code=bool(trust_remote_code)
+            )
     if tokenizer.pad_token is None:  # batching needs one; EOS is what generation pads with anyway
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

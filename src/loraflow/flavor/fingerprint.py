@@ -54,6 +54,10 @@ SAFETENSORS_DTYPES = {
     "I64": "torch.int64", "I32": "torch.int32", "I16": "torch.int16", "I8": "torch.int8", "U8": "torch.uint8",
     "BOOL": "torch.bool",
 }
+# Set on a base cast after loading (`convert_base`), so that its fingerprint stays that of its
+# weights as stored: {tensor name: dtype as loaded}, and {header: sha256} of tensors cast with a loss.
+STORED_DTYPES_ATTR = "_loraflow_stored_dtypes"
+STORED_DIGESTS_ATTR = "_loraflow_stored_digests"
 # Config keys that describe how a model was loaded or run, not what it is.
 VOLATILE_CONFIG_KEYS = ("transformers_version", "dtype", "torch_dtype", "use_cache")
 
@@ -87,6 +91,78 @@ def _base_tensors(model: "torch.nn.Module") -> dict[str, "torch.Tensor"]:
     return tensors
 
 
+def base_state_dict(model: "torch.nn.Module") -> dict[str, "torch.Tensor"]:
+    """The base's tensors by original name (peft's wrappers stripped, tied ones once), each in the
+    dtype it was stored in: a tensor cast after loading (`convert_base`) is cast back, which is
+    exact for a cast up; one cast down is fingerprinted by the digest recorded before the cast."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    stored = getattr(base, STORED_DTYPES_ATTR, None) or {}
+    tensors = {}
+    for name, tensor in _base_tensors(base).items():
+        if (as_stored := stored.get(name)) is not None and tensor.dtype != as_stored:
+            tensor = tensor.detach().to(as_stored)
+        tensors[name] = tensor
+    return tensors
+
+
+def remember_stored_dtypes(model: "torch.nn.Module", target: "torch.dtype") -> None:
+    """Record what the base's fingerprint needs before it is cast to `target`, the dtype it computes
+    in (`convert_base`): each tensor's dtype as stored (the first record holds), and for a
+    cast that loses bits (fp32 to bf16, bf16 to fp16) the digest of the stored bytes, which cannot
+    be cast back. A cast up (bf16 to fp32) is exact and is simply cast back when fingerprinting."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, STORED_DTYPES_ATTR, None):
+        setattr(base, STORED_DTYPES_ATTR, {name: t.dtype for name, t in _base_tensors(base).items()})
+    if all(_exact_cast(str(dtype), target) for dtype in getattr(base, STORED_DTYPES_ATTR).values()):
+        return  # a cast up, undone exactly when fingerprinting
+    known = getattr(base, STORED_DIGESTS_ATTR, None) or {}
+    lossy = [(header, flat) for header, flat in _fingerprint_inputs(base).tensors
+             if header not in known and not _exact_cast(header.split("|")[1], target)]
+    if lossy:
+        setattr(base, STORED_DIGESTS_ATTR, {**known, **_tensor_digests(lossy)})
+
+
+def convert_base(model: "torch.nn.Module", dtype: str) -> "torch.nn.Module":
+    """Cast the floating-point parameters of an unquantized base to `dtype` (the dtype it computes in,
+    `dtypes`), in place, after recording what its fingerprint needs of the stored weights
+    (`remember_stored_dtypes`). Buffers are left as they are (rotary frequencies stay fp32). A
+    quantized model is returned unchanged.
+    """
+    import torch
+
+    if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_loaded_in_4bit", False):
+        return model
+    target = getattr(torch, dtype)
+    params = [p for p in model.parameters() if p.is_floating_point() and p.dtype != target]
+    if params:
+        remember_stored_dtypes(model, target)
+        for param in params:  # `Parameter`s are unique here: a tied matrix is cast once
+            param.data = param.data.to(target)
+    if hasattr(model, "config"):
+        model.config.dtype = target
+    return model
+
+
+def stored_dtype(model: "torch.nn.Module") -> str:
+    """The dtype the base's weights were loaded in (before `convert_base`), by torch name."""
+    remembered = getattr(model, STORED_DTYPES_ATTR, None)
+    if remembered:
+        floating = [d for d in remembered.values() if d.is_floating_point]
+        if floating:
+            return str(max(set(floating), key=floating.count)).removeprefix("torch.")
+    return str(model.dtype).removeprefix("torch.")
+
+
+def _exact_cast(stored: str, target: "torch.dtype") -> bool:
+    """Whether every value of dtype `stored` (its torch name) survives a cast to `target`."""
+    import torch
+
+    dtype = getattr(torch, stored.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype == target:
+        return True
+    return target in (torch.float32, torch.float64) and target.itemsize > dtype.itemsize
+
+
 def _normalized_config(model: "PreTrainedModel") -> dict[str, Any]:
     config = model.config.to_dict()
     return {k: v for k, v in config.items() if not k.startswith("_") and k not in VOLATILE_CONFIG_KEYS}
@@ -98,7 +174,8 @@ def base_fingerprint(model: "torch.nn.Module") -> str:
     Hashes the normalised config (volatile keys such as `_name_or_path` and `transformers_version`
     dropped), then each base tensor's name, dtype, shape and the sha256 of its bytes, in name order.
     """
-    return _fingerprint(_fingerprint_inputs(model))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _fingerprint(_fingerprint_inputs(model), getattr(base, STORED_DIGESTS_ATTR, None))
 
 
 class _FingerprintInputs(NamedTuple):
@@ -119,7 +196,7 @@ def _fingerprint_inputs(model: "torch.nn.Module") -> _FingerprintInputs:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = json.dumps(_normalized_config(base), sort_keys=True, default=str).encode()
     tensors = []
-    for name, tensor in sorted(_base_tensors(base).items()):
+    for name, tensor in sorted(base_state_dict(base).items()):
         if tensor.device.type == "meta":
             raise MlflowException(f"cannot fingerprint `{name}`: its weights are on the meta device (offloaded)")
         header = _tensor_header(name, tensor.dtype, tensor.shape)
@@ -131,17 +208,21 @@ def _fingerprint(inputs: _FingerprintInputs, known: dict[str, bytes] | None = No
     """`sha256-tensors:<hex>` of `inputs`. `known`: tensor digests already computed, by
     `name|dtype|shape` header; a tensor with a matching header is not hashed again."""
     known = known or {}
-    todo = [(header, flat) for header, flat in inputs.tensors if header not in known]
-    # hashlib releases the GIL on large buffers, so tensors hash on every core at once
-    workers = max(1, min(len(todo), os.cpu_count() or 1, 8))
-    with ThreadPoolExecutor(workers, thread_name_prefix="loraflow-fingerprint") as pool:
-        digests = pool.map(lambda flat: hashlib.sha256(memoryview(flat.numpy())).digest(), (f for _, f in todo))
-        hashed = dict(zip((header for header, _ in todo), digests))
+    hashed = _tensor_digests([(header, flat) for header, flat in inputs.tensors if header not in known])
     digest = hashlib.sha256(inputs.config)
     for header, _ in inputs.tensors:
         digest.update(f"\n{header}\n".encode())
         digest.update(known[header] if header in known else hashed[header])
     return f"{FINGERPRINT_SCHEME}:{digest.hexdigest()}"
+
+
+def _tensor_digests(tensors: list[tuple[str, "torch.Tensor"]]) -> dict[str, bytes]:
+    """sha256 of each flat byte tensor, by header."""
+    # hashlib releases the GIL on large buffers, so tensors hash on every core at once
+    workers = max(1, min(len(tensors), os.cpu_count() or 1, 8))
+    with ThreadPoolExecutor(workers, thread_name_prefix="loraflow-fingerprint") as pool:
+        digests = pool.map(lambda flat: hashlib.sha256(memoryview(flat.numpy())).digest(), (f for _, f in tensors))
+        return dict(zip((header for header, _ in tensors), digests))
 
 
 def check_scheme(fingerprint: str) -> None:

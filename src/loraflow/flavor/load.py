@@ -32,6 +32,7 @@ from mlflow.utils.model_utils import _add_code_from_conf_to_system_path
 
 from loraflow.flavor import fingerprint
 from loraflow.flavor.bases import NeedsRemoteCode, load_base_model, load_tokenizer, peft_wrapping
+from loraflow.flavor.dtypes import serving_dtype
 from loraflow.flavor.files import file_sha256
 from loraflow.flavor.layout import ADAPTER_WEIGHTS_FILE, TRUST_REMOTE_CODE_ENV, env_flag, invalid, read_flavor_conf
 from loraflow.flavor.quantization import dequantizing, keep_trainable_layout, prepare_for_training
@@ -161,6 +162,11 @@ def load_local(
 
     conf = conf or read_flavor_conf(path)
     record = _quantization(conf, quantization, dtype)
+    # where it computes: `device`, else the CPU (a quantized base: the first GPU, else the CPU; `load_kwargs`)
+    placed = device or ("cuda" if record and torch.cuda.is_available() else "cpu")
+    compute_dtype = _compute_dtype(dtype, placed)  # a bad name is refused before anything loads
+    if record and "compute_dtype" in record:  # 4-bit: computes in the device's dtype too, whatever it trained in
+        record = {**record, "compute_dtype": compute_dtype}
     allowed = _remote_code_allowed(path, conf["base"], trust_remote_code)  # before any code can run
     _add_code_from_conf_to_system_path(str(path), conf)
     fingerprint.check_scheme(conf["base"]["fingerprint"])
@@ -180,6 +186,8 @@ def load_local(
         base_checked = fingerprint.start_quantized_fingerprint(base, stored)
     else:
         base_checked = fingerprint.start_base_fingerprint(base, conf["base"]["fingerprint"], stored)
+    if not record:  # after the fingerprint captured the tensors as stored
+        fingerprint.convert_base(base, compute_dtype)
     base = _for_use(base, record, is_trainable, dequantize)
     adapter_checked.result()  # before peft reads the adapter, so its errors never come first
     try:
@@ -189,11 +197,23 @@ def load_local(
         fingerprint.check_base(base_checked, conf["base"], where)  # a different base explains a failure best
         raise
     fingerprint.check_base(base_checked, conf["base"], where)
-    if dtype is not None:
-        model.to(dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    if dtype is not None and dtype != "auto":  # asked for: the adapter too
+        model.to(dtype=getattr(torch, compute_dtype))
     if device is not None and not (record and not dequantize) and not _on_device(model, torch.device(device)):
         model.to(device)  # walks every module even when nothing moves: skipped then
     return LoadedModel(model, tokenizer)
+
+
+def _compute_dtype(dtype: Any, device: Any) -> str:
+    """The dtype the base computes in: `dtype` when given, else the policy's for `device` (`dtypes`).
+
+    Raises:
+        MlflowException: an unknown dtype.
+    """
+    try:
+        return serving_dtype(dtype, device)
+    except ValueError as e:
+        raise invalid(str(e)) from e
 
 
 def _quantization(conf: dict[str, Any], quantization: str | None, dtype: Any) -> dict[str, Any] | None:
@@ -206,7 +226,7 @@ def _quantization(conf: dict[str, Any], quantization: str | None, dtype: Any) ->
         raise invalid(f"`quantization` must be None (as the model was trained) or 'none' (the unquantized base), "
                       f"got {quantization!r}")
     record = conf.get("quantization") if quantization is None else None
-    if record and dtype is not None:
+    if record and dtype not in (None, "auto"):
         raise invalid(f"`dtype` {dtype!r} cannot be set on a model trained on a {record['method']}-quantized base: "
                       "drop it, or pass quantization='none' to load the unquantized base in that dtype")
     return record
@@ -251,7 +271,11 @@ def load_model(
         model_uri: `runs:/...`, `models:/...`, a local path, or any MLflow artifact URI.
         is_trainable: reload LoRA (and modules_to_save) parameters as trainable, to continue training.
         device: where to put the model; default: the CPU.
-        dtype: cast the loaded model to this dtype; default: the base's saved dtype.
+        dtype: the dtype the model computes in (a torch dtype or its name, or fp32/bf16/fp16); the
+            whole model, adapter included, is cast to it. Default (None or "auto"): the device's,
+            whatever dtype the base was saved in (`loraflow.flavor.dtypes`): fp32 on a CPU, bf16 on
+            a GPU that has it, else fp16; the adapter stays in fp32. The base's fingerprint is
+            checked on its weights as stored, before any cast.
         dst_path: where to download the artifacts; default: a temporary directory.
         trust_remote_code: allow a base recorded with `trust_remote_code` to run its code; default
             (None): the `LORAFLOW_TRUST_REMOTE_CODE` environment variable, else not allowed. Never

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from mlflow.environment_variables import _MLFLOW_IS_IN_SERVING_ENVIRONMENT
 
+from loraflow.flavor.dtypes import SERVING_DTYPES
 from loraflow.flavor.layout import invalid, short_repr
 from loraflow.flavor.load import LoadedModel, device_problem, load_local
 
@@ -34,6 +35,9 @@ PYFUNC_DEFAULTS: dict[str, Any] = {
     "max_request_prompts": 256,
     "max_request_chars": 1_000_000,
     "device": None,  # None: CUDA when available, else CPU
+    # The dtype the base computes in. None: the device's (`loraflow.flavor.dtypes`: fp32 on a CPU,
+    # bf16 on a GPU that has it, else fp16), whatever dtype the base was saved in.
+    "dtype": None,
 }
 
 
@@ -268,6 +272,9 @@ def pyfunc_config(model_config: dict[str, Any] | None) -> dict[str, Any]:
             problems.append(f"model_config `{key}` must be a positive integer, got {value!r}")
     if config["device"] is not None and (problem := device_problem(config["device"])):
         problems.append(f"model_config {problem}")
+    if config["dtype"] is not None and config["dtype"] not in SERVING_DTYPES:
+        problems.append(f"model_config `dtype` must be None (the device's default) or one of {list(SERVING_DTYPES)}, "
+                        f"got {short_repr(config['dtype'], 60)}")
     if problems:
         raise invalid("; ".join(problems))
     return config
@@ -282,7 +289,8 @@ def load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> Lorafl
     config = pyfunc_config(model_config)
     device = config["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     conf = read_flavor_conf(Path(path))
-    loaded = load_local(Path(path), device=device, conf=conf)  # in eval mode: peft sets it unless trainable
+    # in eval mode: peft sets it unless trainable
+    loaded = load_local(Path(path), device=device, dtype=config["dtype"], conf=conf)
     cap_served_errors()
     return LoraflowPyfunc(loaded, config, conf)
 

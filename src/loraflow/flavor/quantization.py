@@ -69,12 +69,14 @@ def bitsandbytes_problem() -> str | None:
 
 
 def compute_dtype(precision: str) -> str:
-    """The dtype quantized layers compute in, following `precision` (auto: bf16 where CUDA has it)."""
-    if precision == "auto":
-        import torch
+    """The dtype quantized layers compute in: `precision`'s on this machine (`loraflow.flavor.dtypes`;
+    auto: bf16 where CUDA has it, fp16 on an older GPU, else fp32)."""
+    from loraflow.flavor.dtypes import device_facts, plan_dtypes
 
-        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
-    return PRECISION_DTYPES[precision]
+    try:
+        return plan_dtypes(precision, device_facts()).compute
+    except ValueError:  # refused for training (fp16 on a CPU): training reports it; the record keeps the name
+        return PRECISION_DTYPES[precision]
 
 
 def quantization_record(method: str, precision: str = "auto") -> dict[str, Any] | None:
@@ -180,15 +182,19 @@ def prepare_for_training(model: "PreTrainedModel") -> "PreTrainedModel":
     Non-reentrant checkpointing restores the CPU generator before recomputing, so LoRA dropout draws
     the same masks twice.
     """
+    import inspect
     import warnings
 
     from peft import prepare_model_for_kbit_training
 
+    # peft 0.22 renamed the keyword (the old one warns); older releases know only the old one.
+    params = inspect.signature(prepare_model_for_kbit_training).parameters
+    keyword = next(k for k in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs") if k in params)
     with warnings.catch_warnings():  # peft calls transformers' deprecated name for it
         warnings.filterwarnings("ignore", message=r"`gradient_checkpointing_enable` is deprecated",
                                 category=FutureWarning)
         model = prepare_model_for_kbit_training(keep_trainable_layout(model), use_gradient_checkpointing=True,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+                                                **{keyword: {"use_reentrant": False}})
     heap.trim_after_each_layer(model)
     return model
 

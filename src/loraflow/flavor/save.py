@@ -36,7 +36,7 @@ from mlflow.utils.requirements_utils import _get_installed_version, _get_pinned_
 
 from loraflow.flavor.bases import base_kind, resolve_base, resolved_revision
 from loraflow.flavor.files import atomic_dir, file_sha256, temporary_env
-from loraflow.flavor.fingerprint import base_fingerprint, quantized_base_fingerprint
+from loraflow.flavor.fingerprint import base_fingerprint, base_state_dict, quantized_base_fingerprint, stored_dtype
 from loraflow.flavor.layout import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_SUBPATH,
@@ -156,6 +156,20 @@ def _copy_base_files(source: Path, target: Path) -> None:
         shutil.copy2(path, target / path.name)
 
 
+def _write_base(peft_model: "PeftModel", target: Path) -> None:
+    """Write the base in memory (a dequantized GGUF base) as a Hugging Face folder: its config,
+    generation config and its tensors as stored, in one safetensors file (tied matrices once)."""
+    from safetensors.torch import save_file
+
+    base = peft_model.get_base_model()
+    target.mkdir(parents=True)
+    base.config.save_pretrained(str(target))
+    if getattr(base, "generation_config", None) is not None:
+        base.generation_config.save_pretrained(str(target))
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in base_state_dict(base).items()}
+    save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
+
+
 def _base_section(peft_model: "PeftModel", base_model: str, base_mode: str, trust_remote_code: bool) -> dict[str, Any]:
     """The `base` section of the flavor config. Checks everything before anything is written."""
     kind = base_kind(base_model)
@@ -171,9 +185,9 @@ def _base_section(peft_model: "PeftModel", base_model: str, base_mode: str, trus
     section = {
         "mode": mode,
         "kind": kind,
-        "name": str(Path(base_model).expanduser().resolve()) if kind == "local" else base_model,
+        "name": str(Path(base_model).expanduser().resolve()) if kind in ("local", "gguf") else base_model,
         "revision": revision,
-        "dtype": str(base.dtype).removeprefix("torch."),
+        "dtype": stored_dtype(base),  # as stored, whatever it computed in (`dtypes`)
         "architectures": list(getattr(base.config, "architectures", None) or []),
         "trust_remote_code": bool(trust_remote_code),
     }
@@ -181,7 +195,8 @@ def _base_section(peft_model: "PeftModel", base_model: str, base_mode: str, trus
     section["fingerprint"] = quantized_base_fingerprint(base, section) if record_of(base) else base_fingerprint(base)
     if mode == "embedded":
         section["path"] = BASE_SUBPATH
-        section["source_dir"] = str(_base_source_dir(base_model, kind, revision))
+        if kind != "gguf":  # a GGUF base is written from memory, as safetensors (`_write_base`)
+            section["source_dir"] = str(_base_source_dir(base_model, kind, revision))
     return section
 
 
@@ -347,6 +362,8 @@ def _write_artifacts(path: Path, peft_model: "PeftModel", tokenizer: "PreTrained
     tokenizer.save_pretrained(str(path / TOKENIZER_SUBPATH))
     if source_dir is not None:
         _copy_base_files(Path(source_dir), path / BASE_SUBPATH)
+    elif base_section["mode"] == "embedded":
+        _write_base(peft_model, path / BASE_SUBPATH)
     # a referenced builtin base is rebuilt on load, from the recipe and its resources
     builtin_reference = base_section["kind"] == "builtin" and base_section["mode"] == "reference"
     with tempfile.TemporaryDirectory(prefix="loraflow-code-") as staging:
