@@ -66,6 +66,11 @@ def wait_for_http(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> N
     raise TimeoutError(f"{url} did not answer within {timeout} s")
 
 
+def server_store(db: Path) -> str:
+    """The server's store: a new one, or the one a server used before at `db` (a restart keeps it)."""
+    return f"sqlite:///{db}" if db.exists() else fresh_store(db, "mlflow-artifacts:/")
+
+
 @contextmanager
 def mlflow_server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
     """A real `mlflow server` with a sqlite backend on a free loopback port; killed on exit."""
@@ -74,7 +79,7 @@ def mlflow_server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
     proc = subprocess.Popen(
         [
             str(BIN / "mlflow"), "server",
-            "--backend-store-uri", fresh_store(tmp_path / "server.db", "mlflow-artifacts:/"),
+            "--backend-store-uri", server_store(tmp_path / "server.db"),
             "--artifacts-destination", str(tmp_path / "server-artifacts"),
             "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
         ],

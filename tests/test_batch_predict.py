@@ -195,17 +195,20 @@ def test_batch_predict_gives_up_on_a_dead_tracking_server_without_retrying(promp
 def test_batch_predict_keeps_finished_rows_when_interrupted_and_resume_completes_them(model_dir, tmp_path, signame,
                                                                                      code):
     source = tmp_path / "many.jsonl"
-    pd.DataFrame({"prompt": [f"Question: what is {i}?\nAnswer:" for i in range(300)]}).to_json(
+    rows = 300
+    pd.DataFrame({"prompt": [f"Question: what is {i}?\nAnswer:" for i in range(rows)]}).to_json(
         source, orient="records", lines=True)
     out = tmp_path / "out.jsonl"
     partial = tmp_path / "out.jsonl.partial"
     command = [sys.executable, "-m", "loraflow", "batch-predict", "--model-uri", model_dir, "--input", str(source),
                "--output", str(out), "--max-new-tokens", "8", "--chunk-rows", "4"]
-    proc = subprocess.Popen(command, env=env_with_venv(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # as from a terminal: a shell's background job (`pytest ... &`) would start it with SIGINT ignored
+    proc = subprocess.Popen(command, env=env_with_venv(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and len(list(partial.glob("rows-*.jsonl"))) < 2:
         assert proc.poll() is None, proc.communicate()
-        time.sleep(0.2)
+        time.sleep(0.02)
     proc.send_signal(getattr(signal, signame))
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == code, stderr[-3000:]
@@ -221,7 +224,7 @@ def test_batch_predict_keeps_finished_rows_when_interrupted_and_resume_completes
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"({kept * 4} already done)" in resumed.stderr or "already done" in resumed.stderr
     table = pd.read_json(out, lines=True)
-    assert len(table) == 300 and table["text"].notna().all() and not partial.exists()
+    assert len(table) == rows and table["text"].notna().all() and not partial.exists()
 
 
 def test_resume_refuses_partial_results_made_from_another_input(model_dir, prompts, tmp_path):

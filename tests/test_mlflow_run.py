@@ -67,7 +67,9 @@ def test_run_records_params_metric_histories_inputs_and_artifacts(default_run):
     client = MlflowClient(default_run.uri)
     run = client.get_run(default_run.run_id)
     assert run.data.params["r"] == "16" and run.data.params["base_model"] == "builtin:tiny"
-    assert run.data.params["target_modules"] == "q_proj,k_proj,v_proj,o_proj"
+    # `mlflow run` logged the user's text first; loraflow's parsed value goes beside it
+    assert run.data.params["target_modules"] == "'q_proj, k_proj, v_proj, o_proj'"
+    assert run.data.params["target_modules_resolved"] == "q_proj,k_proj,v_proj,o_proj"
     evals = default_run.history("eval_loss")
     assert evals[0][0] == 0 and evals[-1][0] == 300
     assert math.isclose(evals[-1][1], run.data.metrics["eval_loss"], rel_tol=1e-6)

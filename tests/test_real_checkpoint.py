@@ -189,6 +189,10 @@ def test_a_gguf_base_loads_dequantized_and_is_embedded_as_safetensors(tmp_path, 
     assert (tmp_path / "model" / "base" / "model.safetensors").is_file()
     reloaded, reloaded_tokenizer = flavor.load_model(str(tmp_path / "model"))  # the fingerprint matched
     assert native_greedy(reloaded, reloaded_tokenizer, QUESTION) == expected
+    from loraflow import export
+
+    adapter = export.export_model(str(tmp_path / "model"), "adapter", tmp_path / "adapter", progress=False)
+    assert "GGUF file" in adapter.record["needs_base"] and "--format merged" in adapter.record["needs_base"]
 
 
 @pytest.mark.parametrize("damage", ["truncated", "unsupported"])

@@ -326,3 +326,18 @@ def test_the_mlproject_sweep_entry_point_runs_a_study(tmp_path):
     assert entry.data.tags["loraflow.sweep.study_run_id"] == study_run.info.run_id
     trials = client.search_runs(["0"], f"tags.mlflow.parentRunId = '{study_run.info.run_id}'")
     assert [r.info.status for r in trials] == ["FINISHED", "FINISHED"]
+
+
+def test_workers_are_spawned_with_the_running_loraflow_first_on_their_path(monkeypatch, tmp_path):
+    """A pyfunc load puts a model's shipped copy of loraflow on sys.path; spawned workers must not import it."""
+    import sys
+
+    import loraflow
+    from loraflow.sweep.study import this_loraflow_first
+
+    shipped = str(tmp_path / "model" / "code")
+    monkeypatch.setattr(sys, "path", [shipped, *sys.path])
+    root = str(Path(loraflow.__file__).resolve().parents[1])
+    with this_loraflow_first():
+        assert sys.path[0] == root and shipped in sys.path and sys.path.count(root) == 1
+    assert sys.path[0] == shipped

@@ -1,16 +1,14 @@
 """LoRA dropout on CPU with the distribution of `nn.Dropout` and masks drawn in under half the time.
 
 peft applies `nn.Dropout(lora_dropout)` to the input of every adapted layer, so each training
-step draws one random number per input element per adapted module. On CPU, `nn.Dropout` draws
-them with `bernoulli_`: with r=16 on q/k/v/o of a d=768 Llama, that was 7% of a training step
-under the torch profiler, more than the LoRA matmuls it feeds.
+step draws one random number per input element per adapted module; on CPU, `nn.Dropout`'s
+`bernoulli_` costs more than the LoRA matmuls it feeds (benchmarks/bench_train.py).
 
 `CpuDropout` draws 32 random bits per element as int64 words (`random_` over the whole int64
 range), keeps an element when its bits are at least `p * 2**32` above the bottom of the int32
 range (exact up to p's rounding to a multiple of 2**-32, finer than float32 resolution), and
 applies mask and scale in one op whose gradient is the same op, so autograd keeps only the
-1-byte mask, as `nn.Dropout` does. Measured here for a 1024 x 768 input: the mask 4.7 -> 1.9 ms;
-dropout plus the LoRA A matmul, forward and backward, 6.8 -> 5.0 ms.
+1-byte mask, as `nn.Dropout` does.
 
 Only the training loop uses it (`on_cpu`), and only on CPU: CUDA's dropout is a fused kernel already.
 Masks come from torch's default CPU generator, so `set_seed` and a checkpoint's RNG state reproduce

@@ -287,10 +287,8 @@ class RunLogger:
         """Log the PEFT model with the loraflow flavor; None if it could not be logged."""
         from loraflow import flavor
 
-        # MLflow would check the input example by loading the logged model a second time in this process
-        # and only warn if that fails: for a 300M base in fp32 that reload was 66 s of a 108 s run and
-        # 1.2 GB more peak memory (benchmarks/bench_qlora.py). `promote`'s health gate loads the model
-        # and answers its input example before any alias moves.
+        # MLflow's check would load the model a second time in this process (most of a run's time and
+        # memory on a large base: benchmarks/bench_qlora.py); `promote`'s health gate checks it instead.
         info = self._guard("log the model", lambda: flavor.log_model(model, "model", tokenizer,
                                                                      validate_serving_input=False, **kwargs))
         fingerprint = (getattr(info, "flavors", None) or {}).get(flavor.FLAVOR_NAME, {}).get("base", {}).get("fingerprint")
@@ -378,10 +376,9 @@ def quantization_params(quantization: str, precision: str) -> dict[str, Any]:
 def peak_rss_mib() -> float:
     """This process's peak resident set so far, in MiB.
 
-    On Linux, the kernel's high-water mark of the process's own memory (`VmHWM`). Not `ru_maxrss`:
-    it keeps the resident size of the process that forked this one across the exec, so a run that
-    `mlflow run` (or any large parent) starts would report at least its parent's size. Measured: a
-    13 MiB child of a 1.5 GB Python process had a `ru_maxrss` of 1,513 MiB. Elsewhere, `ru_maxrss`.
+    On Linux, the kernel's high-water mark of the process's own memory (`VmHWM`): `ru_maxrss` keeps
+    the size of the process that forked this one, so a run that `mlflow run` starts would report at
+    least its parent's (tests/test_tracking.py shows it). Elsewhere, `ru_maxrss`.
     """
     import resource
     import sys

@@ -80,5 +80,10 @@ def _name_base(source: Source, adapter_config: dict[str, Any]) -> tuple[str, dic
                 "to serve without it, use --format merged"), adapter_config
     adapter_config["base_model_name_or_path"] = name
     adapter_config["revision"] = None
+    if str(name).endswith(".gguf"):
+        return (f"base model: the GGUF file {name} (fingerprint {fingerprint}); peft and vLLM read a base "
+                "from a Hugging Face folder, not a GGUF file: load it with transformers' "
+                "from_pretrained(folder, gguf_file=...) before PeftModel.from_pretrained, or use "
+                "--format merged"), adapter_config
     return (f"base model: the local folder {name} (fingerprint {fingerprint}); copy that folder to the "
             "serving machine, or use --format merged"), adapter_config

@@ -212,11 +212,9 @@ def _load_quantized(name_or_path: str, kwargs: dict[str, Any]) -> "PreTrainedMod
 
     transformers maps the checkpoint files and keeps them mapped to the end of the load, so every
     page it reads to quantize stays resident in the process, though the stored weights are only
-    read once (measured on a 297M Qwen2 saved in fp32, nf4 on the CPU: a load peaked at 1,643 MiB
-    of RSS, 1,119 of it file pages). Read with safetensors' `pread` backend, as transformers
-    itself does on Windows and MPS, each stored tensor lives only while it is quantized: the same
-    load peaked at 967 MiB, and the unquantized tensors it keeps are the process's own memory,
-    not pages of the file. transformers takes such a state dict only without a name, so the config
+    read once. Read with safetensors' `pread` backend, as transformers itself does on Windows and
+    MPS, each stored tensor lives only while it is quantized (the peak is measured by
+    benchmarks/bench_qlora.py). transformers takes such a state dict only without a name, so the config
     and the generation config are read here. A base whose files are not local (a Hub download),
     that ships its own code or is not in safetensors loads as usual.
     """

@@ -20,8 +20,7 @@ and `start_base_fingerprint`:
   is hashed once; its files' digests are kept under `$LORAFLOW_HOME/digests`, trusted while each
   file's path, size, inode and modification and change times stay as they were (as Git's index
   trusts them; `LORAFLOW_DIGEST_CACHE=0` turns the cache off). It is as trustworthy as whoever can
-  write that folder. Measured in benchmarks/RESULTS.md: it brought pyfunc load time from 1.015x
-  the built-in flavor's to parity.
+  write that folder. Why: hashing the base dominated a pyfunc load (benchmarks/RESULTS.md, load time).
 """
 
 from __future__ import annotations
@@ -382,8 +381,7 @@ def in_background(work: Callable[[], Any]) -> Future:
 
 
 # Files are hashed through a small buffer, not mapped: the pages of a mapped file count in the
-# process's resident memory until it is unmapped. Measured at the end of an nf4 run on a 297M Qwen2
-# saved in fp32, hashing its 1.2 GB file mapped raised the run's peak RSS from 1.6 to 2.8 GB.
+# process's resident memory until it is unmapped (a whole base's size at save: benchmarks/bench_qlora.py).
 _READ_CHUNK = 4 << 20
 
 

@@ -413,9 +413,9 @@ def _plain_attention(cache: "Cache") -> bool:
 def _static_cache_pays(model: "torch.nn.Module", device: "torch.device") -> bool:
     """Generate with a preallocated (static) KV cache: on CPU, for models that support one.
 
-    The default dynamic cache concatenates every layer's keys and values at every new token (14% of
-    CPU generation time on the benchmark model); a static cache writes in place, and gives the same
-    tokens. Not on GPUs: there transformers compiles the model whenever the cache is static.
+    The default dynamic cache concatenates every layer's keys and values at every new token (a
+    visible share of CPU generation time: benchmarks/bench_infer.py); a static cache writes in
+    place, and gives the same tokens. Not on GPUs: there transformers compiles the model whenever the cache is static.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return device.type == "cpu" and bool(getattr(base, "_can_compile_fullgraph", False))

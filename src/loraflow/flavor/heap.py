@@ -6,14 +6,8 @@ glibc serves buffers of that size from its heap, and small tensors that live on 
 checkpointing keeps, the adapter's gradients) land between the freed ones, so the heap cannot
 shrink: it keeps pages nobody uses. `malloc_trim(0)` hands those pages back.
 
-Measured on a 297M Qwen2 in nf4, LoRA r=16 on all seven projections, batch 8, on 2 cores. In a
-training step alone, glibc's own statistics (`mallinfo2`) showed at most 410 MB of heap in use but
-1,290 MB held. In `loraflow train` (`benchmarks/bench_qlora.py`, 3 rounds, medians), trimming after
-each decoder layer's forward lowered the run's peak RSS from 1,663 to 1,515 MiB (0.91x; fp32: 3,201),
-and training ran at 0.87x the speed (0.81x-0.92x over four runs, some with slightly different
-rules). The time goes into faulting the pages given back in again when the next layer's buffers
-take them. Trimming only between steps or evaluations lowered nothing, and a fixed 1 MiB mmap
-threshold (`MALLOC_MMAP_THRESHOLD_`) saved less (about 1,550 MiB) for 0.67x the speed.
+It lowers a quantized run's peak RSS for some of its speed (trading the two is measured by
+`benchmarks/bench_qlora.py`): the pages given back are faulted in again by the next layer.
 
 On a GPU none of this applies: PyTorch's CUDA allocator caches its blocks, and the weights are not
 on the heap. Other C libraries (musl) have no `malloc_trim`; there nothing is done.
@@ -53,12 +47,10 @@ def trim_after_each_layer(model: "PreTrainedModel") -> int:
     """On the CPU, call `malloc_trim(0)` after each decoder layer's forward; the number of layers
     hooked (0 on a GPU or without glibc).
 
-    Evaluation is trimmed too: untrimmed, the evaluations before and after training held the heap
-    up to the run's peak (3 runs each: peaks 1,506-1,646 MiB trimming in training only, 1,416-1,510
-    trimming in evaluation too). Generating one token at a time is not: each step would give back
-    and fault in again every dequantized weight of every layer. Checkpointing recomputes a layer by
-    calling its `forward`, which runs no hooks, so the backward pass is not trimmed (trimming there
-    too, measured: a peak 100-200 MiB lower, for steps of 4.3-4.5 s instead of about 3.5).
+    Evaluation is trimmed too (untrimmed, it held the heap up to the run's peak). Generating one
+    token at a time is not: each step would give back and fault in every dequantized weight again.
+    Checkpointing recomputes a layer by calling its `forward`, which runs no hooks, so the backward
+    pass is not trimmed.
     """
     trim = malloc_trim()
     if trim is None or model.device.type != "cpu":

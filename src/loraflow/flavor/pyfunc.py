@@ -376,6 +376,6 @@ def default_input_example() -> tuple[list[str], dict[str, Any]]:
     """A small example request; short `max_new_tokens` keeps MLflow's log-time validation quick.
 
     A list of prompts rather than a DataFrame: `mlflow.pyfunc.load_model` reads the example on
-    every load, and a DataFrame example costs ~8 ms there (pandas' JSON reader); a list, 0.1 ms.
+    every load, and pandas' JSON reader makes a DataFrame example the slower one to read.
     """
     return ["Question: What is LoRA?\nAnswer:"], {"max_new_tokens": 8}

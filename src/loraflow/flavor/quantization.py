@@ -144,8 +144,8 @@ def keep_trainable_layout(model: "PreTrainedModel") -> "PreTrainedModel":
     On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks a `Linear4bit`'s weight at its first
     no-grad forward in eval mode (an evaluation) into a layout whose kernel computes in bf16 and has
     no backward, and never packs it back: training after an evaluation then backpropagates through
-    that kernel, which torch warns "may lead to silently incorrect behavior" (measured here: 6 nf4
-    steps raised the eval loss from 2.55 to 2.65 instead of lowering it). Turned off, every
+    that kernel, which torch warns "may lead to silently incorrect behavior" (and the eval loss
+    rose instead of falling: tests/flavor/test_quantization.py). Turned off, every
     forward computes in the compute dtype, so the model that serves is the model that trained.
     """
     for module in model.modules():
@@ -159,9 +159,8 @@ def own_unquantized_tensors(model: "PreTrainedModel") -> "PreTrainedModel":
     after a load through transformers' own reader (`bases.load_base_model` reads local files itself).
 
     `from_pretrained` maps the safetensors file and those tensors still point into it, so every page
-    read while quantizing stays resident for as long as the model lives. Measured on a 297M Qwen2
-    saved in fp32, after an nf4 load: 1,119 MiB of file pages and 532 MiB of anonymous memory; after
-    the copy (123 tensors, 125 MiB), 110 and 657. On a GPU they are in device memory already.
+    read while quantizing stays resident for as long as the model lives (benchmarks/bench_qlora.py
+    measures the peak). On a GPU they are in device memory already.
     """
     seen: set[int] = set()
     for param in model.parameters():
@@ -175,10 +174,9 @@ def prepare_for_training(model: "PreTrainedModel") -> "PreTrainedModel":
     """peft's `prepare_model_for_kbit_training` (base frozen, norms in fp32) with gradient
     checkpointing, as the QLoRA recipe has it.
 
-    Measured on a 297M Qwen2 in nf4 on the CPU, batch 8 x 64: the forward grew the process by
-    2.0 GB without checkpointing and by 0.47 GB with it (peak 3.76 against 2.59 GB). Most of the
-    growth left is heap that glibc keeps from the buffers bitsandbytes dequantizes each weight into
-    on every matmul; on the CPU it is given back after each decoder layer (`heap`, with the figures).
+    Checkpointing keeps a quantized forward's memory growth a fraction of what it is without
+    (benchmarks/bench_qlora.py); what glibc keeps of the dequantized buffers is given back after
+    each decoder layer on the CPU (`heap`).
     Non-reentrant checkpointing restores the CPU generator before recomputing, so LoRA dropout draws
     the same masks twice.
     """

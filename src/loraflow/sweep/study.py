@@ -8,9 +8,12 @@ Spark executors (`MlflowSparkStudy`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from loraflow.sweep.trial import INTERRUPTED, Plan, log_synchronously, objective
@@ -173,8 +176,9 @@ def run_in_processes(ref: StudyRef, plan: Plan, n_trials: int, workers: int) -> 
     processes = [context.Process(target=worker_main, name=f"sweep-worker-{i}",
                                  args=(ref, plan, share, i, workers, gpus[i % len(gpus)] if gpus else None))
                  for i, share in enumerate(shares(n_trials, workers)) if share]
-    for process in processes:
-        process.start()
+    with this_loraflow_first():
+        for process in processes:
+            process.start()
     try:
         for process in processes:
             process.join()
@@ -183,6 +187,23 @@ def run_in_processes(ref: StudyRef, plan: Plan, n_trials: int, workers: int) -> 
             process.join(timeout=120)
         raise
     return [p.exitcode for p in processes]
+
+
+@contextlib.contextmanager
+def this_loraflow_first() -> Iterator[None]:
+    """While workers are spawned (they get this `sys.path`), put the running loraflow first: a pyfunc
+    load in this process may have put a model's shipped copy of loraflow ahead of it."""
+    import sys
+
+    import loraflow
+
+    root = str(Path(loraflow.__file__).resolve().parents[1])
+    saved = list(sys.path)
+    sys.path[:] = [root, *(p for p in saved if p != root)]
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
 
 
 def run_on_spark(ref: StudyRef, plan: Plan, n_trials: int) -> None:
