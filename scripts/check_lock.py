@@ -12,12 +12,10 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from packaging.utils import canonicalize_name as canonical
+
 LOCK = Path(__file__).resolve().parents[1] / "requirements" / "lock.txt"
 PIN = re.compile(r"^([A-Za-z0-9_.\-]+)==(\S+)")
-
-
-def canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def locked() -> dict[str, str]:

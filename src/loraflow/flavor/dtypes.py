@@ -15,7 +15,7 @@ One table for training (`precision`) and serving (`load_model(dtype=...)`, the p
 
 The trained LoRA weights stay in fp32 whatever the base's dtype; a 4-bit base (QLoRA) computes in
 the same dtype. Why fp32 on a CPU even for a bf16 checkpoint: without AVX512-BF16 or AMX a CPU has
-no bf16 matmul instructions, and a LoRA step on a bf16 135M model ran about 30x slower than in fp32
+no bf16 matmul instructions, so a bf16 LoRA step runs tens of times slower than in fp32
 on an AVX2 CPU. So a model trained in bf16 on a GPU serves in fp32 on a CPU, and a model trained in
 fp32 on a CPU serves in bf16 on a GPU; `load_model(dtype=...)` or the pyfunc's `model_config`
 `{"dtype": "bfloat16"}` overrides it.
@@ -134,8 +134,7 @@ def _plan(dtype: str, note: str | None = None) -> DtypePlan:
 
 def _slow_bf16_note(facts: DeviceFacts) -> str:
     return (f"`precision` bf16 on this CPU ({facts.cpu_name or 'unknown'}, without AVX512-BF16 or AMX): it has no "
-            "bf16 matmul instructions, so every matmul is emulated, tens of times slower than fp32 (a training "
-            "step can take 30x as long). Use `precision` auto or fp32 here: the base is then held in fp32, "
+            "bf16 matmul instructions, so every matmul is emulated, tens of times slower than fp32. Use `precision` auto or fp32 here: the base is then held in fp32, "
             "twice the memory of bf16")
 
 
