@@ -71,8 +71,8 @@ def _chat_dir(root: Path) -> Path:
     return root / "chat"
 
 
-def write_data(root: Path) -> dict[str, Any]:
-    """The template file, train/eval JSONL and the inference requests (seeded, from the workload)."""
+def write_data(root: Path, requests: int = N_REQUESTS) -> dict[str, Any]:
+    """The template file, train/eval JSONL and `requests` inference requests (seeded, from the workload)."""
     work = fixtures.load_workload(root)
     out = _chat_dir(root)
     out.mkdir(exist_ok=True)
@@ -81,8 +81,8 @@ def write_data(root: Path) -> dict[str, Any]:
     for name, rows in (("train", chats[: work.train_examples]), ("eval", chats[work.train_examples :])):
         (out / f"{name}.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in rows))
     # requests: fresh conversations cut before their last reply (what a client sends)
-    requests = [m[:-1] for m in fixtures.conversations(N_REQUESTS, work.seed + 1000, max_turns=2)]
-    (out / "requests.json").write_text(json.dumps(requests))
+    cut = [m[:-1] for m in fixtures.conversations(requests, work.seed + 1000, max_turns=2)]
+    (out / "requests.json").write_text(json.dumps(cut))
     return {"template": str(out / "template.jinja"), "train": str(out / "train.jsonl"), "eval": str(out / "eval.jsonl")}
 
 
@@ -334,11 +334,11 @@ def require_trl() -> None:
                          "is not installed; install the benchmark extra: pip install -e '.[bench]'")
 
 
-def run(root: Path, repeats: int, log=print) -> dict[str, Any]:
+def run(root: Path, repeats: int, log=print, requests: int = N_REQUESTS) -> dict[str, Any]:
     """Both sub-benchmarks, alternating sides, each side in a fresh process; medians and ratios."""
     require_trl()
     work = fixtures.load_workload(root)
-    write_data(root)
+    write_data(root, requests)
     train = common.alternate(
         {"loraflow": lambda i: common.run_child("bench_chat", "loraflow_side",
                                                 {"root": str(root), "seed": work.seed + i, "save_adapter": i == 0}),
@@ -355,7 +355,7 @@ def run(root: Path, repeats: int, log=print) -> dict[str, Any]:
 def summarize(train: dict[str, list], infer: dict[str, list], work: fixtures.Workload) -> dict[str, Any]:
     out: dict[str, Any] = {"train_samples": train, "infer_samples": infer, "workload": work,
                            "settings": {"max_seq_length": MAX_SEQ_LENGTH, "max_new_tokens": MAX_NEW_TOKENS,
-                                        "requests": N_REQUESTS, "batch": INFER_BATCH}}
+                                        "requests": len(infer["pyfunc"][0]["texts"]), "batch": INFER_BATCH}}
     for side, rows in train.items():
         out[side] = {
             "tokens_per_s": common.median([r["tokens"] / r["train_s"] for r in rows]),

@@ -30,19 +30,28 @@ HERE = Path(__file__).resolve().parent
 TARGET = 1.3
 
 
-def stored_folders(tmp: Path) -> dict[str, str]:
-    """The bf16 folder of the real model, and a copy of the same weights saved in fp32."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def real_bf16_folder() -> Path:
+    """The bf16 Hugging Face folder of SmolLM2-135M-Instruct, fetched and converted on first use."""
     sys.path.insert(0, str(HERE.parent / "tests"))
     from real_model import real_checkpoint_paths
 
-    bf16 = real_checkpoint_paths()[1]
-    fp32 = tmp / "fp32"
-    AutoModelForCausalLM.from_pretrained(bf16, dtype=torch.float32).save_pretrained(fp32)
-    AutoTokenizer.from_pretrained(bf16).save_pretrained(fp32)
-    return {"bf16-stored": str(bf16), "fp32-stored": str(fp32)}
+    return real_checkpoint_paths()[1]
+
+
+def fp32_copy(target: Path) -> Path:
+    """The real model's weights saved in fp32 (and its tokenizer) into the folder `target`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    bf16 = real_bf16_folder()
+    AutoModelForCausalLM.from_pretrained(bf16, dtype=torch.float32).save_pretrained(target)
+    AutoTokenizer.from_pretrained(bf16).save_pretrained(target)
+    return target
+
+
+def stored_folders(tmp: Path) -> dict[str, str]:
+    """The bf16 folder of the real model, and a copy of the same weights saved in fp32."""
+    return {"bf16-stored": str(real_bf16_folder()), "fp32-stored": str(fp32_copy(tmp / "fp32"))}
 
 
 def step_time(base: str, steps: int) -> dict:

@@ -36,10 +36,10 @@ def parse_value(text: str):
 
 
 def answers(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
-    from loraflow.flavor.generation import generate_texts
+    from loraflow.flavor.generation import generate
 
-    return generate_texts(model, tokenizer, prompts, batch_size=32, max_new_tokens_cap=4096,
-                          max_new_tokens=max_new_tokens)
+    return [g.text for g in generate(model, tokenizer, prompts, batch_size=32, max_new_tokens_cap=4096,
+                                     max_new_tokens=max_new_tokens)]
 
 
 def scores(predictions: list[str], references: list[str]) -> tuple[float, float]:

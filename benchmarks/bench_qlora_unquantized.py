@@ -29,7 +29,7 @@ def main() -> None:
     from loraflow import data as data_lib
     from loraflow import flavor
     from loraflow.config import parse_settings
-    from loraflow.flavor.generation import generate_texts
+    from loraflow.flavor.generation import generate
     from loraflow.train import run_training
 
     tmp = tempfile.mkdtemp(prefix="bench-qlora-")
@@ -49,8 +49,8 @@ def main() -> None:
     diff = (a - b).abs()[mask].max().item()
     agree = (a.argmax(-1) == b.argmax(-1))[mask].float().mean().item()
     settings_ = {"batch_size": 32, "max_new_tokens_cap": 4096, "max_new_tokens": 32}
-    same = sum(x == y for x, y in zip(generate_texts(quantized, tokenizer, prompts, **settings_),
-                                      generate_texts(unquantized, tokenizer, prompts, **settings_)))
+    same = sum(x.text == y.text for x, y in zip(generate(quantized, tokenizer, prompts, **settings_),
+                                                generate(unquantized, tokenizer, prompts, **settings_)))
     print(f"{args.quantization}, {args.max_steps} steps, {len(prompts)} held-out prompts:")
     print(f"  max |logit difference|: {diff:.3f} (largest logit {a.abs().max().item():.1f})")
     print(f"  next-token argmax agreement over {int(mask.sum())} positions: {100 * agree:.1f}%")

@@ -142,10 +142,11 @@ def standalone_text(r: dict[str, Any], command: str, elapsed: float, quick: bool
     ] + rest
 
 
-def write_section(path: Path, lines: list[str]) -> None:
-    """Replace (or append) the `## Chat` section of an existing RESULTS.md, keeping the others."""
+def write_section(path: Path, lines: list[str], heading: str = "## Chat") -> None:
+    """Replace (or append) the section starting with `heading` (default `## Chat`) of an existing
+    RESULTS.md, keeping the others."""
     old = path.read_text().splitlines() if path.exists() else []
-    start = next((k for k, line in enumerate(old) if line.startswith("## Chat")), len(old))
+    start = next((k for k, line in enumerate(old) if line.startswith(heading)), len(old))
     end = next((k for k in range(start + 1, len(old)) if old[k].startswith("## ")), len(old))
     kept = old[:start] + old[end:]
     while kept and not kept[-1].strip():

@@ -160,9 +160,11 @@ def positive_int(text: str) -> int:
 def run_child(module: str, function: str, kwargs: dict[str, Any], *, timeout: float = 1800) -> dict[str, Any]:
     """Run `benchmarks.<module>.<function>(**kwargs)` in a fresh interpreter and return its dict.
 
-    The child adds its own peak RSS (`peak_rss_mib`) to the result. Raises RuntimeError with the
-    child's stderr tail if it fails.
+    The child adds its own peak RSS (`peak_rss_mib`) to the result, and this process the machine's
+    1-minute load average as the child starts and as it ends (`load_1min`). Raises RuntimeError with
+    the child's stderr tail if it fails.
     """
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="loraflow-bench-") as tmp:
         out = Path(tmp) / "result.json"
         args = [sys.executable, "-m", "benchmarks.common", module, function, json.dumps(kwargs), str(out)]
@@ -170,7 +172,7 @@ def run_child(module: str, function: str, kwargs: dict[str, Any], *, timeout: fl
         proc = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0 or not out.exists():
             raise RuntimeError(f"{module}.{function} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-        return json.loads(out.read_text())
+        return {**json.loads(out.read_text()), "load_1min": [load_before, os.getloadavg()[0]]}
 
 
 def alternate(sides: dict[str, Callable[[int], dict[str, Any]]], repeats: int, log: Callable[[str], None] = print):

@@ -22,6 +22,17 @@ from helpers import fresh_store
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # a pytest-xdist worker runs as `python -c`: a __main__ without a spec,
+    # which pyspark.sql.connect (imported by MLflow once pyspark is) takes for a doctest run, and exits
+    import importlib.machinery
+    import sys
+
+    if getattr(sys.modules["__main__"], "__spec__", None) is None and not hasattr(sys.modules["__main__"], "__file__"):
+        sys.modules["__main__"].__spec__ = importlib.machinery.ModuleSpec("__main__", None)  # spawn skips it
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # pytest-xdist workers share the cores: torch threads of
+    # this worker and of the processes it starts, set before torch is imported (each would take every core)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0))
+                                                    // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 
 @pytest.fixture(autouse=True)
@@ -132,9 +143,17 @@ def tier(item: pytest.Item) -> str:
     return "model" if fixtures & MODEL_FIXTURES else "unit"
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         item.add_marker(getattr(pytest.mark, tier(item)))
+        group = shared_group(item)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+            if getattr(config.option, "loadgroup", False):  # an xdist worker with --dist loadgroup
+                _group_in_nodeid(item, group)
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker collects, and must order, the same way
+        items[:] = e2e_first(items)
 
 
 @pytest.fixture(autouse=True)
@@ -157,6 +176,46 @@ def _processes_only_in_e2e(request, monkeypatch):
         real_init(self, args, *rest, **kwargs)
 
     monkeypatch.setattr(subprocess.Popen, "__init__", refuse_python)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parallel runs: `scripts/test.sh` runs pytest-xdist workers (`-n`, `--dist loadgroup`).
+
+# Module or session fixtures that train, start a process or build a site. A worker builds such a
+# fixture for the tests it runs, so every test that takes one goes to the same worker (one
+# `xdist_group` per module, or per session fixture), and the fixture is built once.
+SHARED_FIXTURES = {"default_run", "runs", "server", "expected", "trained", "champion", "spark", "chat_run", "nf4_run",
+                   "prequantized_dir", "site", "real_run", "saved"}
+
+
+def shared_group(item: pytest.Item) -> str | None:
+    """The `xdist_group` of a test that takes a shared fixture: its module, or the session fixture's name."""
+    definitions = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    for name in sorted(SHARED_FIXTURES & set(getattr(item, "fixturenames", ()))):
+        scope = definitions[name][-1].scope if definitions.get(name) else "function"
+        if scope == "session":
+            return name
+        if scope == "module":
+            return Path(str(item.fspath)).relative_to(Path(__file__).parent).as_posix()
+    return None
+
+
+def _group_in_nodeid(item: pytest.Item, group: str) -> None:
+    """The `NODEID@GROUP` that pytest-xdist's loadgroup scheduler reads. xdist 3.8 writes it to
+    `item._nodeid`, which pytest 9.2 no longer reads (pytest-dev/pytest-xdist#1386): the groups were
+    silently ignored. Where the id is pytest 9.2's structured `NodeId`, set it here."""
+    try:
+        from _pytest.nodeid import NodeId
+    except ImportError:  # an older pytest: xdist's own suffix works
+        return
+    if isinstance(getattr(item, "_id", None), NodeId) and "@" not in item.nodeid:
+        item._id = NodeId.parse(f"{item.nodeid}@{group}")
+
+
+def e2e_first(items: list[pytest.Item]) -> list[pytest.Item]:
+    """The `e2e` tests first, then the others, each in file order: the workers start on the long tests,
+    and the short ones fill in at the end. (The groups above go first in any case.)"""
+    return sorted(items, key=lambda item: item.get_closest_marker("e2e") is None)
 
 
 # ---------------------------------------------------------------------------------------------

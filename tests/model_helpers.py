@@ -43,15 +43,24 @@ def make_peft_model(base, seed: int = 0):
 
 def base_args(mode: str, tiny_path: str) -> dict:
     # Embedded from the built-in name (as the train command passes it); reference to a local
-    # directory, which records its path and exercises the same fingerprint check a Hub base gets.
-    return {"base_model": "builtin:tiny", "base_mode": "embedded"} if mode == "embedded" else {
-        "base_model": tiny_path, "base_mode": "reference"}
+    # directory, which records its path and exercises the same fingerprint check a Hub base gets;
+    # logged: the local directory stored once in the tracking store.
+    if mode == "embedded":
+        return {"base_model": "builtin:tiny", "base_mode": "embedded"}
+    return {"base_model": tiny_path, "base_mode": mode}
 
 
 def logits(model, tokenizer, prompts=PROMPTS) -> torch.Tensor:
     batch = tokenizer(prompts, padding=True, return_tensors="pt")
     with torch.no_grad():
         return model(**batch).logits
+
+
+def generate_texts(model, tokenizer, prompts: list[str], **settings) -> list[str]:
+    """The generated texts alone of `loraflow.flavor.generation.generate` (same arguments), in input order."""
+    from loraflow.flavor.generation import generate
+
+    return [g.text for g in generate(model, tokenizer, prompts, **settings)]
 
 
 def mlmodel(path: Path) -> dict:

@@ -192,7 +192,7 @@ def test_promote_answers_any_option_value_with_success_or_a_usage_error(stub_reg
 @pytest.mark.parametrize(
     "uri",
     [
-        f"runs:/{uuid.uuid4().hex}/model",
+        pytest.param(f"runs:/{uuid.uuid4().hex}/model", id="runs:/<random id>/model"),  # one id for every xdist worker
         "models:/nope/1",
         "models:/nope@champion",
         "{tmp}/no/such/model",

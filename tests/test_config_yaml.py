@@ -6,8 +6,9 @@ import pytest
 from click.testing import CliRunner
 
 from loraflow.cli import main
-from loraflow.config import MAX_ECHO, load_yaml
+from loraflow.config import load_yaml
 from loraflow.errors import ConfigError
+from loraflow.flavor.layout import MAX_ECHO
 
 BILLION_LAUGHS = "\n".join(
     ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import mlflow
 import pytest
-from helpers import env_with_venv, mlflow_server
+from click.testing import CliRunner
+from helpers import mlflow_server
 from mlflow import MlflowClient
+
+from loraflow.cli import main
 
 pytestmark = pytest.mark.slow
 
@@ -83,14 +83,17 @@ def test_run_records_params_metric_histories_inputs_and_artifacts(default_run):
     assert {"config.yaml", "loss_curve.png"} <= artifacts
 
 
-def test_training_against_a_real_tracking_server(tmp_path):
+def test_training_against_a_real_tracking_server(tmp_path, monkeypatch):
+    """The server is the real process here; `loraflow train` runs in process (click's CliRunner)."""
     with mlflow_server(tmp_path) as (url, _):
-        proc = subprocess.run(
-            [sys.executable, "-m", "loraflow", "train", "--max-steps", "6", "--eval-steps", "3",
-             "--target-modules", "q_proj, v_proj", "--output-dir", str(tmp_path / "out")],
-            env=env_with_venv(MLFLOW_TRACKING_URI=url), capture_output=True, text=True, timeout=600,
-        )
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        mlflow.set_tracking_uri(url)
+        try:
+            result = CliRunner().invoke(main, ["train", "--max-steps", "6", "--eval-steps", "3",
+                                               "--target-modules", "q_proj, v_proj", "--output-dir", str(tmp_path / "out")])
+        finally:
+            mlflow.set_tracking_uri(None)
+        assert result.exit_code == 0, result.output[-3000:] + repr(result.exception)
         client = MlflowClient(url)
         (run,) = client.search_runs(["0"])
         params = run.data.params

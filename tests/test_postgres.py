@@ -13,7 +13,6 @@ import glob
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,8 +21,11 @@ from typing import Iterator
 import mlflow
 import pandas as pd
 import pytest
+from click.testing import CliRunner
 from helpers import BIN, env_with_venv, free_port, stop, wait_for_http
 from mlflow import MlflowClient
+
+from loraflow.cli import main
 
 pytestmark = pytest.mark.slow
 
@@ -108,14 +110,17 @@ def mlflow_server_on(backend_uri: str, tmp_path: Path) -> Iterator[str]:
         log.close()
 
 
-def test_train_register_promote_and_load_by_alias_through_a_postgres_backed_server(tmp_path):
+def test_train_register_promote_and_load_by_alias_through_a_postgres_backed_server(tmp_path, monkeypatch):
+    """PostgreSQL and the server are real processes; `loraflow train` runs in process (click's CliRunner)."""
     with postgres_database() as backend, mlflow_server_on(backend, tmp_path) as url:
-        proc = subprocess.run(
-            [sys.executable, "-m", "loraflow", "train", "--max-steps", "4", "--eval-steps", "2", "--r", "4",
-             "--registered-model-name", NAME, "--output-dir", str(tmp_path / "outputs")],
-            env=env_with_venv(MLFLOW_TRACKING_URI=url), cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        )
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        mlflow.set_tracking_uri(url)
+        try:
+            result = CliRunner().invoke(main, ["train", "--max-steps", "4", "--eval-steps", "2", "--r", "4",
+                                               "--registered-model-name", NAME, "--output-dir", str(tmp_path / "outputs")])
+        finally:
+            mlflow.set_tracking_uri(None)
+        assert result.exit_code == 0, result.output[-3000:] + repr(result.exception)
 
         client = MlflowClient(url, registry_uri=url)
         (version,) = client.search_model_versions(f"name='{NAME}'")

@@ -161,8 +161,16 @@ def check_promotions(outputs: list[tuple[str, str]], tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_load_and_generate_skips_runs_without_a_model(tmp_path):
-    """After the promote entry point's model-less run, the example still finds the trained model."""
+def test_load_and_generate_skips_runs_without_a_model(tmp_path, monkeypatch):
+    """After the promote entry point's model-less run, the example still finds the trained model.
+
+    The example runs as a user runs it, in its own process; the training it needs runs in process."""
+    import mlflow
+    import torch
+    from click.testing import CliRunner
+
+    from loraflow.cli import main
+
     project = project_copy(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = env_with_venv(MLFLOW_TRACKING_URI=uri, CUDA_VISIBLE_DEVICES="")
@@ -170,9 +178,15 @@ def test_load_and_generate_skips_runs_without_a_model(tmp_path):
                           text=True, timeout=300)
     assert none.returncode == 1 and "no finished run has logged a loraflow model" in none.stderr
     assert "Traceback" not in none.stderr
-    proc = subprocess.run(["python", "-m", "loraflow", "train", "--max-steps", "2"], cwd=project, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # CUDA_VISIBLE_DEVICES="", in process
+    mlflow.set_tracking_uri(uri)
+    try:
+        result = CliRunner().invoke(main, ["train", "--max-steps", "2"])
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert result.exit_code == 0, result.output[-3000:] + repr(result.exception)
     client = MlflowClient(uri)
     # a newer finished run without a model, as `mlflow run -e promote` leaves one
     client.set_terminated(client.create_run("0").info.run_id, "FINISHED")

@@ -23,9 +23,10 @@ from helpers import BIN, env_with_venv, free_port, mlflow_server, project_copy, 
 from hypothesis import given
 from hypothesis import strategies as st
 from mlflow import MlflowClient
+from model_helpers import generate_texts
 
 from loraflow import flavor
-from loraflow.flavor import generation, layout
+from loraflow.flavor import layout
 from loraflow.cli import main
 from loraflow.errors import ConfigError
 from loraflow.registry import (
@@ -337,7 +338,7 @@ def test_two_trained_candidates_the_better_one_promoted(store, tracking_uri, tmp
     # Load the champion by alias, natively and through pyfunc.
     model, tokenizer = flavor.load_model("models:/trained@champion")
     assert model.peft_config["default"].r == 8
-    native = generation.generate_texts(model, tokenizer, [PROMPT], batch_size=1, max_new_tokens_cap=8, max_new_tokens=8)
+    native = generate_texts(model, tokenizer, [PROMPT], batch_size=1, max_new_tokens_cap=8, max_new_tokens=8)
     served = mlflow.pyfunc.load_model("models:/trained@champion").predict(pd.DataFrame({"prompt": [PROMPT]}),
                                                                            params={"max_new_tokens": 8})
     assert served["text"].tolist() == native and native[0].strip()

@@ -11,10 +11,10 @@ import mlflow
 import pandas as pd
 import pytest
 from helpers import BIN, env_with_venv, free_port, stop, wait_for_http
-from model_helpers import PROMPTS, base_args, make_peft_model
+from model_helpers import PROMPTS, base_args, generate_texts, make_peft_model
 
 from loraflow import flavor
-from loraflow.flavor import generation, layout
+from loraflow.flavor import layout
 
 pytestmark = [
     pytest.mark.slow,
@@ -44,7 +44,7 @@ def test_served_model_answers_like_pyfunc(mode, tmp_path, monkeypatch, tiny_mode
     expected = mlflow.pyfunc.load_model(info.model_uri).predict(pd.DataFrame({"prompt": PROMPTS}), params=params)
     expected = expected["text"].tolist()
     # Exact against the in-memory model too, through the same batching (see test_flavor for why).
-    assert expected == generation.generate_texts(peft_model, tiny_tokenizer, PROMPTS, batch_size=2, max_new_tokens_cap=64, **params)
+    assert expected == generate_texts(peft_model, tiny_tokenizer, PROMPTS, batch_size=2, max_new_tokens_cap=64, **params)
 
     port = free_port()
     log = open(tmp_path / "serve.log", "wb")

@@ -8,7 +8,6 @@ values are reported together (exit code 2), never as a traceback.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,6 +18,8 @@ from loraflow import config
 from loraflow.errors import LoraflowError
 from loraflow.export import DTYPES as EXPORT_DTYPES
 from loraflow.export import FORMATS as EXPORT_FORMATS
+from loraflow.flavor.layout import MAX_SEED, short
+from loraflow.signals import exit_code
 from loraflow.sweep.command import make_command as make_sweep_command
 
 
@@ -99,7 +100,6 @@ def user_errors() -> Iterator[None]:
 
 BUG_REPORT = "please report it, with the traceback below and the command you ran, in loraflow's issue tracker"
 USER_MLFLOW_ERRORS = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
-MAX_ECHO = 600  # characters of an MLflow error message echoed (some quote whole files)
 
 
 class UserMlflowError(click.ClickException):
@@ -123,7 +123,7 @@ class LoraflowGroup(click.Group):
             raise
         except KeyboardInterrupt:
             click.echo("loraflow: interrupted (SIGINT)", err=True)
-            raise SystemExit(130) from None
+            raise SystemExit(exit_code("SIGINT")) from None
         except LoraflowError as err:
             from loraflow.registry import RegistryError
 
@@ -145,10 +145,9 @@ def _mlflow_error(err: Exception) -> None:
     if not isinstance(err, MlflowException):
         return
     if is_connection_failure(err):  # the server went away mid-command: a tracking error, exit 1
-        raise click.ClickException(f"MLflow cannot be reached: {err.message[:MAX_ECHO]}") from err
-    if err.error_code in USER_MLFLOW_ERRORS:
-        message = err.message if len(err.message) <= MAX_ECHO else err.message[:MAX_ECHO] + "..."
-        raise UserMlflowError(message) from err
+        raise click.ClickException(f"MLflow cannot be reached: {short(err.message, quote=False)}") from err
+    if err.error_code in USER_MLFLOW_ERRORS:  # some quote whole files: the message is cut
+        raise UserMlflowError(short(err.message, quote=False)) from err
 
 
 def _report_bug() -> None:
@@ -203,10 +202,10 @@ def train(config_file: str | None, resume_from: str | None, **options: Any) -> N
     """Fine-tune the base model with LoRA, evaluate it, and log everything to MLflow."""
     from loraflow import checkpoint
     from loraflow.lora import validate_settings
+    from loraflow.tracking import retry_briefly
     from loraflow.train import TrainingInterrupted, run_training
 
-    # MLflow retries a dead server for minutes by default; training should notice in seconds.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    retry_briefly()
     with user_errors():
         raw = collect_settings(config_file, options)
         given, resume = set(raw), None
@@ -218,7 +217,7 @@ def train(config_file: str | None, resume_from: str | None, **options: Any) -> N
             result = run_training(lora, settings, explicit=given, resume=resume)
         except TrainingInterrupted as stop:
             click.echo(f"loraflow: {stop}", err=True)
-            raise SystemExit(130 if stop.signal_name == "SIGINT" else 143) from None
+            raise SystemExit(exit_code(stop.signal_name)) from None
     if not result.ok:
         raise SystemExit(1)
 
@@ -248,7 +247,7 @@ def train(config_file: str | None, resume_from: str | None, **options: Any) -> N
 @click.option("--do-sample/--greedy", default=None, help="Sample, or decode greedily.")
 @click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Penalty for repeated tokens (1: none).")
-@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None, help="Seed for sampling (0 .. 2^63-1).")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=None, help="Seed for sampling (0 .. 2^63-1).")
 @click.option("--chunk-rows", type=click.IntRange(1, 100_000), default=64, hidden=True,
               help="Rows predicted, then kept on disk, at a time.")
 def batch_predict(model_uri: str, input_path: str, output_path: str, prompt_column: str, messages_column: str | None,
@@ -261,9 +260,9 @@ def batch_predict(model_uri: str, input_path: str, output_path: str, prompt_colu
     loads), 130/143 interrupted (finished rows kept; rerun with --resume).
     """
     from loraflow.predict import PredictionInterrupted, predict_table
+    from loraflow.tracking import retry_briefly
 
-    # MLflow retries a dead server for minutes by default; a batch job should notice in seconds.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    retry_briefly()
     params = {k: v for k, v in generation.items() if v is not None}
     with user_errors():
         try:
@@ -273,7 +272,7 @@ def batch_predict(model_uri: str, input_path: str, output_path: str, prompt_colu
                                   resume=resume, chunk_rows=chunk_rows)
         except PredictionInterrupted as stop:
             click.echo(f"loraflow: {stop}", err=True)
-            raise SystemExit(130 if stop.signal_name == "SIGINT" else 143) from None
+            raise SystemExit(exit_code(stop.signal_name)) from None
     click.echo(f"loraflow: wrote {len(table)} predictions to {output_path}")
 
 
@@ -288,10 +287,10 @@ def upload(local_dir: str, run_id: str | None, registered_model_name: str | None
     It goes into a new run tagged with the training run's id and status (that run is never changed);
     the folder's adapter digest and base fingerprint are checked first.
     """
+    from loraflow.tracking import retry_briefly
     from loraflow.upload import upload_model
 
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
-
+    retry_briefly()
     with user_errors():
         uri = upload_model(local_dir, run_id=run_id, registered_model_name=registered_model_name)
     click.echo(f"loraflow: logged {local_dir} as {uri}")
@@ -383,9 +382,9 @@ alias_option = click.option("--alias", default="champion", show_default=True, ca
 def registry_errors() -> Iterator[None]:
     """A registry that cannot serve the request is an error (exit code 1), not a usage error."""
     from loraflow.registry import RegistryError
+    from loraflow.tracking import retry_briefly
 
-    # MLflow retries a dead server for minutes by default; the registry check should answer in seconds.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    retry_briefly()
     try:
         yield
     except RegistryError as err:

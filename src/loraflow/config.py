@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from loraflow.errors import ConfigError
-from loraflow.flavor.layout import parse_bool
+from loraflow.flavor.layout import parse_bool, short
 from loraflow.flavor.quantization import QUANTIZATIONS, bitsandbytes_problem
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 ALL_LINEAR = "all-linear"
 BIASES = ("none", "all", "lora_only")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-BASE_MODES = ("auto", "embedded", "reference")
+BASE_MODES = ("auto", "embedded", "logged", "reference")
 OVERFLOWS = ("truncate", "drop")
 TRAIN_ON = ("assistant", "last", "all")
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
@@ -111,7 +111,8 @@ class TrainSettings:
     registered_model_name: str | None = _help("Register the logged model under this name. Empty: do not register.", None)
     run_name: str | None = _help("MLflow run name. Empty: named from what is trained, e.g. lora-r16-tiny-qa.", None)
     init_model: str | None = _help("A logged loraflow model URI to continue training from (models:/NAME@champion).", None)
-    base_mode: str = _help("How the logged model holds its base: auto, embedded or reference.", "auto")
+    base_mode: str = _help("How the logged model holds its base: auto (a local folder or GGUF file logged once "
+                           "per fingerprint, a Hub id referenced), embedded, logged or reference.", "auto")
     output_dir: str = _help("Local folder for checkpoints and the fallback copy of the model.", "outputs")
     checkpoint_steps: int = _help("Write a resumable checkpoint every N optimizer steps; 0 disables.", 0)
 
@@ -363,9 +364,6 @@ def lora_settings(raw: Mapping[str, Any] | None = None, **overrides: Any) -> Lor
     return settings
 
 
-MAX_ECHO = 300  # characters of a value or a parser message that an error quotes
-
-
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a flat YAML mapping of settings (the same keys as the CLI options, with underscores).
 
@@ -377,7 +375,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     """
     import yaml
 
-    where = f"config file {_echo(str(path))}"
+    where = f"config file {short(str(path))}"
     try:
         raw = Path(path).read_bytes()
     except OSError as err:
@@ -392,19 +390,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.load(text, Loader=_SettingsLoader) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{where} is not valid YAML: {_echo(str(err), quote=False)}") from err
+        raise ConfigError(f"{where} is not valid YAML: {short(str(err), quote=False)}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must hold a mapping of settings, got {type(data).__name__}")
     bad = [key for key in data if not isinstance(key, str)]
     if bad:
         raise ConfigError(f"{where}: every key must be a setting name such as r or learning_rate, got "
-                          f"{', '.join(_echo(k) for k in bad[:5])} ({type(bad[0]).__name__})")
+                          f"{', '.join(short(k) for k in bad[:5])} ({type(bad[0]).__name__})")
     return data
-
-
-def _echo(value: Any, quote: bool = True) -> str:
-    text = repr(value) if quote else str(value)
-    return text if len(text) <= MAX_ECHO else text[:MAX_ECHO] + f"... ({len(text)} characters)"
 
 
 def _settings_loader():
@@ -427,7 +420,7 @@ def _settings_loader():
                 key = self.construct_object(key_node, deep=deep)
                 if isinstance(key, (str, int, float, bool, type(None))) and key in seen:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {_echo(key)} (first on line {seen[key] + 1}); each setting "
+                        None, None, f"duplicate key {short(key)} (first on line {seen[key] + 1}); each setting "
                         "may appear once", key_node.start_mark)
                 if isinstance(key, (str, int, float, bool, type(None))):
                     seen[key] = key_node.start_mark.line

@@ -24,12 +24,6 @@ class DataError(LoraflowError, ValueError):
 FIRST_ROWS = 5  # how many bad row numbers a message lists
 
 
-def short(value: object, limit: int = 60) -> str:
-    """`repr` cut to `limit` characters, so a 10 MB cell never ends up in a message."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 5] + "...'" + f" ({len(str(value)):,} chars)"
-
-
 def row_list(rows: list[int]) -> str:
     """The first `FIRST_ROWS` row numbers, then `...` if there are more."""
     return ", ".join(str(r) for r in rows[:FIRST_ROWS]) + (", ..." if len(rows) > FIRST_ROWS else "")

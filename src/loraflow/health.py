@@ -5,6 +5,8 @@ from __future__ import annotations
 import tempfile
 from typing import Any
 
+from loraflow.flavor.layout import short
+
 MAX_REASON_LENGTH = 500  # an exception text can be pages long; a tag should stay readable
 
 
@@ -27,9 +29,9 @@ def _chat_content(answer: Any) -> Any:
     return answer
 
 
-def _short(err: BaseException) -> str:
-    text = f"{type(err).__name__}: {err}".strip()
-    return text if len(text) <= MAX_REASON_LENGTH else text[: MAX_REASON_LENGTH - 3] + "..."
+def _error_text(err: BaseException) -> str:
+    """`Type: message` of `err`, at most `MAX_REASON_LENGTH` characters of it (a tag stays readable)."""
+    return short(f"{type(err).__name__}: {err}".strip(), MAX_REASON_LENGTH, quote=False)
 
 
 def health_check(model_uri: str) -> str | None:
@@ -51,23 +53,23 @@ def health_check(model_uri: str) -> str | None:
         try:
             local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)
         except Exception as err:
-            return f"its artifacts cannot be downloaded ({_short(err)})"
+            return f"its artifacts cannot be downloaded ({_error_text(err)})"
         try:
             meta = Model.load(local)
             example = meta.load_input_example(local)
             params = meta.load_input_example_params(local)
         except Exception as err:
-            return f"its logged input example cannot be read ({_short(err)})"
+            return f"its logged input example cannot be read ({_error_text(err)})"
         if example is None:
             return "it has no logged input example to check it against"
         try:
             model = mlflow.pyfunc.load_model(local)
         except Exception as err:
-            return f"it does not load through pyfunc ({_short(err)})"
+            return f"it does not load through pyfunc ({_error_text(err)})"
         try:
             texts = _texts(model.predict(example, params=params))
         except Exception as err:
-            return f"it fails on its logged input example ({_short(err)})"
+            return f"it fails on its logged input example ({_error_text(err)})"
         finally:
             del model
     if not texts:

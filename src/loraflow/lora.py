@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from loraflow.config import ALL_LINEAR, LoraSettings, TrainSettings, build_lora_config, lora_settings, parse_settings
 from loraflow.errors import ConfigError
 from loraflow.flavor.bases import peft_wrapping
-from loraflow.flavor.layout import parse_bool
+from loraflow.flavor.layout import parse_bool, short
 from loraflow.flavor.quantization import parameter_count
 
 if TYPE_CHECKING:
@@ -235,9 +235,9 @@ def quantization_problems(skeleton: "nn.Module", raw: Mapping[str, Any], base: s
                                 f"quantizes ({hit[0]}), so it cannot be trained in full; target it with LoRA "
                                 "(`target_modules`) instead, or use --quantization none")
     mode = str(raw.get("base_mode") or "auto").strip()
-    embedded = mode == "embedded" or (mode == "auto" and base_kind(base) != "hub")
-    if embedded and getattr(skeleton.config, "quantization_config", None) is not None:
-        problems.append(f"`base_mode` {mode} embeds the base, but {base!r} is a pre-quantized checkpoint (its "
+    stored = mode in ("embedded", "logged") or (mode == "auto" and base_kind(base) != "hub")
+    if stored and getattr(skeleton.config, "quantization_config", None) is not None:
+        problems.append(f"`base_mode` {mode} stores the base with the model, but {base!r} is a pre-quantized checkpoint (its "
                         "config has a quantization_config); a loraflow model embeds only unquantized bases: use "
                         "--base-mode reference, or the unquantized original with --quantization")
     return problems
@@ -248,8 +248,7 @@ def _reason(err: Exception, base: str) -> str:
     looks_local = base.startswith((".", "/", "~")) or base.count("/") > 1
     if looks_local and not Path(base).expanduser().exists():
         return f"no such folder ({str(Path(base).expanduser().resolve())!r}); check the path"
-    text = " ".join(str(err).split())
-    return text if len(text) <= 300 else text[:297] + "..."
+    return short(" ".join(str(err).split()), quote=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,7 +30,9 @@ from typing import TYPE_CHECKING, Any
 from loraflow import data as data_lib
 from loraflow.errors import ConfigError, DataError
 from loraflow.flavor.files import atomic_file
+from loraflow.flavor.layout import MAX_SEED
 from loraflow.model_uri import check_model_uri, check_task
+from loraflow.signals import stop_signals
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -41,7 +43,6 @@ OUTPUT_COLUMN = "text"
 OUTPUT_FORMATS = (".parquet", ".csv", ".jsonl")
 CHUNK_ROWS = 64  # rows predicted, then kept on disk, at a time
 MAX_NEW_TOKENS = 4096  # the pyfunc model's default cap (`max_new_tokens_cap`)
-MAX_SEED = 2**63 - 1  # MLflow's params schema holds a seed as a signed 64-bit integer
 
 
 class PredictionInterrupted(Exception):
@@ -325,13 +326,6 @@ def read_conversations(frame: "pd.DataFrame", input_path: str | Path, messages_c
 # In-process prediction, kept on disk chunk by chunk.
 
 
-def predict_in_process(model_uri: str, prompts: list[str], params: dict[str, Any] | None = None) -> list[str]:
-    """The model's completions of `prompts`, through `mlflow.pyfunc` in this process."""
-    import mlflow
-
-    return _completion_predictor(params)(mlflow.pyfunc.load_model(model_uri), prompts)
-
-
 def _completion_predictor(params: dict[str, Any] | None) -> Callable[[Any, list], list[str]]:
     def predict(model: Any, prompts: list) -> list[str]:
         import pandas as pd
@@ -365,7 +359,7 @@ def _predict_in_chunks(model_uri: str, inputs: list, predict: Callable[[Any, lis
     todo = [i for i in range(len(inputs)) if i not in done]
     logger.info("predicting %d rows in-process (%d already done)", len(todo), len(done))
     if todo:
-        with _signals_as_interrupts() as caught:
+        with stop_signals(interrupt=True) as caught:
             try:
                 model = mlflow.pyfunc.load_model(model_uri)
                 for start in range(0, len(todo), chunk_rows):
@@ -374,7 +368,7 @@ def _predict_in_chunks(model_uri: str, inputs: list, predict: Callable[[Any, lis
                     _keep_chunk(partial, rows, [inputs[i] for i in rows], texts)
                     done.update(zip(rows, texts))
             except KeyboardInterrupt:
-                raise PredictionInterrupted(caught.get("name", "SIGINT"), partial, len(done), len(inputs)) from None
+                raise PredictionInterrupted(caught["signal"] or "SIGINT", partial, len(done), len(inputs)) from None
     return [done[i] for i in range(len(inputs))]
 
 
@@ -402,30 +396,6 @@ def _read_partial(partial: Path, prompts: list) -> dict[int, str]:
                 )
             done[row] = record["text"]
     return done
-
-
-class _signals_as_interrupts:
-    """SIGTERM raises KeyboardInterrupt too (in the main thread), remembering which signal came."""
-
-    def __enter__(self) -> dict[str, str]:
-        import signal
-        import threading
-
-        self.caught: dict[str, str] = {}
-        self.old = None
-        if threading.current_thread() is threading.main_thread():
-            def on_term(signum: int, frame: Any) -> None:
-                self.caught["name"] = "SIGTERM"
-                raise KeyboardInterrupt
-
-            self.old = signal.signal(signal.SIGTERM, on_term)
-        return self.caught
-
-    def __exit__(self, *exc: Any) -> None:
-        import signal
-
-        if self.old is not None:
-            signal.signal(signal.SIGTERM, self.old)
 
 
 def _spark_session(spark: Any):

@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import PurePath
 from typing import Any
 
+from loraflow.flavor.layout import BUILTIN_PREFIX
+
 NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI
 DEFAULT_TASK = "completion"
 MAX_NAME_LENGTH = 250  # MLflow's limit on a run name (the mlflow.runName tag) is 250 characters
@@ -20,7 +22,7 @@ SAMPLE_DATA_NAME = "qa"  # the bundled default sample, `builtin:qa` (src/loraflo
 def short_model_name(base_model: str) -> str:
     """`builtin:tiny` -> `tiny`, `Qwen/Qwen2.5-0.5B` -> `Qwen2.5-0.5B`, `/models/llama/` -> `llama`."""
     text = str(base_model).strip().rstrip("/\\")
-    text = text.split(":", 1)[1] if text.startswith("builtin:") else text
+    text = text.removeprefix(BUILTIN_PREFIX)
     return _slug(re.split(r"[/\\]", text)[-1]) or "model"
 
 
@@ -29,8 +31,8 @@ def short_data_name(train_data: str | None) -> str:
     -> `chat`; `qa` for the default sample)."""
     if not train_data:
         return SAMPLE_DATA_NAME
-    if str(train_data).startswith("builtin:"):
-        return _slug(str(train_data).removeprefix("builtin:")) or SAMPLE_DATA_NAME
+    if str(train_data).startswith(BUILTIN_PREFIX):
+        return _slug(str(train_data).removeprefix(BUILTIN_PREFIX)) or SAMPLE_DATA_NAME
     name = PurePath(str(train_data).rstrip("/\\")).name
     for suffix in (".gz", ".jsonl", ".json", ".csv", ".parquet"):
         name = name[: -len(suffix)] if name.lower().endswith(suffix) else name
@@ -53,11 +55,12 @@ def is_generated_name(name: str | None) -> bool:
     match = re.fullmatch(r"([a-z]+)-([a-z]+)-(\d+)", name)
     if not match:
         return False
-    try:
-        from mlflow.utils.name_utils import _GENERATOR_NOUNS, _GENERATOR_PREDICATES
-    except ImportError:  # a private list: without it, any name of that shape counts as generated
+    from loraflow.flavor.mlflow_private import run_name_words
+
+    words = run_name_words()
+    if words is None:  # without MLflow's lists, any name of that shape counts as generated
         return True
-    return match.group(1) in _GENERATOR_PREDICATES and match.group(2) in _GENERATOR_NOUNS
+    return match.group(1) in words[0] and match.group(2) in words[1]
 
 
 def _modules_text(target_modules: Any) -> str:

@@ -27,6 +27,15 @@ REACHABILITY_TIMEOUT_S = 5.0
 # at most the last window). Used only where the user has not set it.
 ASYNC_BUFFER_ENV = "MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS"
 ASYNC_BUFFER_SECONDS = "1"
+# MLflow's client retries a request to a dead server for minutes (7 times, with exponential backoff);
+# loraflow's commands retry a few times, so a blip is survived and an outage noticed in seconds.
+RETRIES_ENV = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+RETRIES = "3"
+
+
+def retry_briefly() -> None:
+    """Let MLflow retry a failed request `RETRIES` times, unless the user has set `RETRIES_ENV`."""
+    os.environ.setdefault(RETRIES_ENV, RETRIES)
 
 
 class TrackingUnreachable(LoraflowError):
@@ -36,8 +45,8 @@ class TrackingUnreachable(LoraflowError):
 def check_reachable(uri: str | None = None, timeout: float = REACHABILITY_TIMEOUT_S) -> None:
     """Fail within seconds, naming the URI, when an http(s) tracking server does not answer.
 
-    MLflow's own client retries a dead server for minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES=7 with
-    exponential backoff); a training run should not start, load a model and then hang.
+    MLflow's own client retries a dead server for minutes (`RETRIES_ENV`); a training run should
+    not start, load a model and then hang.
     """
     import urllib.error
     import urllib.request
@@ -205,7 +214,7 @@ class RunLogger:
             self.failures += 1
             self.unreachable = is_connection_failure(err)
             if self.unreachable:  # later calls, MLflow's own included (end_run at exit), fail at once
-                os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+                os.environ[RETRIES_ENV] = "0"
             then = "skipping MLflow from now on" if self.unreachable else "training carries on"
             logger.warning("MLflow: could not %s (%s: %s); %s", what, type(err).__name__, err, then)
             return None

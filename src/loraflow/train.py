@@ -20,10 +20,8 @@ import contextlib
 import dataclasses
 import logging
 import math
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +31,7 @@ from loraflow import config
 from loraflow import data as data_lib
 from loraflow.config import LoraSettings, TrainSettings, lora_settings
 from loraflow.errors import ConfigError
+from loraflow.signals import stop_signals
 
 if TYPE_CHECKING:
     import torch
@@ -152,25 +151,6 @@ class TrainingInterrupted(KeyboardInterrupt):
         super().__init__(f"stopped by {signal_name}; resume with --resume-from {checkpoint}")
 
 
-@contextlib.contextmanager
-def stop_on_signals() -> Iterator[dict[str, str | None]]:
-    """Turn SIGINT/SIGTERM into a flag the loop checks after each optimizer step."""
-    requested: dict[str, str | None] = {"signal": None}
-
-    def handler(signum, frame):
-        requested["signal"] = signal.Signals(signum).name
-
-    if threading.current_thread() is not threading.main_thread():
-        yield requested  # signal handlers can only be installed from the main thread
-        return
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield requested
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
 def micro_batch_budget(micro_batch_tokens: int, device: "torch.device") -> int | None:
     """Tokens per micro-batch: the setting, or for 0 (auto) 1024 on CPU and no limit elsewhere.
 
@@ -281,7 +261,7 @@ class FineTune:
         # on CPU, LoRA dropout draws its masks the cheaper way while training (see loraflow.dropout)
         unwrapped = self.accelerator.unwrap_model(self.model)
         dropouts = lora_dropout.on_cpu(unwrapped) if self.accelerator.device.type == "cpu" else contextlib.nullcontext()
-        with stop_on_signals() as stop, dropouts:
+        with stop_signals() as stop, dropouts:
             while self.step < self.steps:
                 for batch in self._epoch_batches():
                     if self._train_step(batch):
@@ -319,7 +299,7 @@ class FineTune:
         return True
 
     def _after_step(self, bar: Any, stop: dict[str, str | None]) -> None:
-        """Log the step; evaluate, checkpoint or stop (a signal arrived, `stop_on_signals`) when it is time."""
+        """Log the step; evaluate, checkpoint or stop (a signal arrived, `signals.stop_signals`) when it is time."""
         step_loss = self.accelerator.reduce(self.loss.detach(), reduction="mean").item()
         rate = self.tokens * self.accelerator.num_processes / (time.perf_counter() - self.started)
         self.history["train_loss"].append((self.step, step_loss))

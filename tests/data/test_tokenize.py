@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from data_helpers import PC, TEXT, example_index, fake_examples, sample_rows, write_jsonl
+from data_helpers import PC, TEXT, example_index, sample_rows, write_jsonl
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -89,9 +89,3 @@ def test_bad_tokenize_settings(tiny_tokenizer):
         data.tokenize_examples(frame, tiny_tokenizer, PC, 64, overflow="cut")
     with pytest.raises(ConfigError, match="`max_seq_length` must be at least 2"):
         data.tokenize_examples(frame, tiny_tokenizer, PC, 1)
-
-
-def test_describe():
-    summary = data.describe(fake_examples([3, 5]))
-    assert summary["rows"] == 2 and summary["tokens"] == 8 and summary["label_tokens"] == 6
-    assert data.describe(pd.DataFrame({"a": [1, 2, 3]})) == {"rows": 3}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_helpers import generate_texts
 
 from loraflow.flavor import generation
 
@@ -161,8 +162,8 @@ def test_without_an_eos_every_row_runs_to_max_new_tokens(model, tokenizer, calls
 
 def test_sampling_with_a_seed_is_reproducible_and_the_seed_matters(model, tokenizer):
     def sample(seed):
-        return generation.generate_texts(model, tokenizer, PROMPTS, batch_size=8, max_new_tokens_cap=64,
-                                         max_new_tokens=MAX_NEW, do_sample=True, temperature=1.5, seed=seed)
+        return generate_texts(model, tokenizer, PROMPTS, batch_size=8, max_new_tokens_cap=64,
+                              max_new_tokens=MAX_NEW, do_sample=True, temperature=1.5, seed=seed)
 
     first = sample(1)
     assert sample(1) == first
@@ -173,8 +174,8 @@ def test_texts_come_back_in_input_order_whatever_the_batch_size(model, tokenizer
     rows = tokenizer(PROMPTS)["input_ids"]
     expected = tokenizer.batch_decode(plain(model, rows, tokenizer.pad_token_id), skip_special_tokens=True)
     for batch_size in (1, 5, len(PROMPTS)):
-        got = generation.generate_texts(model, tokenizer, PROMPTS, batch_size=batch_size, max_new_tokens_cap=64,
-                                        max_new_tokens=MAX_NEW)
+        got = generate_texts(model, tokenizer, PROMPTS, batch_size=batch_size, max_new_tokens_cap=64,
+                             max_new_tokens=MAX_NEW)
         assert got == expected, batch_size
 
 

@@ -14,10 +14,11 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, ErrorCode
-from model_helpers import PROMPTS, base_args, logits, make_peft_model, mlmodel, perturb_safetensors, write_mlmodel
+from model_helpers import (PROMPTS, base_args, generate_texts, logits, make_peft_model, mlmodel, perturb_safetensors,
+                           write_mlmodel)
 
 from loraflow import flavor
-from loraflow.flavor import fingerprint, generation, layout, load, pyfunc, save
+from loraflow.flavor import fingerprint, layout, load, pyfunc, save
 from loraflow.flavor.files import file_sha256
 
 INVALID = ErrorCode.Name(INVALID_PARAMETER_VALUE)
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=T
 # Exact round trips.
 
 
-@pytest.mark.parametrize("mode", ["embedded", "reference"])
+@pytest.mark.parametrize("mode", ["embedded", "reference", "logged"])
 def test_native_round_trip_is_exact(mode, tmp_path, peft_model, tiny_tokenizer, tiny_path, tracking_uri):
     expected = logits(peft_model, tiny_tokenizer)
     with mlflow.start_run():
@@ -46,7 +47,7 @@ def test_load_model_casts_to_the_requested_dtype(saved):
     assert {p.dtype for p in model.parameters()} == {torch.float64}
 
 
-@pytest.mark.parametrize("mode", ["embedded", "reference"])
+@pytest.mark.parametrize("mode", ["embedded", "reference", "logged"])
 def test_pyfunc_round_trip_is_exact(mode, peft_model, tiny_tokenizer, tiny_path, tracking_uri):
     with mlflow.start_run():
         info = flavor.log_model(peft_model, "model", tiny_tokenizer, **base_args(mode, tiny_path), batch_size=2)
@@ -57,7 +58,7 @@ def test_pyfunc_round_trip_is_exact(mode, peft_model, tiny_tokenizer, tiny_path,
     served = mlflow.pyfunc.load_model(info.model_uri)
     got = served.predict(pd.DataFrame({"prompt": PROMPTS}), params=params)
     assert list(got.columns) == ["text"] and len(got) == len(PROMPTS)
-    expected = generation.generate_texts(peft_model, tiny_tokenizer, PROMPTS, batch_size=2, max_new_tokens_cap=64, **params)
+    expected = generate_texts(peft_model, tiny_tokenizer, PROMPTS, batch_size=2, max_new_tokens_cap=64, **params)
     assert got["text"].tolist() == expected
 
     # 2. pyfunc with micro-batch size 1 vs plain `generate` on one unpadded prompt at a time: an

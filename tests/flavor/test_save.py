@@ -132,6 +132,9 @@ def test_auto_mode_defaults(tmp_path, peft_model, tiny_tokenizer, tiny_path):
     base = mlmodel(tmp_path / "m")["flavors"]["loraflow"]["base"]
     assert (base["mode"], base["kind"]) == ("embedded", "local")
     assert save._resolve_base_mode("hub", "auto") == "reference"
+    # logging a model: a local folder or GGUF file is logged once; a built-in base stays embedded
+    assert [save._resolve_base_mode(kind, "auto", logging=True) for kind in ("hub", "local", "gguf", "builtin")] == [
+        "reference", "logged", "logged", "embedded"]
 
 # ---------------------------------------------------------------------------------------------
 # Bad arguments to save_model.

@@ -37,12 +37,12 @@ from loraflow.data.tables import (
     resolve_data,
     split_examples,
 )
-from loraflow.data.tokenize import TokenizedExamples, describe, tokenize_examples, tokenize_table
+from loraflow.data.tokenize import TokenizedExamples, tokenize_examples, tokenize_table
 
 __all__ = [
     "FORMATS", "IGNORE_INDEX", "SAMPLE_DATA", "Columns", "EpochBatchSampler", "Table", "TokenizedExamples",
     "TrainingData", "check_conversations", "check_examples", "collate_packed", "collate_padded", "columns_of",
-    "describe", "length_grouped_batches", "load_examples", "load_training_data", "make_dataloader",
+    "length_grouped_batches", "load_examples", "load_training_data", "make_dataloader",
     "pack_examples", "read_table", "resolve_chat_template", "resolve_data", "split_batch", "split_examples",
     "tokenize_conversation", "tokenize_examples", "tokenize_table",
 ]

@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from loraflow.config import TRAIN_ON
-from loraflow.errors import ConfigError, DataError, row_list, short
+from loraflow.errors import ConfigError, DataError, row_list
+from loraflow.flavor.layout import short
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from loraflow.config import column_problems
-from loraflow.errors import ConfigError, DataError, row_list, short
+from loraflow.errors import ConfigError, DataError, row_list
+from loraflow.flavor.layout import BUILTIN_PREFIX, short
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
 RESOURCES = Path(__file__).resolve().parents[1] / "resources"
 SAMPLE_DATA = RESOURCES / "sample.jsonl"
 """The bundled sample dataset (`prompt` + `completion`, `builtin:qa`), used when no train_data is given."""
-BUILTIN_PREFIX = "builtin:"
 BUILTIN_DATA = {"qa": SAMPLE_DATA, "chat": RESOURCES / "chat.jsonl"}
 """The bundled datasets, written for this project (`scripts/make_sample_data.py`), by `builtin:` name."""
 CHAT_COLUMN = "messages"

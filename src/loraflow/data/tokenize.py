@@ -195,19 +195,3 @@ def _warn_overflow(where: str, encoded: _Encoded, too_long: int, unlearnable: in
         where, too_long, len(encoded.ids), max_seq_length, f"{longest:,}" + ("+" if any(encoded.cut) else ""),
         action, lost,
     )
-
-
-def describe(data: "TokenizedExamples | pd.DataFrame") -> dict[str, float]:
-    """A short summary for logs: rows, and for tokenized data the token counts and lengths."""
-    if not isinstance(data, TokenizedExamples):
-        return {"rows": len(data)}
-    lengths = data.lengths
-    return {
-        "rows": len(data),
-        "tokens": data.num_tokens,
-        "label_tokens": data.num_label_tokens,
-        "max_length": max(lengths, default=0),
-        "mean_length": sum(lengths) / len(lengths) if lengths else 0.0,
-        "truncated": data.n_truncated,
-        "dropped": data.n_dropped,
-    }

@@ -80,6 +80,10 @@ def _name_base(source: Source, adapter_config: dict[str, Any]) -> tuple[str, dic
                 "to serve without it, use --format merged"), adapter_config
     adapter_config["base_model_name_or_path"] = name
     adapter_config["revision"] = None
+    if base.get("mode") == "logged":
+        return (f"base model: {name}, logged once at {base.get('uri')} (fingerprint {fingerprint}); download it "
+                f"with `mlflow artifacts download -u {base.get('uri')} -d DIR` and point "
+                "base_model_name_or_path at it, or use --format merged"), adapter_config
     if str(name).endswith(".gguf"):
         return (f"base model: the GGUF file {name} (fingerprint {fingerprint}); peft and vLLM read a base "
                 "from a Hugging Face folder, not a GGUF file: load it with transformers' "

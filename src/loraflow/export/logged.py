@@ -93,7 +93,7 @@ def _transformers_requirements() -> list[str]:
     also pins torchvision, which a text model does not need and which may not be installed.)"""
     import importlib.util
 
-    from mlflow.utils.requirements_utils import _get_pinned_requirement
+    from loraflow.flavor.mlflow_private import _get_pinned_requirement
 
     return [_get_pinned_requirement(p) for p in ("transformers", "torch", "accelerate")
             if importlib.util.find_spec(p) is not None]

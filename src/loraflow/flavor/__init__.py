@@ -17,6 +17,8 @@ The package, module by module (each one says what it owns):
 - `pyfunc`: the python_function wrapper: requests in, generations out;
 - `generation`: batched generation;
 - `quantization`: QLoRA's quantized base (bitsandbytes): the recipe, and the record a model keeps;
+- `stored_base`: a base's files, embedded in a model or logged once per fingerprint and downloaded once;
+- `mlflow_private`: every private MLflow name the flavor uses, in one place;
 - `save`: writing a model.
 
 Why a custom flavor: `mlflow.transformers` round-trips a LoRA model on a local base with different

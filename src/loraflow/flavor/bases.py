@@ -26,13 +26,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraflow.flavor.files import atomic_dir
-from loraflow.flavor.layout import cache_root
+from loraflow.flavor.layout import BUILTIN_PREFIX, cache_root
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-BUILTIN_PREFIX = "builtin:"
 
 
 class NeedsRemoteCode(Exception):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from loraflow.flavor.layout import invalid, short_repr
+from loraflow.flavor.layout import invalid, short
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -137,7 +137,7 @@ def request_settings(request: Mapping[str, Any], defaults: Mapping[str, Any]) ->
             conversation (each problem named).
     """
     unknown = sorted(set(request) - set(REQUEST_KEYS))
-    problems = [f"unknown request keys {short_repr(unknown, 200)}; known: {list(REQUEST_KEYS)}"] if unknown else []
+    problems = [f"unknown request keys {short(unknown, 200)}; known: {list(REQUEST_KEYS)}"] if unknown else []
     if request.get("n", 1) != 1:
         problems.append(f"`n` must be 1 (one choice per request), got {request.get('n')!r}")
     if request.get("stream"):
@@ -170,13 +170,13 @@ def openai_temperature(temperature: Any, defaults: Mapping[str, Any]) -> dict[st
 def conversation_problems(messages: Any) -> list[str]:
     """What keeps `messages` from being rendered as a conversation (empty when it can be)."""
     if not isinstance(messages, list) or not messages:
-        return [f"`messages` must be a non-empty list of {{'role', 'content'}} messages, got {short_repr(messages)}"]
+        return [f"`messages` must be a non-empty list of {{'role', 'content'}} messages, got {short(messages, 80)}"]
     problems = []
     for number, message in enumerate(messages, start=1):
         if not isinstance(message, Mapping):
             problems.append(f"message {number} is a {type(message).__name__}, not a mapping with role and content")
         elif message.get("role") not in ("system", "user", "assistant", "tool"):
-            problems.append(f"message {number} has role {short_repr(message.get('role'))}; roles are system, user, "
+            problems.append(f"message {number} has role {short(message.get('role'), 80)}; roles are system, user, "
                             "assistant, tool")
         elif not isinstance(message.get("content", ""), str):
             problems.append(f"message {number} has {type(message.get('content')).__name__} content, not a string")

@@ -1,6 +1,6 @@
 """Generating text for many prompts at once: what the pyfunc model's `predict` runs.
 
-`generate_texts` tokenizes every prompt once, checks that it fits the model's context, sorts the
+`generate` tokenizes every prompt once, checks that it fits the model's context, sorts the
 prompts by length and generates `batch_size` of them together, left-padded. Every token comes from
 `model.generate`, with its logits processors and sampling. Two things keep a batch from computing
 much more than its prompts and answers need:
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
 
 from transformers import StoppingCriteria
 
-from loraflow.flavor.layout import invalid
+from loraflow.flavor.layout import MAX_SEED, invalid
 
 if TYPE_CHECKING:
     import torch
@@ -49,7 +49,6 @@ GENERATION_DEFAULTS: dict[str, Any] = {
     "repetition_penalty": 1.0,
     "seed": 0,
 }
-MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64-bit seeds; MLflow's `long` params are signed
 # Prompts per prefill forward pass: enough tokens for efficient matmuls, few enough that a group's
 # prompts have similar lengths (they are sorted) and little padding.
 PREFILL_ROWS = 8
@@ -122,29 +121,6 @@ class Generated(NamedTuple):
     """True when an EOS or stop token ended it, False when it ran to `max_new_tokens`."""
 
 
-def generate_texts(
-    model: "torch.nn.Module",
-    tokenizer: "PreTrainedTokenizerBase",
-    prompts: list[str],
-    *,
-    batch_size: int,
-    max_new_tokens_cap: int,
-    **params: Any,
-) -> list[str]:
-    """Generate a continuation for each prompt, in input order (see the module docstring).
-
-    `params` are generation settings (`GENERATION_DEFAULTS` keys). Returns only the generated text,
-    without the prompt, up to the first EOS.
-
-    Raises:
-        MlflowException: (INVALID_PARAMETER_VALUE) an invalid param, an empty prompt or one that
-            does not fit the model's context with `max_new_tokens` more tokens.
-    """
-    generated = generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens_cap=max_new_tokens_cap,
-                         **params)
-    return [g.text for g in generated]
-
-
 def generate(
     model: "torch.nn.Module",
     tokenizer: "PreTrainedTokenizerBase",
@@ -156,13 +132,20 @@ def generate(
     add_special_tokens: bool = True,
     **params: Any,
 ) -> list[Generated]:
-    """`generate_texts`, with the token counts and whether each generation stopped by itself.
+    """Generate a continuation for each prompt, in input order (see the module docstring): its text
+    (without the prompt, up to the first EOS), its token counts and whether it stopped by itself.
+
+    `params` are generation settings (`GENERATION_DEFAULTS` keys).
 
     Args:
         stop_token_ids: tokens that end a generation besides the model's EOS (a chat template's
             end-of-turn token).
         add_special_tokens: tokenize prompts with the tokenizer's special tokens (BOS); False
             for prompts a chat template rendered, which writes them itself.
+
+    Raises:
+        MlflowException: (INVALID_PARAMETER_VALUE) an invalid param, an empty prompt or one that
+            does not fit the model's context with `max_new_tokens` more tokens.
     """
     import torch
 

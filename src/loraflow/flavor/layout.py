@@ -11,9 +11,10 @@ A saved model (no pickle anywhere: safetensors, JSON and YAML only)::
     code/loraflow/     the `loraflow.flavor` package (and, for a referenced built-in base, the
                        recipe that rebuilds it): the code that wrote the model loads it
 
-Also the small rules every module of the flavor shares: how a bad argument is raised, and how an
-environment variable or string is read as a boolean. Light on purpose (MLflow is imported inside
-functions): the settings module reads booleans with `parse_bool` too.
+Also the small rules every module of the flavor shares: how a bad argument is raised, how much of a
+value an error message quotes (`short`), how an environment variable or string is read as a boolean,
+the `builtin:` prefix and the seed bound. Light on purpose (MLflow is imported inside functions): the
+rest of loraflow uses these too, so each rule is written once.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ DIGEST_CACHE_ENV = "LORAFLOW_DIGEST_CACHE"
 # Where built-in bases and base digests are cached (default ~/.cache/loraflow).
 HOME_ENV = "LORAFLOW_HOME"
 
+BUILTIN_PREFIX = "builtin:"  # `builtin:tiny` (a base built from code), `builtin:qa` (a bundled dataset)
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64-bit seeds; MLflow's `long` params are signed
+MAX_ECHO = 300  # characters of a value or of another library's message that an error message quotes
+
 _TRUE = ("true", "1", "yes", "y", "on")
 _FALSE = ("false", "0", "no", "n", "off")
 
@@ -53,10 +58,11 @@ def invalid(message: str) -> "MlflowException":
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
-def short_repr(value: Any, limit: int = 80) -> str:
-    """`repr(value)` cut to `limit` characters, for an error message about a request of any size."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def short(value: Any, limit: int = MAX_ECHO, *, quote: bool = True) -> str:
+    """`repr(value)` (`str(value)` with `quote=False`) cut to `limit` characters, then `...` and the
+    full length: an error message about a value or a request of any size stays readable."""
+    text = repr(value) if quote else str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 def parse_bool(value: Any) -> bool | None:

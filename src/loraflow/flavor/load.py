@@ -27,16 +27,16 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
-from mlflow.tracking.artifact_utils import _download_artifact_from_uri
-from mlflow.utils.model_utils import _add_code_from_conf_to_system_path
 
 from loraflow.flavor import fingerprint
 from loraflow.flavor.bases import NeedsRemoteCode, load_base_model, load_tokenizer, peft_wrapping
 from loraflow.flavor.dtypes import serving_dtype
 from loraflow.flavor.files import file_sha256
 from loraflow.flavor.layout import ADAPTER_WEIGHTS_FILE, TRUST_REMOTE_CODE_ENV, env_flag, invalid, read_flavor_conf
+from loraflow.flavor.mlflow_private import _add_code_from_conf_to_system_path, _download_artifact_from_uri
 from loraflow.flavor.quantization import dequantizing, keep_trainable_layout, prepare_for_training
 from loraflow.flavor.quantization import load_kwargs as quantization_load_kwargs
+from loraflow.flavor.stored_base import localized
 
 if TYPE_CHECKING:
     import torch
@@ -170,6 +170,7 @@ def load_local(
     allowed = _remote_code_allowed(path, conf["base"], trust_remote_code)  # before any code can run
     _add_code_from_conf_to_system_path(str(path), conf)
     fingerprint.check_scheme(conf["base"]["fingerprint"])
+    conf = {**conf, "base": localized(conf["base"])}  # a logged base: its local copy, downloaded once
     adapter_dir = path / conf["adapter"]
     # Verification runs beside the load: the adapter's files and the base's stored tensors are
     # hashed while the base loads; the loaded tensors are captured before the adapter touches them

@@ -16,11 +16,11 @@ import numbers
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mlflow.environment_variables import _MLFLOW_IS_IN_SERVING_ENVIRONMENT
 
 from loraflow.flavor.dtypes import SERVING_DTYPES
-from loraflow.flavor.layout import invalid, short_repr
+from loraflow.flavor.layout import invalid, short
 from loraflow.flavor.load import LoadedModel, device_problem, load_local
+from loraflow.flavor.mlflow_private import _MLFLOW_IS_IN_SERVING_ENVIRONMENT
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -63,7 +63,7 @@ def _prompts_and_params(data: Any, params: dict[str, Any] | None) -> tuple[list[
     if isinstance(data, dict) and "prompt" in data:
         unknown = sorted(set(data) - {"prompt", *OPENAI_COMPLETION_KEYS, *OPENAI_UNSUPPORTED})
         if unknown:
-            raise invalid(f"unknown request keys {short_repr(unknown, 200)}; a completion request takes `prompt` and "
+            raise invalid(f"unknown request keys {short(unknown, 200)}; a completion request takes `prompt` and "
                           f"{sorted(OPENAI_COMPLETION_KEYS)}")
         from loraflow.flavor.chat import openai_temperature
 
@@ -100,11 +100,11 @@ def _prompts_from_input(data: Any) -> list[str]:
             prompts = data[data.columns[0]].tolist()
         else:
             raise invalid(
-                f"the input has no `prompt` column (columns: {short_repr([str(c) for c in data.columns], 200)}); "
+                f"the input has no `prompt` column (columns: {short([str(c) for c in data.columns], 200)}); "
                 'send e.g. {"dataframe_records": [{"prompt": "..."}]}'
             )
     elif isinstance(data, dict):
-        raise invalid(f"the input dict has no `prompt` key (keys: {short_repr(sorted(map(str, data)), 200)})")
+        raise invalid(f"the input dict has no `prompt` key (keys: {short(sorted(map(str, data)), 200)})")
     elif isinstance(data, (list, tuple, pd.Series, np.ndarray)):
         prompts = list(data)
     else:
@@ -274,7 +274,7 @@ def pyfunc_config(model_config: dict[str, Any] | None) -> dict[str, Any]:
         problems.append(f"model_config {problem}")
     if config["dtype"] is not None and config["dtype"] not in SERVING_DTYPES:
         problems.append(f"model_config `dtype` must be None (the device's default) or one of {list(SERVING_DTYPES)}, "
-                        f"got {short_repr(config['dtype'], 60)}")
+                        f"got {short(config['dtype'], 60)}")
     if problems:
         raise invalid("; ".join(problems))
     return config

@@ -1,5 +1,5 @@
-"""Writing a loraflow model: the adapter, the tokenizer, the base (embedded or referenced), the code that
-loads it, MLmodel and the environment (`layout` describes what is where).
+"""Writing a loraflow model: the adapter, the tokenizer, the base (embedded, logged once or referenced),
+the code that loads it, MLmodel and the environment (`layout` describes what is where).
 
 `save_model` runs in MLflow's fixed order: check every argument and that the path can be written,
 write the native artifacts, `pyfunc.add_to_model`, `add_flavor`, save MLmodel, write the
@@ -20,23 +20,11 @@ import mlflow
 from mlflow import pyfunc as mlflow_pyfunc
 from mlflow.models import Model, ModelSignature
 from mlflow.models.model import MLMODEL_FILE_NAME
-from mlflow.models.utils import _save_example
-from mlflow.utils.environment import (
-    _CONDA_ENV_FILE_NAME,
-    _CONSTRAINTS_FILE_NAME,
-    _PYTHON_ENV_FILE_NAME,
-    _REQUIREMENTS_FILE_NAME,
-    _process_pip_requirements,
-    _PythonEnv,
-    _validate_env_arguments,
-)
 from mlflow.utils.file_utils import get_total_file_size, write_to
-from mlflow.utils.model_utils import _validate_and_copy_code_paths
-from mlflow.utils.requirements_utils import _get_installed_version, _get_pinned_requirement
 
 from loraflow.flavor.bases import base_kind, resolve_base, resolved_revision
 from loraflow.flavor.files import atomic_dir, file_sha256, temporary_env
-from loraflow.flavor.fingerprint import base_fingerprint, base_state_dict, quantized_base_fingerprint, stored_dtype
+from loraflow.flavor.fingerprint import base_fingerprint, quantized_base_fingerprint, stored_dtype
 from loraflow.flavor.layout import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_SUBPATH,
@@ -48,6 +36,19 @@ from loraflow.flavor.layout import (
     TRUST_REMOTE_CODE_ENV,
     invalid,
 )
+from loraflow.flavor.mlflow_private import (
+    _CONDA_ENV_FILE_NAME,
+    _CONSTRAINTS_FILE_NAME,
+    _PYTHON_ENV_FILE_NAME,
+    _REQUIREMENTS_FILE_NAME,
+    _get_installed_version,
+    _get_pinned_requirement,
+    _process_pip_requirements,
+    _PythonEnv,
+    _save_example,
+    _validate_and_copy_code_paths,
+    _validate_env_arguments,
+)
 from loraflow.flavor.pyfunc import (
     PYFUNC_DEFAULTS,
     validated_generation_defaults,
@@ -58,16 +59,13 @@ from loraflow.flavor.pyfunc import (
     pyfunc_config,
 )
 from loraflow.flavor.quantization import record_of
+from loraflow.flavor.stored_base import check_base_files, log_base, write_base
 
 if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedTokenizerBase
 
-# What an embedded base copies from its directory: config, weights, and any remote code. Never
-# pickled `.bin` checkpoints (the model format holds no pickle).
-BASE_FILE_PATTERNS = ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json", "*.py")
-
-BaseMode = Literal["auto", "embedded", "reference"]
+BaseMode = Literal["auto", "embedded", "logged", "reference"]
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # src/loraflow
 
@@ -114,12 +112,15 @@ def _lora_settings(peft_model: "PeftModel") -> dict[str, Any]:
     return {k: plain(config.get(k)) for k in keys if k in config}
 
 
-def _resolve_base_mode(kind: str, base_mode: str) -> str:
-    if base_mode not in ("auto", "embedded", "reference"):
-        raise invalid(f"`base_mode` must be one of 'auto', 'embedded', 'reference', got {base_mode!r}")
+def _resolve_base_mode(kind: str, base_mode: str, logging: bool = False) -> str:
+    """The mode a base is stored in. `auto`: a Hub id is referenced; a local folder or GGUF file is
+    logged once to the tracking store when the model is logged, else embedded; a built-in base is
+    embedded. A model saved to a local folder has no store to log its base to, so `logged` embeds."""
+    if base_mode not in ("auto", "embedded", "logged", "reference"):
+        raise invalid(f"`base_mode` must be one of 'auto', 'embedded', 'logged', 'reference', got {base_mode!r}")
     if base_mode == "auto":
-        return "reference" if kind == "hub" else "embedded"
-    return base_mode
+        base_mode = "reference" if kind == "hub" else "logged" if kind in ("local", "gguf") else "embedded"
+    return "embedded" if base_mode == "logged" and not logging else base_mode
 
 
 def _base_source_dir(base_model: str, kind: str, revision: str | None) -> Path:
@@ -137,43 +138,13 @@ def _base_source_dir(base_model: str, kind: str, revision: str | None) -> Path:
         ) from e
 
 
-def _base_files(source: Path) -> list[Path]:
-    return sorted({p for pattern in BASE_FILE_PATTERNS for p in source.glob(pattern) if p.is_file()})
+def _base_section(peft_model: "PeftModel", base_model: str, base_mode: str, trust_remote_code: bool,
+                  logging: bool = False) -> dict[str, Any]:
+    """The `base` section of the flavor config. Checks everything before anything is written.
 
-
-def _check_base_files(source: Path) -> None:
-    if not any(p.suffix == ".safetensors" for p in _base_files(source)):
-        raise invalid(
-            f"cannot embed the base model from {str(source)!r}: it has no *.safetensors weights "
-            "(pickled .bin checkpoints are not copied). Re-save it with "
-            "`model.save_pretrained(dir, safe_serialization=True)` or use base_mode='reference'"
-        )
-
-
-def _copy_base_files(source: Path, target: Path) -> None:
-    target.mkdir(parents=True)
-    for path in _base_files(source):
-        shutil.copy2(path, target / path.name)
-
-
-def _write_base(peft_model: "PeftModel", target: Path) -> None:
-    """Write the base in memory (a dequantized GGUF base) as a Hugging Face folder: its config,
-    generation config and its tensors as stored, in one safetensors file (tied matrices once)."""
-    from safetensors.torch import save_file
-
-    base = peft_model.get_base_model()
-    target.mkdir(parents=True)
-    base.config.save_pretrained(str(target))
-    if getattr(base, "generation_config", None) is not None:
-        base.generation_config.save_pretrained(str(target))
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in base_state_dict(base).items()}
-    save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
-
-
-def _base_section(peft_model: "PeftModel", base_model: str, base_mode: str, trust_remote_code: bool) -> dict[str, Any]:
-    """The `base` section of the flavor config. Checks everything before anything is written."""
+    A stored base's folder (embedded or logged) is under `source_dir`, which the caller pops."""
     kind = base_kind(base_model)
-    mode = _resolve_base_mode(kind, base_mode)
+    mode = _resolve_base_mode(kind, base_mode, logging)
     base = peft_model.get_base_model()
     revision = resolved_revision(base) if kind == "hub" else None
     if kind == "hub" and revision is None:
@@ -195,8 +166,8 @@ def _base_section(peft_model: "PeftModel", base_model: str, base_mode: str, trus
     section["fingerprint"] = quantized_base_fingerprint(base, section) if record_of(base) else base_fingerprint(base)
     if mode == "embedded":
         section["path"] = BASE_SUBPATH
-        if kind != "gguf":  # a GGUF base is written from memory, as safetensors (`_write_base`)
-            section["source_dir"] = str(_base_source_dir(base_model, kind, revision))
+    if mode in ("embedded", "logged") and kind != "gguf":  # a GGUF base is written from memory (`write_base`)
+        section["source_dir"] = str(_base_source_dir(base_model, kind, revision))
     return section
 
 
@@ -242,8 +213,10 @@ def save_model(
     trust_remote_code: bool = False,
     chat_template: str | None = None,
     validate_serving_input: bool = True,
+    base_section: dict[str, Any] | None = None,
 ) -> None:
-    """Save a PEFT LoRA model, its tokenizer and its base model (embedded or referenced) to `path`.
+    """Save a PEFT LoRA model, its tokenizer and its base model (embedded or referenced) to `path`
+    (`log_model` may also reference a base it logged once to the tracking store).
 
     Args:
         peft_model: a `peft.PeftModel` with one adapter.
@@ -252,7 +225,10 @@ def save_model(
         base_model: `builtin:*`, a local directory or a Hub id; default: the adapter config's
             `base_model_name_or_path`.
         base_mode: `"embedded"` copies the base weights into the artifact; `"reference"` records the
-            Hub id + resolved commit (or a local path); `"auto"`: reference for a Hub id, else embedded.
+            Hub id + resolved commit (or a local path); `"logged"` (for `log_model`; here it embeds)
+            logs the base once per fingerprint to the tracking store and records its URI
+            (`stored_base`); `"auto"`: reference for a Hub id, embedded for a built-in base, else
+            logged by `log_model` and embedded by `save_model`.
         mlflow_model: the `mlflow.models.Model` this flavor is added to (set by `log_model`).
         signature: default: `default_signature(generation_defaults)`, with a params schema.
         input_example: default: `default_input_example()` when no signature is given.
@@ -271,6 +247,8 @@ def save_model(
             OpenAI chat requests (`chat_signature`).
         validate_serving_input: read by `log_model` (MLflow's `Model.log` hands its arguments to
             `save_model` too); saving ignores it.
+        base_section: the `base` record `log_model` prepared (a logged base's location), which
+            replaces `base_model` and `base_mode`; not for other callers.
 
     Raises:
         MlflowException: an invalid argument, a non-empty `path`, or a base model that cannot be
@@ -280,13 +258,12 @@ def save_model(
     _check_model(peft_model, trust_remote_code)
     model_config = pyfunc_config({"batch_size": batch_size, "max_new_tokens_cap": max_new_tokens_cap})
     generation_defaults = validated_generation_defaults(generation_defaults, max_new_tokens_cap)
-    base_model = base_model or peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path
-    if not base_model:
-        raise invalid("`base_model` is unknown: pass it, e.g. base_model='builtin:tiny'")
-    base_section = _base_section(peft_model, base_model, base_mode, trust_remote_code)
+    if base_section is None:
+        base_section = _base_section(peft_model, _base_name(peft_model, base_model), base_mode, trust_remote_code)
+    base_section = dict(base_section)
     source_dir = base_section.pop("source_dir", None)
     if source_dir is not None:
-        _check_base_files(Path(source_dir))
+        check_base_files(Path(source_dir))
     path = Path(os.path.abspath(path))
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise invalid(f"Path '{path}' already exists and is not empty")
@@ -313,6 +290,14 @@ def save_model(
             mlflow_model.model_size_bytes = size
         mlflow_model.save(str(tmp / MLMODEL_FILE_NAME))
         _write_environment(tmp, pip_requirements, extra_pip_requirements, quantized="quantization" in conf)
+
+
+def _base_name(peft_model: "PeftModel", base_model: str | None) -> str:
+    """`base_model`, or else the adapter config's `base_model_name_or_path`."""
+    base_model = base_model or peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path
+    if not base_model:
+        raise invalid("`base_model` is unknown: pass it, e.g. base_model='builtin:tiny'")
+    return base_model
 
 
 def _with_chat_template(tokenizer: "PreTrainedTokenizerBase", chat_template: str | None) -> "PreTrainedTokenizerBase":
@@ -360,10 +345,8 @@ def _write_artifacts(path: Path, peft_model: "PeftModel", tokenizer: "PreTrained
 
     peft_model.save_pretrained(str(path / ADAPTER_SUBPATH), safe_serialization=True)
     tokenizer.save_pretrained(str(path / TOKENIZER_SUBPATH))
-    if source_dir is not None:
-        _copy_base_files(Path(source_dir), path / BASE_SUBPATH)
-    elif base_section["mode"] == "embedded":
-        _write_base(peft_model, path / BASE_SUBPATH)
+    if base_section["mode"] == "embedded":
+        write_base(peft_model, source_dir, path / BASE_SUBPATH)
     # a referenced builtin base is rebuilt on load, from the recipe and its resources
     builtin_reference = base_section["kind"] == "builtin" and base_section["mode"] == "reference"
     with tempfile.TemporaryDirectory(prefix="loraflow-code-") as staging:
@@ -445,7 +428,9 @@ def log_model(
     Args:
         peft_model, tokenizer, base_model, base_mode, generation_defaults, batch_size,
         max_new_tokens_cap, trust_remote_code, chat_template, signature, input_example,
-        pip_requirements, extra_pip_requirements, code_paths, metadata: as for `save_model`.
+        pip_requirements, extra_pip_requirements, code_paths, metadata: as for `save_model`, except
+            that `base_mode` "logged" (what "auto" means for a local folder or a GGUF file) logs the
+            base to the tracking store once per fingerprint, and the model references it there.
         name: the logged model's name (MLflow 3).
         validate_serving_input: let MLflow check the input example by loading the logged model again
             in this process (a second copy of the model in memory while it runs; a failure is only a
@@ -458,6 +443,14 @@ def log_model(
     """
     import loraflow.flavor
 
+    _check_model(peft_model, trust_remote_code)
+    base_section = _base_section(peft_model, _base_name(peft_model, base_model), base_mode, trust_remote_code,
+                                 logging=True)
+    if base_section["mode"] == "logged":  # before the model, so that a failure leaves no model without its base
+        source_dir = base_section.pop("source_dir", None)
+        if source_dir is not None:
+            check_base_files(Path(source_dir))
+        base_section.update(log_base(peft_model, base_section, source_dir))
     # MLflow checks the input example by loading the logged model through pyfunc in this process;
     # the caller's permission for this model covers that load (and only for this call).
     with temporary_env(TRUST_REMOTE_CODE_ENV, "1" if trust_remote_code else None):
@@ -469,8 +462,7 @@ def log_model(
             metadata=metadata,
             peft_model=peft_model,
             tokenizer=tokenizer,
-            base_model=base_model,
-            base_mode=base_mode,
+            base_section=base_section,
             signature=signature,
             input_example=input_example,
             pip_requirements=pip_requirements,

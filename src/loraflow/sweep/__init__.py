@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from loraflow.errors import ConfigError, LoraflowError
+from loraflow.signals import exit_code
 from loraflow.sweep.results import SweepResult
 from loraflow.sweep.space import DEFAULT_SPACE, SearchSpace, check_space, load_space
 
@@ -209,7 +210,7 @@ def _run(ref: Any, plan: Any, study: Any, settings: SweepSettings, remaining: in
         study_lib.run_on_spark(ref, plan, remaining)
     elif settings.workers > 1:
         codes = study_lib.run_in_processes(ref, plan, remaining, settings.workers)
-        if any(code == 130 for code in codes):
+        if any(code == exit_code("SIGINT") for code in codes):
             raise KeyboardInterrupt
         for i, code in enumerate(codes):
             if code:

@@ -8,13 +8,13 @@ space (before anything loads), 130 interrupted (resume with the same --study-nam
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
 import click
 
 from loraflow import config
+from loraflow.signals import exit_code
 from loraflow.sweep import SweepInterrupted, SweepSettings, run_sweep, sweep_settings
 
 
@@ -41,8 +41,9 @@ def make_command(settings_options: Callable, config_file_option: Callable,
         The study lives in the tracking store: rerun with the same --study-name to resume it. Unless
         given, trials are short: --max-steps 30 --eval-steps 10 --eval-samples 0.
         """
-        # MLflow retries a dead server for minutes by default; a sweep should notice in seconds.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+        from loraflow.tracking import retry_briefly
+
+        retry_briefly()
         names = config.field_names(SweepSettings)
         train_raw = collect_settings(config_file, {k: v for k, v in options.items() if k not in names})
         settings = sweep_settings({k: options[k] for k in names}, train_raw)  # a ConfigError: usage error, exit 2
@@ -51,7 +52,7 @@ def make_command(settings_options: Callable, config_file_option: Callable,
         except SweepInterrupted as stop:
             click.echo(stop.result.summary())
             click.echo(f"loraflow: {stop}", err=True)
-            raise SystemExit(130) from None
+            raise SystemExit(exit_code("SIGINT")) from None
         click.echo(result.summary())
         if result.best is None:
             raise SystemExit(1)

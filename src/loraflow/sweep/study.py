@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loraflow.signals import exit_code
 from loraflow.sweep.trial import INTERRUPTED, Plan, log_synchronously, objective
 
 logger = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ def worker_main(ref: StudyRef, plan: Plan, n_trials: int, worker: int, workers: 
     try:
         run_trials(study, plan, n_trials)
     except KeyboardInterrupt:
-        raise SystemExit(130) from None
+        raise SystemExit(exit_code("SIGINT")) from None
 
 
 def visible_gpus() -> list[str]:

@@ -1,0 +1,176 @@
+"""A base model's files, embedded in one model or logged once to the tracking store for every model
+trained on it.
+
+Embedded (`base_mode="embedded"`): the base's files are copied into the model, under `base/`.
+
+Logged (`base_mode="logged"`, what "auto" means for a local folder or a GGUF file in `log_model`):
+the same files are logged once per fingerprint, as the artifacts of one run in the `loraflow-bases`
+experiment, tagged with the fingerprint. A later model on the same base finds that run and writes
+only its adapter. A model records the run's URI (`runs:/<id>/base`), the artifact URI it resolved to
+when logged, and the fingerprint. Loading downloads the base once per machine into
+`$LORAFLOW_HOME/bases/<fingerprint>` and checks the loaded tensors against the fingerprint, as it
+does for any base.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mlflow.exceptions import MlflowException
+
+from loraflow.flavor.files import atomic_dir
+from loraflow.flavor.fingerprint import base_state_dict
+from loraflow.flavor.layout import cache_root, invalid
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from peft import PeftModel
+
+# What a stored base holds from its directory: config, weights, and any remote code. Never pickled
+# `.bin` checkpoints (the model format holds no pickle).
+BASE_FILE_PATTERNS = ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json", "*.py")
+BASES_EXPERIMENT = "loraflow-bases"
+FINGERPRINT_TAG = "loraflow.base_fingerprint"
+BASE_ARTIFACT = "base"
+
+
+def base_files(source: Path) -> list[Path]:
+    """The files of the base folder `source` that a stored base holds."""
+    return sorted({p for pattern in BASE_FILE_PATTERNS for p in source.glob(pattern) if p.is_file()})
+
+
+def check_base_files(source: Path) -> None:
+    """Refuse a base folder without safetensors weights (nothing of it would load)."""
+    if not any(p.suffix == ".safetensors" for p in base_files(source)):
+        raise invalid(
+            f"cannot store the base model from {str(source)!r} with the model: it has no *.safetensors weights "
+            "(pickled .bin checkpoints are not copied). Re-save it with "
+            "`model.save_pretrained(dir, safe_serialization=True)` or use base_mode='reference'"
+        )
+
+
+def write_base(peft_model: "PeftModel", source_dir: str | None, target: Path) -> None:
+    """Write the base as a Hugging Face folder at `target`: a copy of `source_dir`'s files, or, for a
+    base with no folder (a dequantized GGUF base), its config, generation config and tensors as
+    stored, in one safetensors file (tied matrices once)."""
+    target.mkdir(parents=True)
+    if source_dir is not None:
+        for path in base_files(Path(source_dir)):
+            shutil.copy2(path, target / path.name)
+        return
+    from safetensors.torch import save_file
+
+    base = peft_model.get_base_model()
+    base.config.save_pretrained(str(target))
+    if getattr(base, "generation_config", None) is not None:
+        base.generation_config.save_pretrained(str(target))
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in base_state_dict(base).items()}
+    save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Logged once per fingerprint.
+
+
+def log_base(peft_model: "PeftModel", section: dict[str, Any], source_dir: str | None) -> dict[str, str]:
+    """Log the base to the tracking store unless a run there already holds one with its fingerprint.
+
+    Returns:
+        Where it is: `uri` (`runs:/<id>/base`) and `artifact_uri` (that artifact's resolved location).
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    experiment_id = _bases_experiment(client)
+    run_id = _logged_run(client, experiment_id, section["fingerprint"])
+    if run_id is None:
+        run_id = _log_new(client, experiment_id, peft_model, section, source_dir)
+    artifact_root = client.get_run(run_id).info.artifact_uri.rstrip("/")
+    return {"uri": f"runs:/{run_id}/{BASE_ARTIFACT}", "artifact_uri": f"{artifact_root}/{BASE_ARTIFACT}"}
+
+
+def _bases_experiment(client: "MlflowClient") -> str:
+    experiment = client.get_experiment_by_name(BASES_EXPERIMENT)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(BASES_EXPERIMENT, tags={
+            "mlflow.note.content": "Base models stored once, each referenced by every loraflow model trained on it."})
+    except MlflowException:  # made meanwhile by another process
+        return client.get_experiment_by_name(BASES_EXPERIMENT).experiment_id
+
+
+def _logged_run(client: "MlflowClient", experiment_id: str, fingerprint: str) -> str | None:
+    """A finished run holding this base's files, or None."""
+    runs = client.search_runs([experiment_id], filter_string=(
+        f"tags.`{FINGERPRINT_TAG}` = '{fingerprint}' and attributes.status = 'FINISHED'"))
+    for run in runs:
+        if client.list_artifacts(run.info.run_id, BASE_ARTIFACT):
+            return run.info.run_id
+    return None
+
+
+def _log_new(client: "MlflowClient", experiment_id: str, peft_model: "PeftModel", section: dict[str, Any],
+             source_dir: str | None) -> str:
+    fingerprint = section["fingerprint"]
+    tags = {FINGERPRINT_TAG: fingerprint, "base_model": section["name"], "dtype": str(section.get("dtype")),
+            "mlflow.note.content": f"The base model `{section['name']}` (fingerprint `{fingerprint}`), stored once "
+                                   "for every loraflow model trained on it."}
+    run = client.create_run(experiment_id, run_name=f"base-{Path(section['name']).name}"[:250], tags=tags)
+    try:
+        with tempfile.TemporaryDirectory(prefix="loraflow-base-") as tmp:
+            folder = Path(tmp) / BASE_ARTIFACT
+            write_base(peft_model, source_dir, folder)
+            client.log_artifacts(run.info.run_id, str(folder), BASE_ARTIFACT)
+    except BaseException:
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a logged base.
+
+
+def localized(base: dict[str, Any]) -> dict[str, Any]:
+    """The `base` record of a model with a logged base, pointing at a local copy of it (downloaded
+    once per machine); other records unchanged.
+
+    Raises:
+        MlflowException: the base cannot be downloaded from either recorded location.
+    """
+    if base.get("mode") != "logged":
+        return base
+    target = cache_root() / "bases" / str(base["fingerprint"]).split(":")[-1]
+    if not (target / BASE_ARTIFACT).is_dir():
+        _download(base, target)
+    return {**base, "kind": "local", "name": str(target / BASE_ARTIFACT), "revision": None}
+
+
+def _download(base: dict[str, Any], target: Path) -> None:
+    from mlflow.artifacts import download_artifacts
+
+    errors = []
+    for uri in dict.fromkeys((base["uri"], base.get("artifact_uri"))):
+        if not uri:
+            continue
+        try:
+            with atomic_dir(target) as tmp:
+                download_artifacts(artifact_uri=uri, dst_path=str(tmp))
+                downloaded = tmp / Path(uri.rstrip("/")).name
+                if downloaded.name != BASE_ARTIFACT:
+                    downloaded.rename(tmp / BASE_ARTIFACT)
+            return
+        except FileExistsError:  # another process downloaded it meanwhile
+            return
+        except Exception as e:
+            errors.append(f"{uri}: {' '.join(str(e).split())}")  # one line, whatever MLflow wrote
+    raise MlflowException(
+        f"the model's base is logged at {base['uri']} (fingerprint {base['fingerprint']}) and could not be "
+        f"downloaded ({'; '.join(errors)}). Point MLFLOW_TRACKING_URI at the tracking server the model was "
+        "logged to, or re-log the model with base_mode='embedded'"
+    )
