@@ -456,7 +456,7 @@ def write_results_section(path: Path) -> None:
         f"({yes[met['train_speedup']]}) at {figures['train_rss']:.2f}x the peak RSS ({yes[met['train_rss']]}); chat "
         f"pyfunc {figures['infer_ratio']:.2f}x raw batched `generate` ({yes[met['infer_ratio']]}); a 1-step run, "
         f"tracking included, {figures['fixed_cost']:.2f}x TRL's time ({yes[met['fixed_cost']]}). Setup, every run and "
-        "where the memory and the fixed cost go: [real_results.md](real_results.md).",
+        "where the memory and the fixed cost go: `benchmarks/real_results.md`.",
     ], heading=RESULTS_HEADING)
 
 
