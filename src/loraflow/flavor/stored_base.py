@@ -27,6 +27,7 @@ from loraflow.flavor.layout import cache_root, invalid
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+    from mlflow.entities import RunInfo
     from peft import PeftModel
 
 # What a stored base holds from its directory: config, weights, and any remote code. Never pickled
@@ -85,11 +86,10 @@ def log_base(peft_model: "PeftModel", section: dict[str, Any], source_dir: str |
 
     client = MlflowClient()
     experiment_id = _bases_experiment(client)
-    run_id = _logged_run(client, experiment_id, section["fingerprint"])
-    if run_id is None:
-        run_id = _log_new(client, experiment_id, peft_model, section, source_dir)
-    artifact_root = client.get_run(run_id).info.artifact_uri.rstrip("/")
-    return {"uri": f"runs:/{run_id}/{BASE_ARTIFACT}", "artifact_uri": f"{artifact_root}/{BASE_ARTIFACT}"}
+    info = (_logged_run(client, experiment_id, section["fingerprint"])
+            or _log_new(client, experiment_id, peft_model, section, source_dir))
+    return {"uri": f"runs:/{info.run_id}/{BASE_ARTIFACT}",
+            "artifact_uri": f"{info.artifact_uri.rstrip('/')}/{BASE_ARTIFACT}"}
 
 
 def _bases_experiment(client: "MlflowClient") -> str:
@@ -103,33 +103,35 @@ def _bases_experiment(client: "MlflowClient") -> str:
         return client.get_experiment_by_name(BASES_EXPERIMENT).experiment_id
 
 
-def _logged_run(client: "MlflowClient", experiment_id: str, fingerprint: str) -> str | None:
-    """A finished run holding this base's files, or None."""
+def _logged_run(client: "MlflowClient", experiment_id: str, fingerprint: str) -> "RunInfo | None":
+    """The finished run holding this base's files, or None."""
     runs = client.search_runs([experiment_id], filter_string=(
         f"tags.`{FINGERPRINT_TAG}` = '{fingerprint}' and attributes.status = 'FINISHED'"))
-    for run in runs:
-        if client.list_artifacts(run.info.run_id, BASE_ARTIFACT):
-            return run.info.run_id
-    return None
+    return next((run.info for run in runs if client.list_artifacts(run.info.run_id, BASE_ARTIFACT)), None)
 
 
 def _log_new(client: "MlflowClient", experiment_id: str, peft_model: "PeftModel", section: dict[str, Any],
-             source_dir: str | None) -> str:
+             source_dir: str | None) -> "RunInfo":
+    """A new run holding the base's files: a local folder's logged from where they are, a base with no
+    folder (a dequantized GGUF base) written out first."""
     fingerprint = section["fingerprint"]
     tags = {FINGERPRINT_TAG: fingerprint, "base_model": section["name"], "dtype": str(section.get("dtype")),
             "mlflow.note.content": f"The base model `{section['name']}` (fingerprint `{fingerprint}`), stored once "
                                    "for every loraflow model trained on it."}
     run = client.create_run(experiment_id, run_name=f"base-{Path(section['name']).name}"[:250], tags=tags)
     try:
-        with tempfile.TemporaryDirectory(prefix="loraflow-base-") as tmp:
-            folder = Path(tmp) / BASE_ARTIFACT
-            write_base(peft_model, source_dir, folder)
-            client.log_artifacts(run.info.run_id, str(folder), BASE_ARTIFACT)
+        if source_dir is not None:  # no copy of a base that may be many GB
+            for path in base_files(Path(source_dir)):
+                client.log_artifact(run.info.run_id, str(path), BASE_ARTIFACT)
+        else:
+            with tempfile.TemporaryDirectory(prefix="loraflow-base-") as tmp:
+                write_base(peft_model, None, Path(tmp) / BASE_ARTIFACT)
+                client.log_artifacts(run.info.run_id, str(Path(tmp) / BASE_ARTIFACT), BASE_ARTIFACT)
     except BaseException:
         client.set_terminated(run.info.run_id, "FAILED")
         raise
     client.set_terminated(run.info.run_id)
-    return run.info.run_id
+    return run.info
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,11 +161,8 @@ def _download(base: dict[str, Any], target: Path) -> None:
         if not uri:
             continue
         try:
-            with atomic_dir(target) as tmp:
+            with atomic_dir(target) as tmp:  # both URIs end in BASE_ARTIFACT: it lands in tmp/BASE_ARTIFACT
                 download_artifacts(artifact_uri=uri, dst_path=str(tmp))
-                downloaded = tmp / Path(uri.rstrip("/")).name
-                if downloaded.name != BASE_ARTIFACT:
-                    downloaded.rename(tmp / BASE_ARTIFACT)
             return
         except FileExistsError:  # another process downloaded it meanwhile
             return
