@@ -109,8 +109,9 @@ def test_a_base_that_cannot_be_downloaded_is_one_clear_error(peft_model, tiny_pa
     (run,) = base_runs()
     shutil.rmtree(Path(run.info.artifact_uri.removeprefix("file://")) / "base")
     shutil.rmtree(tmp_path / "home" / "bases", ignore_errors=True)  # the copy logging's input check downloaded
-    with pytest.raises(MlflowException, match=r"logged at runs:/.*could not be downloaded.*MLFLOW_TRACKING_URI"):
+    with pytest.raises(MlflowException, match=r"logged at runs:/.*could not be downloaded.*MLFLOW_TRACKING_URI") as err:
         flavor.load_model(str(model_dir))
+    assert err.value.error_code == "RESOURCE_DOES_NOT_EXIST"  # the CLI reports it as the user's to fix (exit 2)
     assert not (tmp_path / "home" / "bases").exists() or not any((tmp_path / "home" / "bases").iterdir())
 
 

@@ -155,6 +155,7 @@ def localized(base: dict[str, Any]) -> dict[str, Any]:
 
 def _download(base: dict[str, Any], target: Path) -> None:
     from mlflow.artifacts import download_artifacts
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 
     errors = []
     for uri in dict.fromkeys((base["uri"], base.get("artifact_uri"))):
@@ -169,7 +170,8 @@ def _download(base: dict[str, Any], target: Path) -> None:
         except Exception as e:
             errors.append(f"{uri}: {' '.join(str(e).split())}")  # one line, whatever MLflow wrote
     raise MlflowException(
-        f"the model's base is logged at {base['uri']} (fingerprint {base['fingerprint']}) and could not be "
-        f"downloaded ({'; '.join(errors)}). Point MLFLOW_TRACKING_URI at the tracking server the model was "
-        "logged to, or re-log the model with base_mode='embedded'"
+        f"the model's base is logged at {base['uri']} and could not be downloaded: point MLFLOW_TRACKING_URI at "
+        "the tracking server the model was logged to, or re-log the model with base_mode='embedded' "
+        f"(fingerprint {base['fingerprint']}; {'; '.join(errors)})",  # the fix first: a command cuts long messages
+        RESOURCE_DOES_NOT_EXIST,  # the user's to fix: a command reports it as such, not as a bug
     )
