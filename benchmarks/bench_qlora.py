@@ -11,7 +11,7 @@ loading, training, evaluating and logging the model, and beside it the peak of i
 resident memory (`RssAnon`, sampled every 10 ms), which leaves out the checkpoint's file pages that
 the process maps while it reads the weights.
 
-A third side, "nf4 untrimmed", runs nf4 with `loraflow.flavor.heap`'s per-layer `malloc_trim` turned
+A third side, "nf4 untrimmed", runs nf4 with `loraflow.heap`'s per-layer `malloc_trim` turned
 off: the memory it saves and the time it costs (training tokens per second, the median of the run's
 logged `tokens_per_second`). Nothing here asserts anything.
 """
@@ -94,13 +94,15 @@ class AnonPeak:
 def train_side(base: str, quantization: str, tracking_uri: str, trim: bool = True) -> dict[str, Any]:
     """Child: one `loraflow train` on `base` (peak RSS is added by `common.run_child`); `trim=False`
     turns off the heap trimming of quantized CPU training."""
+    import os
+
     import mlflow
 
+    from loraflow import speed
     from loraflow.cli import main
-    from loraflow.flavor import heap
 
     if not trim:
-        heap.malloc_trim = lambda: None
+        os.environ[speed.ENV] = "heap_trim"
     mlflow.set_tracking_uri(tracking_uri)
     args = ["train", "--base-model", base, "--quantization", quantization, *TRAIN_ARGS]
     with AnonPeak() as anon:

@@ -62,13 +62,22 @@ def wait_for_http(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> N
             with urllib.request.urlopen(url, timeout=2):
                 return
         except OSError:
-            time.sleep(0.5)
+            time.sleep(0.2)
     raise TimeoutError(f"{url} did not answer within {timeout} s")
 
 
 def server_store(db: Path) -> str:
     """The server's store: a new one, or the one a server used before at `db` (a restart keeps it)."""
     return f"sqlite:///{db}" if db.exists() else fresh_store(db, "mlflow-artifacts:/")
+
+
+def server_env() -> dict[str, str]:
+    """The environment of a test `mlflow server`: a tracking server without MLflow's job execution,
+    whose runner and consumers (each a Python process importing MLflow) serve GenAI jobs that
+    loraflow never submits, and would only compete for the cores while the server starts."""
+    env = env_with_venv()
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    return env
 
 
 @contextmanager
@@ -83,7 +92,7 @@ def mlflow_server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
             "--artifacts-destination", str(tmp_path / "server-artifacts"),
             "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
         ],
-        stdout=log, stderr=subprocess.STDOUT, env=env_with_venv(), start_new_session=True,
+        stdout=log, stderr=subprocess.STDOUT, env=server_env(), start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -72,13 +72,34 @@ def test_interrupted_and_resumed_run_ends_exactly_like_an_uninterrupted_one(quan
     assert [m.step for m in sorted(client.get_metric_history(state.run_id, "eval_loss"), key=lambda m: m.step)] == [0, 4, 8, 12]
 
 
-def test_checkpoints_are_written_every_checkpoint_steps_and_pruned(tracking_uri, tmp_path):
+def to_old_layout(folder: Path) -> None:
+    """Rewrite a checkpoint in the layout before accelerate's save_state: optimizer.pt, scheduler.pt, and
+    process 0's torch RNG state in rng.pt, each a `torch.save`d state dict."""
+    import torch
+    from accelerate.utils import load
+
+    torch.save(load(folder / "optimizer.bin"), folder / "optimizer.pt")
+    torch.save(load(folder / "custom_checkpoint_0.pkl", weights_only=False), folder / "scheduler.pt")
+    torch.save({"cpu": load(folder / "random_states_0.pkl")["torch_manual_seed"]}, folder / "rng.pt")
+    for name in ("optimizer.bin", "custom_checkpoint_0.pkl", "random_states_0.pkl"):
+        (folder / name).unlink()
+
+
+def test_checkpoints_are_written_every_checkpoint_steps_pruned_and_resumed_in_the_old_layout_too(tracking_uri,
+                                                                                                  tmp_path):
     result = run_training(*settings(tmp_path, checkpoint_steps="3"))
     root = ckpt.run_dir(tmp_path / "out", result.run_id)
     assert sorted(p.name for p in root.iterdir()) == ["step-000006", "step-000009"]
-    assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json"} <= {
-        p.name for p in (root / "step-000009").iterdir()
-    }
+    written = {p.name for p in (root / "step-000009").iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.bin", "custom_checkpoint_0.pkl",
+            "random_states_0.pkl", "state.json"} <= written
+    assert not {"model.safetensors", "pytorch_model.bin"} & written, "the frozen base is never saved"
+
+    # a checkpoint written before accelerate's save_state (one test, one training run: the suite's time budget)
+    to_old_layout(root / "step-000009")
+    resumed = run_training(*settings(tmp_path, checkpoint_steps="3"), resume=root / "step-000009")
+    assert resumed.run_id == result.run_id
+    assert resumed.eval_loss_after == pytest.approx(result.eval_loss_after, abs=1e-5)
 
 
 def test_a_crash_mid_write_never_becomes_the_latest_checkpoint(tracking_uri, tmp_path, monkeypatch):
@@ -87,6 +108,7 @@ def test_a_crash_mid_write_never_becomes_the_latest_checkpoint(tracking_uri, tmp
     latest = ckpt.latest_checkpoint(root)
     state = ckpt.read_state(latest)
     import torch
+    from accelerate import Accelerator
 
     from loraflow.lora import apply_lora
     from loraflow.flavor.bases import load_base_model
@@ -94,13 +116,16 @@ def test_a_crash_mid_write_never_becomes_the_latest_checkpoint(tracking_uri, tmp
     model = apply_lora(load_base_model("builtin:tiny"), {"r": 4})
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    accelerator = Accelerator(cpu=torch.accelerator.current_accelerator() is None)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ckpt.track(accelerator, model, scheduler)
 
     def crash(*args, **kwargs):  # the adapter is written, then the disk fills up
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError, match="disk full"):
-        ckpt.save_checkpoint(root, ckpt.CheckpointState(9, 0, 9, state.run_id, {}), model, optimizer, scheduler)
+        ckpt.save_checkpoint(root, ckpt.CheckpointState(9, 0, 9, state.run_id, {}), accelerator)
     assert ckpt.latest_checkpoint(root) == latest
     assert not list(root.glob(".tmp-*")), "the half-written folder is cleaned up"
 
@@ -109,6 +134,12 @@ def test_resume_from_a_run_id_and_clear_error_when_there_is_nothing(tmp_path):
     (tmp_path / "checkpoints" / "abc" / ".tmp-step-000003-x").mkdir(parents=True)
     with pytest.raises(LoraflowError, match="no checkpoint found"):
         ckpt.resolve_checkpoint("abc", tmp_path)
+
+
+def test_a_checkpoint_without_optimizer_state_is_refused_with_a_clear_error(tmp_path):
+    (tmp_path / "state.json").write_text("{}")
+    with pytest.raises(LoraflowError, match="no optimizer state .* incomplete"):
+        ckpt.restore(tmp_path, None, None, None, None)
 
 
 @pytest.mark.slow

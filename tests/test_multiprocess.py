@@ -1,13 +1,17 @@
 """Multi-process training: 2 CPU processes (gloo) under torchrun give one run, one model, the same loss.
 
 The 2-process run (batch 4 per process) is compared with a single-process run of the same global
-batch (8) and seed, both for one pass over the training data (18 optimizer steps).
+batch (8) and seed, both for one pass over the training data (18 optimizer steps). It writes a
+checkpoint at step 9, and a 2-process run resumed from it ends exactly like it.
 """
 
 from __future__ import annotations
 
+import shutil
+import sqlite3
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import mlflow
@@ -33,16 +37,33 @@ SETTINGS = ["--eval-fraction", "0.125", "--max-steps", "18", "--eval-steps", "10
 FINAL_EVAL_LOSS_TOLERANCE = 0.02
 
 
-def train(tmp_path: Path, name: str, launcher: list[str], batch_size: int) -> MlflowClient:
-    uri = fresh_store(tmp_path / f'{name}.db')
+def train(tmp_path: Path, name: str, launcher: list[str], batch_size: int, *extra: str,
+          uri: str | None = None) -> MlflowClient:
+    uri = uri or fresh_store(tmp_path / f'{name}.db')
     proc = subprocess.run(
-        [*launcher, "loraflow", "train", *SETTINGS, "--batch-size", str(batch_size),
+        [*launcher, "loraflow", "train", *SETTINGS, "--batch-size", str(batch_size), *extra,
          "--output-dir", str(tmp_path / f"{name}-outputs")],
         env=env_with_venv(MLFLOW_TRACKING_URI=uri, MLFLOW_REGISTRY_URI=uri),
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return MlflowClient(uri)
+
+
+def copy_store(uri: str, db: Path) -> str:
+    """A copy of the sqlite store at `uri`, whose runs put their artifacts in a folder beside `db` from now on."""
+    shutil.copyfile(uri.removeprefix("sqlite:///"), db)
+    root = str(db.with_suffix("")) + "-artifacts/"
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE experiments SET artifact_location = ? || experiment_id", (root,))
+        conn.execute("UPDATE runs SET artifact_uri = ? || experiment_id || '/' || run_uuid || '/artifacts'", (root,))
+    conn.close()
+    return f"sqlite:///{db}"
+
+
+def torchrun() -> list[str]:
+    return [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+            "--master-port", str(free_port()), "-m", "--"]  # `--`: torchrun would take `--r` for its --rdzv-*
 
 
 def only_run(client: MlflowClient):
@@ -64,10 +85,19 @@ def runs(tmp_path_factory):
     """(single-process client, two-process client), each trained once for the module."""
     tmp = tmp_path_factory.mktemp("multiprocess")
     single = train(tmp, "single", [sys.executable, "-m"], batch_size=8)
-    torchrun = [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-                "--master-port", str(free_port()), "-m", "--"]  # `--`: torchrun would take `--r` for its --rdzv-*
-    double = train(tmp, "double", torchrun, batch_size=4)
+    double = train(tmp, "double", torchrun(), 4, "--checkpoint-steps", "9")  # kept: step 18 ends the run
     return single, double
+
+
+@pytest.fixture(scope="module")
+def resumed(runs):
+    """(the step-9 checkpoint of the 2-process run, a copy of its store where a 2-process run resumed from it)."""
+    _, double = runs
+    tmp = Path(double.tracking_uri.removeprefix("sqlite:///")).parent
+    checkpoint = tmp / "double-outputs" / "checkpoints" / only_run(double).info.run_id / "step-000009"
+    # the resumed run logs steps 10-18 again into the same run: in a copy, so the other tests see one run
+    uri = copy_store(double.tracking_uri, tmp / "resumed.db")
+    return checkpoint, train(tmp, "resumed", torchrun(), 4, "--resume-from", str(checkpoint), uri=uri)
 
 
 def test_two_processes_make_one_run_with_params_and_metrics_logged_once(runs):
@@ -104,6 +134,23 @@ def test_two_processes_match_one_process_with_the_same_global_batch(runs):
     assert two[0] == pytest.approx(one[0], abs=1e-4)
     assert abs(two[18] - one[18]) <= FINAL_EVAL_LOSS_TOLERANCE, (one, two)
     assert two[18] < 0.8 * two[0]  # it did train
+
+
+def test_two_processes_resume_exactly_from_every_process_rng_state(runs, resumed):
+    _, double = runs
+    checkpoint, client = resumed
+    assert sorted(p.name for p in checkpoint.glob("random_states_*.pkl")) == ["random_states_0.pkl",
+                                                                              "random_states_1.pkl"]
+    # each logged train loss is the mean over both processes, each with its own LoRA dropout masks
+    # (the default lora_dropout): they match the uninterrupted run only if every process got its RNG state back
+    run_id = only_run(double).info.run_id
+    for key, resumed_steps in (("train_loss", range(10, 19)), ("eval_loss", [18])):
+        values = defaultdict(list)  # step -> [uninterrupted, resumed]
+        for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp):
+            values[m.step].append(m.value)
+        assert {step for step, v in values.items() if len(v) == 2} == set(resumed_steps), values
+        for step in resumed_steps:
+            assert values[step][1] == pytest.approx(values[step][0], abs=1e-5), (key, step, values[step])
 
 
 def test_mlflow_run_distributed_entry_point(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -28,11 +29,15 @@ def test_unreachable_tracking_server_fails_at_once_naming_the_uri(tmp_path):
 
 def test_server_killed_mid_run_keeps_training_saves_locally_and_uploads_later(tmp_path):
     out = tmp_path / "out"
+    steps = 150
     with mlflow_server(tmp_path) as (url, server):
         trainer = subprocess.Popen(
-            [sys.executable, "-m", "loraflow", "train", "--max-steps", "400", "--eval-steps", "100",
-             "--checkpoint-steps", "100", "--output-dir", str(out)],
-            env=env_with_venv(MLFLOW_TRACKING_URI=url), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [sys.executable, "-m", "loraflow", "train", "--max-steps", str(steps), "--eval-steps", "50",
+             "--checkpoint-steps", "50", "--output-dir", str(out)],
+            # MLflow's retries of a dead server stay as loraflow sets them, without the seconds of backoff between them
+            env=env_with_venv(MLFLOW_TRACKING_URI=url, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="0",
+                              MLFLOW_HTTP_REQUEST_BACKOFF_JITTER="0"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         client = MlflowClient(url)
         deadline = time.monotonic() + 120
@@ -43,9 +48,14 @@ def test_server_killed_mid_run_keeps_training_saves_locally_and_uploads_later(tm
                 run_id = runs[0].info.run_id
                 break
             assert trainer.poll() is None, trainer.communicate()[1][-3000:]
-            time.sleep(0.3)
+            time.sleep(0.1)
         assert run_id, "training never logged a step"
-        stop(server)
+        # the trainer is held while the server goes down, so the outage falls mid-run however fast it trains
+        trainer.send_signal(signal.SIGSTOP)
+        try:
+            stop(server)
+        finally:
+            trainer.send_signal(signal.SIGCONT)
         stdout, stderr = trainer.communicate(timeout=400)
     assert trainer.returncode == 1, stderr[-3000:]
     assert "could not" in stderr and "training finished" in stdout
@@ -62,6 +72,8 @@ def test_server_killed_mid_run_keeps_training_saves_locally_and_uploads_later(tm
         upload_run_id = re.search(r"runs:/([0-9a-f]{32})/model", proc.stdout).group(1)
         client = MlflowClient(url)
         assert upload_run_id != run_id and client.get_run(run_id).info.status != "FINISHED"
+        logged = client.get_metric_history(run_id, "train_loss")  # the steps trained after the outage are not
+        assert 5 <= len(logged) < steps and max(m.step for m in logged) < steps
         assert client.get_run(upload_run_id).data.tags["loraflow.upload.source_run_id"] == run_id
         mlflow.set_tracking_uri(url)
         try:

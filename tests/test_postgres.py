@@ -22,7 +22,7 @@ import mlflow
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from helpers import BIN, env_with_venv, free_port, stop, wait_for_http
+from helpers import BIN, free_port, server_env, stop, wait_for_http
 from mlflow import MlflowClient
 
 from loraflow.cli import main
@@ -96,7 +96,7 @@ def mlflow_server_on(backend_uri: str, tmp_path: Path) -> Iterator[str]:
         [str(BIN / "mlflow"), "server", "--backend-store-uri", backend_uri,
          "--artifacts-destination", str(tmp_path / "artifacts"),
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=env_with_venv(), start_new_session=True,
+        stdout=log, stderr=subprocess.STDOUT, env=server_env(), start_new_session=True,
     )
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", proc, timeout=180)

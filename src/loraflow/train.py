@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from loraflow import checkpoint as ckpt
 from loraflow import config
 from loraflow import data as data_lib
+from loraflow import speed
 from loraflow.config import LoraSettings, TrainSettings, lora_settings
 from loraflow.errors import ConfigError
 from loraflow.signals import stop_signals
@@ -122,8 +123,9 @@ def total_steps(settings: TrainSettings, batches_per_epoch: int) -> int:
     return max(1, math.ceil(settings.epochs * batches_per_epoch / settings.grad_accum_steps))
 
 
-def evaluate(model, loader, accelerator: "Accelerator") -> float:
-    """Token-weighted mean loss over the eval set, reduced across processes."""
+def evaluate(model, loader, accelerator: "Accelerator", max_tokens: int | None = None) -> float:
+    """Token-weighted mean loss over the eval set, in micro-batches of at most `max_tokens` tokens,
+    reduced across processes."""
     import torch
     from accelerate.utils import send_to_device
 
@@ -133,11 +135,11 @@ def evaluate(model, loader, accelerator: "Accelerator") -> float:
     with torch.inference_mode():
         for batch in loader:
             batch = send_to_device(batch, accelerator.device)
-            labels = batch["labels"]
-            n = (labels[:, 1:] != -100).sum()
-            loss = model(**batch).loss
-            loss_sum += loss.float() * n
-            token_count += n
+            for part in data_lib.split_batch(batch, max_tokens) if max_tokens else [batch]:
+                n = (part["labels"][:, 1:] != data_lib.IGNORE_INDEX).sum()
+                if n:  # a part with no label tokens has no loss (0/0)
+                    loss_sum += speed.causal_lm_loss(model, part).float() * n
+                    token_count += n
     model.train()
     loss_sum, token_count = accelerator.reduce(torch.stack([loss_sum, token_count]), reduction="sum")
     return (loss_sum / token_count.clamp(min=1)).item()
@@ -160,7 +162,7 @@ def micro_batch_budget(micro_batch_tokens: int, device: "torch.device") -> int |
     """
     if micro_batch_tokens:
         return micro_batch_tokens
-    return CPU_MICRO_BATCH_TOKENS if device.type == "cpu" else None
+    return CPU_MICRO_BATCH_TOKENS if device.type == "cpu" and speed.enabled("cpu_micro_batches") else None
 
 
 def forward_backward(model, batch: dict, accelerator: "Accelerator", max_tokens: int | None) -> "torch.Tensor":
@@ -174,7 +176,7 @@ def forward_backward(model, batch: dict, accelerator: "Accelerator", max_tokens:
     counts = [int((part["labels"][:, 1:] != data_lib.IGNORE_INDEX).sum()) for part in parts] if len(parts) > 1 else []
     total = sum(counts)
     if total == 0:  # one part (the common case: nothing to weigh), or no label tokens at all
-        loss = model(**batch, use_cache=False).loss
+        loss = speed.causal_lm_loss(model, batch)
         accelerator.backward(loss)
         return loss.detach()
     # A part with no label tokens has nothing to learn from (its mean loss is 0/0): drop it before
@@ -183,7 +185,7 @@ def forward_backward(model, batch: dict, accelerator: "Accelerator", max_tokens:
     loss_sum = None
     for i, (part, count) in enumerate(kept):
         with contextlib.nullcontext() if i == len(kept) - 1 else accelerator.no_sync(model):
-            loss = model(**part, use_cache=False).loss * (count / total)
+            loss = speed.causal_lm_loss(model, part) * (count / total)
             accelerator.backward(loss)
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
     return loss_sum
@@ -227,7 +229,8 @@ class FineTune:
         # Only the model and optimizer go through accelerate: a prepared scheduler steps num_processes
         # times per optimizer step (it assumes loaders it sharded itself), so this loop steps it once.
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        state = ckpt.restore(resume, accelerator.unwrap_model(self.model), self.optimizer, self.scheduler) if resume else None
+        ckpt.track(accelerator, self.model, self.scheduler)  # save_state/load_state: + scheduler, adapter only
+        state = ckpt.restore(resume, accelerator, self.model, self.optimizer, self.scheduler) if resume else None
         self.history = ({k: [tuple(p) for p in v] for k, v in state.history.items()} if state
                         else {"train_loss": [], "eval_loss": []})
         self.step, self.epoch, self.skip = (state.step, state.epoch, state.batches_in_epoch) if state else (0, 0, 0)
@@ -251,27 +254,24 @@ class FineTune:
         """
         from tqdm.auto import tqdm
 
-        from loraflow import dropout as lora_dropout
-
-        before = self.history["eval_loss"][0][1] if self.history["eval_loss"] else self.evaluate()
-        self.model.train()
-        bar = tqdm(total=self.steps, initial=self.step, desc="training", unit="step",
-                   disable=not self.accelerator.is_local_main_process)
-        self.tokens, self.started = 0, time.perf_counter()
-        # on CPU, LoRA dropout draws its masks the cheaper way while training (see loraflow.dropout)
         unwrapped = self.accelerator.unwrap_model(self.model)
-        dropouts = lora_dropout.on_cpu(unwrapped) if self.accelerator.device.type == "cpu" else contextlib.nullcontext()
-        with stop_signals() as stop, dropouts:
-            while self.step < self.steps:
-                for batch in self._epoch_batches():
-                    if self._train_step(batch):
-                        self._after_step(bar, stop)
-                    if self.step >= self.steps:
-                        break
-                else:
-                    self.epoch += 1
-        bar.close()
-        return before, self.evaluate(), self.history
+        with speed.heap_trim(unwrapped):
+            before = self.history["eval_loss"][0][1] if self.history["eval_loss"] else self.evaluate()
+            self.model.train()
+            bar = tqdm(total=self.steps, initial=self.step, desc="training", unit="step",
+                       disable=not self.accelerator.is_local_main_process)
+            self.tokens, self.started = 0, time.perf_counter()
+            with stop_signals() as stop, speed.cpu_dropout(unwrapped, self.accelerator.device):
+                while self.step < self.steps:
+                    for batch in self._epoch_batches():
+                        if self._train_step(batch):
+                            self._after_step(bar, stop)
+                        if self.step >= self.steps:
+                            break
+                    else:
+                        self.epoch += 1
+            bar.close()
+            return before, self.evaluate(), self.history
 
     def _epoch_batches(self):
         self.train_loader.batch_sampler.set_epoch(self.epoch)
@@ -317,7 +317,7 @@ class FineTune:
 
     def evaluate(self) -> float:
         """Eval loss at the current step (and the generation metrics), recorded in the history and logged."""
-        loss = evaluate(self.model, self.eval_loader, self.accelerator)
+        loss = evaluate(self.model, self.eval_loader, self.accelerator, self.budget)
         self.history["eval_loss"].append((self.step, loss))
         logged = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
         if self.samples is not None and self.samples.prompts and self.accelerator.is_main_process:
@@ -339,15 +339,12 @@ class FineTune:
         return scores
 
     def save_checkpoint(self) -> Path:
-        """Write a resumable checkpoint (main process) once every process is here; returns its folder."""
-        self.accelerator.wait_for_everyone()
-        if not self.accelerator.is_main_process:
-            return self.checkpoints
+        """Write a resumable checkpoint (every process takes part: each saves its RNG state); returns its folder."""
         history = {k: list(map(list, v)) for k, v in self.history.items()}
         position = ckpt.CheckpointState(self.step, self.epoch, self.consumed, self.run.run_id, self.flat_settings, history)
-        path = ckpt.save_checkpoint(self.checkpoints, position, self.accelerator.unwrap_model(self.model),
-                                    self.optimizer, self.scheduler)
-        logger.info("checkpoint written: %s", path)
+        path = ckpt.save_checkpoint(self.checkpoints, position, self.accelerator)
+        if self.accelerator.is_main_process:
+            logger.info("checkpoint written: %s", path)
         return path
 
 
@@ -421,6 +418,9 @@ def setup(lora: LoraSettings, settings: TrainSettings, explicit: set[str]):
         cpu=torch.accelerator.current_accelerator() is None, mixed_precision=mixed,
         gradient_accumulation_steps=settings.grad_accum_steps)
     set_seed(settings.seed)
+    if speed.unknown_names():  # a typo there would silently leave a trick on
+        logger.warning("%s names no speed trick: %s (known: %s)", speed.ENV, ", ".join(speed.unknown_names()),
+                       ", ".join(speed.TRICKS))
     return (accelerator, *load_model_and_tokenizer(lora, settings, explicit))
 
 

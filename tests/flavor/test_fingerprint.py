@@ -17,7 +17,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, ErrorCode
 from model_helpers import PROMPTS, base_args, logits, make_peft_model, mlmodel, perturb_safetensors, write_mlmodel
 
 from loraflow import flavor
-from loraflow.flavor import fingerprint, generation, layout, load, pyfunc, save
+from loraflow.flavor import fingerprint, generation, load, pyfunc, save, switches
 from loraflow.flavor.files import file_sha256
 
 INVALID = ErrorCode.Name(INVALID_PARAMETER_VALUE)
@@ -192,7 +192,7 @@ def test_an_embedded_base_is_never_cached(saved, tmp_path, hashed_files, monkeyp
 
 
 def test_the_digest_cache_can_be_turned_off(referenced, hashed_files, tmp_path, monkeypatch):
-    monkeypatch.setenv(layout.DIGEST_CACHE_ENV, "0")
+    monkeypatch.setenv(switches.ENV, "digest_cache")
     path, weights = referenced
     for _ in range(2):
         assert flavor.load_model(str(path)).model is not None

@@ -117,6 +117,26 @@ def test_prefill_and_compaction_give_the_tokens_of_one_prompt_at_a_time(static, 
     assert calls["generate"] >= 2  # compacted at least once
 
 
+@pytest.mark.parametrize("trick", ["ragged_prefill", "compaction", "static_cache"])
+def test_each_trick_switched_off_gives_the_same_tokens(trick, model, tokenizer, calls, monkeypatch):
+    from transformers import StaticCache
+
+    from loraflow.flavor import switches
+
+    caches = []
+    real_new_cache = generation._new_cache
+    monkeypatch.setattr(generation, "_new_cache", lambda *a: caches.append(real_new_cache(*a)) or caches[-1])
+    monkeypatch.setenv(switches.ENV, trick)
+    rows = sorted_rows(tokenizer)
+    expected = plain(model, rows, tokenizer.pad_token_id)
+    calls.update(generate=0, prefill=0)
+    assert batched(model, rows, tokenizer.pad_token_id) == expected
+    off = {"ragged_prefill": calls["prefill"] == 0, "compaction": calls["generate"] == 1,
+           "static_cache": not isinstance(caches[-1], StaticCache)}
+    assert off[trick], calls
+    assert calls["prefill"] == (trick != "ragged_prefill") and (calls["generate"] >= 2) == (trick != "compaction")
+
+
 def test_a_batch_of_one_prompt_is_plain_generate(model, tokenizer, calls):
     rows = sorted_rows(tokenizer)[-1:]
     got = batched(model, rows, tokenizer.pad_token_id)

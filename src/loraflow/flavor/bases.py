@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from loraflow.flavor.files import atomic_dir
 from loraflow.flavor.layout import BUILTIN_PREFIX, cache_root
+from loraflow.flavor.switches import enabled
 
 if TYPE_CHECKING:
     import torch
@@ -196,7 +197,7 @@ def load_base_model(
     if is_gguf(name_or_path):
         return _load_gguf_model(name_or_path, kwargs.pop("dtype", None), kwargs)
     with remote_code_refused(name_or_path):
-        if "quantization_config" in kwargs:
+        if "quantization_config" in kwargs and enabled("pread_load"):
             model = _load_quantized(name_or_path, kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(resolve_base(name_or_path), **kwargs)
@@ -214,7 +215,8 @@ def _load_quantized(name_or_path: str, kwargs: dict[str, Any]) -> "PreTrainedMod
     MPS, each stored tensor lives only while it is quantized (the peak is measured by
     benchmarks/bench_qlora.py). transformers takes such a state dict only without a name, so the config
     and the generation config are read here. A base whose files are not local (a Hub download),
-    that ships its own code or is not in safetensors loads as usual.
+    that ships its own code or is not in safetensors loads as usual, as every base does with the
+    `pread_load` switch off (`loraflow.flavor.switches`).
     """
     from safetensors import safe_open
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, GenerationConfig

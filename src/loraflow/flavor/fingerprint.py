@@ -19,7 +19,7 @@ and `start_base_fingerprint`:
 - the digest cache: a base outside the artifact (a Hub cache, a local directory, a built-in base)
   is hashed once; its files' digests are kept under `$LORAFLOW_HOME/digests`, trusted while each
   file's path, size, inode and modification and change times stay as they were (as Git's index
-  trusts them; `LORAFLOW_DIGEST_CACHE=0` turns the cache off). It is as trustworthy as whoever can
+  trusts them; `LORAFLOW_DISABLE=digest_cache` turns the cache off). It is as trustworthy as whoever can
   write that folder. Why: hashing the base dominated a pyfunc load (benchmarks/RESULTS.md, load time).
 """
 
@@ -39,7 +39,8 @@ from mlflow.exceptions import MlflowException
 
 from loraflow.flavor.bases import local_weight_files
 from loraflow.flavor.files import atomic_file
-from loraflow.flavor.layout import DIGEST_CACHE_ENV, cache_root, env_flag
+from loraflow.flavor.layout import cache_root
+from loraflow.flavor.switches import enabled
 
 if TYPE_CHECKING:
     import torch
@@ -282,7 +283,7 @@ _RACY_NS = 2_000_000_000
 
 
 def _digest_cache_enabled() -> bool:
-    return env_flag(DIGEST_CACHE_ENV, default=True)
+    return enabled("digest_cache")
 
 
 def _digest_cache_dir() -> Path:

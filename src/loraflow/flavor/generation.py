@@ -20,7 +20,8 @@ the prompts and the settings, and not on these steps (up to float rounding, as w
 They apply to models whose KV cache is plain full attention (not sliding-window or linear-attention
 layers). Compaction also needs an EOS token and a generation config with nothing that counts from
 where a `generate` call starts (`_COUNTED_FROM_CALL_START`). Other models are generated in one
-`generate` call per batch. On CPU the cache is preallocated (`_static_cache_pays`).
+`generate` call per batch. On CPU the cache is preallocated (`_static_cache_pays`). Each of the three
+can be turned off (`ragged_prefill`, `compaction`, `static_cache`: `loraflow.flavor.switches`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
 from transformers import StoppingCriteria
 
 from loraflow.flavor.layout import MAX_SEED, invalid
+from loraflow.flavor.switches import enabled
 
 if TYPE_CHECKING:
     import torch
@@ -210,7 +212,7 @@ def generate_batch(
         return [_until_eos(row, eos) for row in output[:, input_ids.shape[1]:]]
     if _prefill_pays(rows):
         _prefill(model, cache, rows, kwargs["pad_token_id"], device)
-    compact = eos is not None and _restartable(model.generation_config)
+    compact = enabled("compaction") and eos is not None and _restartable(model.generation_config)
     return _decode(model, cache, input_ids, attention_mask, max_new_tokens, eos, compact, **kwargs)
 
 
@@ -304,6 +306,8 @@ class _QuorumFinished(StoppingCriteria):
 
 def _prefill_pays(rows: list[list[int]]) -> bool:
     """Whether prefilling `PREFILL_ROWS` at a time computes fewer padded positions than at once."""
+    if not enabled("ragged_prefill"):
+        return False
     longest = max(map(len, rows)) - 1
     grouped = sum(len(group) * (max(map(len, group)) - 1) for group in _groups(rows))
     return grouped < len(rows) * longest
@@ -401,4 +405,4 @@ def _static_cache_pays(model: "torch.nn.Module", device: "torch.device") -> bool
     place, and gives the same tokens. Not on GPUs: there transformers compiles the model whenever the cache is static.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return device.type == "cpu" and bool(getattr(base, "_can_compile_fullgraph", False))
+    return device.type == "cpu" and enabled("static_cache") and bool(getattr(base, "_can_compile_fullgraph", False))

@@ -37,8 +37,6 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 
 # Set to 1 to allow loading models whose base runs its own code (see `loraflow.flavor.load`).
 TRUST_REMOTE_CODE_ENV = "LORAFLOW_TRUST_REMOTE_CODE"
-# Set to 0 to hash every referenced base on every load (see `loraflow.flavor.fingerprint`).
-DIGEST_CACHE_ENV = "LORAFLOW_DIGEST_CACHE"
 # Where built-in bases and base digests are cached (default ~/.cache/loraflow).
 HOME_ENV = "LORAFLOW_HOME"
 

@@ -24,8 +24,6 @@ import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from loraflow.flavor import heap
-
 if TYPE_CHECKING:
     import torch
     from transformers import BitsAndBytesConfig, PreTrainedModel
@@ -175,8 +173,8 @@ def prepare_for_training(model: "PreTrainedModel") -> "PreTrainedModel":
     checkpointing, as the QLoRA recipe has it.
 
     Checkpointing keeps a quantized forward's memory growth a fraction of what it is without
-    (benchmarks/bench_qlora.py); what glibc keeps of the dequantized buffers is given back after
-    each decoder layer on the CPU (`heap`).
+    (benchmarks/bench_qlora.py). No hook is installed: training adds its own for the run
+    (`loraflow.speed.heap_trim`).
     Non-reentrant checkpointing restores the CPU generator before recomputing, so LoRA dropout draws
     the same masks twice.
     """
@@ -193,7 +191,6 @@ def prepare_for_training(model: "PreTrainedModel") -> "PreTrainedModel":
                                 category=FutureWarning)
         model = prepare_model_for_kbit_training(keep_trainable_layout(model), use_gradient_checkpointing=True,
                                                 **{keyword: {"use_reentrant": False}})
-    heap.trim_after_each_layer(model)
     return model
 
 

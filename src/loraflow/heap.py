@@ -1,5 +1,7 @@
 """Giving glibc's kept heap back to the system while a quantized model trains on the CPU.
 
+Training-only: `loraflow.speed.heap_trim` installs the hooks for a run and removes them after it.
+
 On the CPU, bitsandbytes dequantizes every quantized weight into a new full-precision buffer on each
 matmul: three times per weight and step with gradient checkpointing (forward, recompute, backward).
 glibc serves buffers of that size from its heap, and small tensors that live on (the layer outputs
@@ -43,9 +45,9 @@ def decoder_layers(model: "PreTrainedModel") -> list:
     return [module for module in model.modules() if type(module).__name__ in names]
 
 
-def trim_after_each_layer(model: "PreTrainedModel") -> int:
-    """On the CPU, call `malloc_trim(0)` after each decoder layer's forward; the number of layers
-    hooked (0 on a GPU or without glibc).
+def trim_after_each_layer(model: "PreTrainedModel") -> list["torch.utils.hooks.RemovableHandle"]:
+    """On the CPU, call `malloc_trim(0)` after each decoder layer's forward; the hooks' handles
+    (none on a GPU or without glibc), for the caller to remove.
 
     Evaluation is trimmed too (untrimmed, it held the heap up to the run's peak). Generating one
     token at a time is not: each step would give back and fault in every dequantized weight again.
@@ -54,7 +56,7 @@ def trim_after_each_layer(model: "PreTrainedModel") -> int:
     """
     trim = malloc_trim()
     if trim is None or model.device.type != "cpu":
-        return 0
+        return []
 
     def after_forward(layer: "torch.nn.Module", args: tuple, kwargs: dict, output: object) -> None:
         hidden = args[0] if args else kwargs.get("hidden_states")
@@ -62,7 +64,4 @@ def trim_after_each_layer(model: "PreTrainedModel") -> int:
             trim(0)
         # returns None: a value returned by a forward hook replaces the layer's output
 
-    layers = decoder_layers(model)
-    for layer in layers:
-        layer.register_forward_hook(after_forward, with_kwargs=True)
-    return len(layers)
+    return [layer.register_forward_hook(after_forward, with_kwargs=True) for layer in decoder_layers(model)]

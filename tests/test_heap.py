@@ -1,4 +1,4 @@
-"""Giving glibc's kept heap back during quantized CPU training (`loraflow.flavor.heap`)."""
+"""Giving glibc's kept heap back during quantized CPU training (`loraflow.heap`, `loraflow.speed.heap_trim`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from loraflow.base_models import load_for_training
 from loraflow.config import lora_settings
-from loraflow.flavor import heap
+from loraflow import heap, speed
 from loraflow.lora import apply_lora
 from model_helpers import PROMPTS
 
@@ -39,15 +39,33 @@ def test_quantized_cpu_training_and_evaluation_trim_after_every_layer_but_one_to
     layers = model.config.num_hidden_layers
     assert len(heap.decoder_layers(model)) == layers
     batch = tokenizer(PROMPTS, padding=True, return_tensors="pt")
-    model.train()
-    model(**batch, labels=batch["input_ids"]).loss.backward()
-    assert trim.calls == [0] * layers
-    model.eval()
+    with speed.heap_trim(model) as hooked:
+        assert hooked == layers
+        model.train()
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        assert trim.calls == [0] * layers
+        model.eval()
+        with torch.no_grad():
+            model(**batch)  # evaluation is trimmed
+            assert trim.calls == [0] * (2 * layers)
+            model.generate(**batch, max_new_tokens=4, do_sample=False)
+        assert trim.calls == [0] * (3 * layers)  # the prompt's forward only, not the one-token steps
     with torch.no_grad():
-        model(**batch)  # evaluation is trimmed
-        assert trim.calls == [0] * (2 * layers)
-        model.generate(**batch, max_new_tokens=4, do_sample=False)
-    assert trim.calls == [0] * (3 * layers)  # the prompt's forward only, not the one-token steps
+        model(**batch)
+    assert trim.calls == [0] * (3 * layers)  # the hooks left with the run
+    assert all(not layer._forward_hooks for layer in heap.decoder_layers(model))
+
+
+def test_a_quantized_model_prepared_for_training_carries_no_hook(monkeypatch):
+    model, _ = nf4_lora(monkeypatch, CountingTrim())
+    assert all(not layer._forward_hooks for layer in heap.decoder_layers(model))
+
+
+def test_the_switch_turns_trimming_off(monkeypatch):
+    model, _ = nf4_lora(monkeypatch, CountingTrim())
+    monkeypatch.setenv(speed.ENV, "heap_trim")
+    with speed.heap_trim(model) as hooked:
+        assert hooked == 0 and all(not layer._forward_hooks for layer in heap.decoder_layers(model))
 
 
 def test_trimming_leaves_the_logits_and_gradients_bit_identical(monkeypatch):
@@ -60,8 +78,10 @@ def test_trimming_leaves_the_logits_and_gradients_bit_identical(monkeypatch):
                     param.fill_(0.01)
         batch = tokenizer(PROMPTS, padding=True, return_tensors="pt")
         model.train()
-        out = model(**batch, labels=batch["input_ids"])
-        out.loss.backward()
+        with speed.heap_trim(model) as hooked:
+            assert hooked == (model.config.num_hidden_layers if trim else 0)
+            out = model(**batch, labels=batch["input_ids"])
+            out.loss.backward()
         grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
         return out.logits.detach(), grads
 
@@ -76,13 +96,14 @@ def test_an_unquantized_base_is_not_trimmed(monkeypatch):
     monkeypatch.setattr(heap, "malloc_trim", lambda: trim)
     base, tokenizer = load_for_training("builtin:tiny")
     batch = tokenizer(PROMPTS, padding=True, return_tensors="pt")
-    base(**batch)
-    assert trim.calls == []
+    with speed.heap_trim(base) as hooked:
+        base(**batch)
+    assert hooked == 0 and trim.calls == []
 
 
 def test_without_malloc_trim_nothing_is_hooked(monkeypatch):
     model, _ = nf4_lora(monkeypatch, None)
-    assert heap.trim_after_each_layer(model) == 0
+    assert heap.trim_after_each_layer(model) == []
     assert all(not layer._forward_hooks for layer in heap.decoder_layers(model))
 
 
