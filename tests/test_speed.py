@@ -193,3 +193,19 @@ def test_every_trick_and_the_switch_are_documented():
     assert speed.ENV in page
     for name in speed.TRICKS:
         assert f"| `{name}` |" in page, name
+
+
+def test_a_head_call_of_another_shape_passes_through_the_pick(model, tiny_tokenizer, monkeypatch):
+    from loraflow import data as data_lib
+
+    batch = data_lib.collate_padded(_chat_like_rows(tiny_tokenizer), tiny_tokenizer.pad_token_id)
+    expected = model(**batch).loss
+    real_forward, probes = model.forward, []
+
+    def probing(**kwargs):  # a model that also runs its head on something else first
+        probes.append(model.lm_head(torch.zeros(1, 1, model.config.hidden_size)).shape)
+        return real_forward(**kwargs)
+
+    monkeypatch.setattr(model, "forward", probing)
+    torch.testing.assert_close(speed.causal_lm_loss(model, batch), expected)
+    assert probes == [torch.Size([1, 1, model.config.vocab_size])]

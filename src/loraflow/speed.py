@@ -22,9 +22,11 @@ if TYPE_CHECKING:
 
 IGNORE_INDEX = -100  # the label of a token that is not learned (transformers' convention)
 
+# Figures: benchmarks/speed_results.md (bench_speed.py); heap_trim's in bench_qlora.py.
 TRAINING_TRICKS = {
     "head_at_labels": "the LM head and the loss run only at positions that predict a label token, not at every position",
-    "cpu_micro_batches": "on CPU a batch runs in micro-batches of at most 1024 tokens: same speed, bounded activations",
+    "cpu_micro_batches": "on CPU a batch runs in micro-batches of at most 1024 tokens, each cut to its own longest row: "
+                         "less padding, bounded activations",
     "cpu_dropout": "on CPU, LoRA dropout draws its keep-masks the cheaper way (loraflow.dropout)",
     "heap_trim": "a quantized model training on CPU gives glibc's kept heap back after each decoder layer (loraflow.heap)",
 }
@@ -56,6 +58,10 @@ def causal_lm_loss(model: Any, batch: dict[str, Any]) -> "torch.Tensor":
     positions that predict a label token (prompt, system and padding positions cost no
     vocabulary-sized logits): a pre-hook on the model's output embeddings picks those rows, for the
     model's own head code to run on them (its soft-capping or scaling included).
+
+    Relies on transformers' causal LMs calling their output embeddings once, on the hidden states
+    of every position, and returning those logits as they come; a model that reshapes them gets
+    the plain loss instead (checked on every call).
     """
     inputs = {**batch, "use_cache": False}  # no KV cache while training or scoring
     head = _causal_lm(model).get_output_embeddings() if enabled("head_at_labels") else None
@@ -63,16 +69,22 @@ def causal_lm_loss(model: Any, batch: dict[str, Any]) -> "torch.Tensor":
         return model(**inputs).loss
     import torch.nn.functional as F
 
-    targets = inputs.pop("labels")[:, 1:]
+    labels = inputs.pop("labels")
+    targets = labels[:, 1:]
     where = targets != IGNORE_INDEX
-    kept = int(where.sum())
-    handle = head.register_forward_pre_hook(lambda _module, args: (args[0][:, :-1][where], *args[1:]))
+    kept, shape = int(where.sum()), tuple(labels.shape)
+
+    def pick(_module: Any, args: tuple) -> tuple | None:  # hidden states of every position -> those predicting a label
+        hidden = args[0]
+        return (hidden[:, :-1][where], *args[1:]) if tuple(hidden.shape[:2]) == shape else None
+
+    handle = head.register_forward_pre_hook(pick)
     try:
         logits = model(**inputs).logits
     finally:
         handle.remove()
     if tuple(logits.shape[:-1]) != (kept,):  # a model that reshapes its logits after the head
-        return model(**inputs, labels=batch["labels"]).loss
+        return model(**inputs, labels=labels).loss
     return F.cross_entropy(logits.float(), targets[where])
 
 

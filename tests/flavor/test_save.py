@@ -183,3 +183,18 @@ def test_hub_reference_needs_a_resolved_revision(tmp_path, peft_model, tiny_toke
     assert base == {**base, "mode": "reference", "kind": "hub", "name": "some-org/some-model",
                     "revision": "0123456789abcdef0123456789abcdef01234567"}
     assert not (tmp_path / "m2" / "base").exists()
+
+
+@pytest.mark.parametrize("name, module", [("save_model", "save"), ("log_model", "save"), ("load_model", "load")])
+def test_the_public_functions_have_their_implementations_signatures(name, module):
+    """`loraflow.flavor`'s surface carries the real signatures, kept equal to what runs them."""
+    import importlib
+    import inspect
+
+    public = inspect.signature(getattr(flavor, name)).parameters
+    implementation = inspect.signature(getattr(importlib.import_module(f"loraflow.flavor.{module}"), name)).parameters
+
+    def shape(params):
+        return [(p.name, p.kind, p.default) for p in params.values()]
+
+    assert shape(public) == shape(implementation)

@@ -17,6 +17,7 @@ The package, module by module (each one says what it owns):
 - `pyfunc`: the python_function wrapper: requests in, generations out;
 - `generation`: batched generation;
 - `quantization`: QLoRA's quantized base (bitsandbytes): the recipe, and the record a model keeps;
+- `switches`: the off switches of the speed tricks in generation, loading and digests;
 - `stored_base`: a base's files, embedded in a model or logged once per fingerprint and downloaded once;
 - `mlflow_private`: every private MLflow name the flavor uses, in one place;
 - `save`: writing a model.
@@ -39,8 +40,17 @@ from typing import TYPE_CHECKING, Any
 from loraflow.flavor.layout import FLAVOR_NAME, FLAVOR_VERSION
 
 if TYPE_CHECKING:
+    import os
+
+    import torch
+    from mlflow.models import Model, ModelSignature
+    from mlflow.models.model import ModelInfo
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
+
     from loraflow.flavor.load import LoadedModel
     from loraflow.flavor.pyfunc import LoraflowPyfunc
+    from loraflow.flavor.save import BaseMode
 
 __all__ = ["FLAVOR_NAME", "FLAVOR_VERSION", "get_default_pip_requirements", "load_model", "log_model", "save_model"]
 
@@ -52,37 +62,187 @@ def get_default_pip_requirements() -> list[str]:
     return save.get_default_pip_requirements()
 
 
-def save_model(peft_model: Any, path: Any, tokenizer: Any, **kwargs: Any) -> None:
-    """Save a PEFT LoRA model, its tokenizer and its base model to a new local directory.
+def save_model(
+    peft_model: "PeftModel",
+    path: "str | os.PathLike",
+    tokenizer: "PreTrainedTokenizerBase",
+    *,
+    base_model: str | None = None,
+    base_mode: "BaseMode" = "auto",
+    mlflow_model: "Model | None" = None,
+    signature: "ModelSignature | None" = None,
+    input_example: Any = None,
+    pip_requirements: list[str] | str | None = None,
+    extra_pip_requirements: list[str] | str | None = None,
+    code_paths: list[str] | None = None,
+    metadata: dict[str, Any] | None = None,
+    generation_defaults: dict[str, Any] | None = None,
+    batch_size: int = 32,
+    max_new_tokens_cap: int = 4096,
+    trust_remote_code: bool = False,
+    chat_template: str | None = None,
+    validate_serving_input: bool = True,
+    base_section: dict[str, Any] | None = None,
+) -> None:
+    """Save a PEFT LoRA model, its tokenizer and its base model (embedded or referenced) to `path`
+    (`log_model` may also reference a base it logged once to the tracking store).
 
-    The keyword arguments (`base_model`, `base_mode`, `signature`, `input_example`, ...) are
-    documented on `loraflow.flavor.save.save_model`.
+    Args:
+        peft_model: a `peft.PeftModel` with one adapter.
+        path: a new (or empty) local directory.
+        tokenizer: the tokenizer to save with it.
+        base_model: `builtin:*`, a local directory, a GGUF file or a Hub id; default: the adapter
+            config's `base_model_name_or_path`.
+        base_mode: `"embedded"` copies the base weights into the artifact; `"reference"` records the
+            Hub id + resolved commit (or a local path); `"logged"` (for `log_model`; here it embeds)
+            logs the base once per fingerprint to the tracking store and records its URI
+            (`stored_base`); `"auto"`: reference for a Hub id, embedded for a built-in base, else
+            logged by `log_model` and embedded by `save_model`.
+        mlflow_model: the `mlflow.models.Model` this flavor is added to (set by `log_model`).
+        signature: default: `pyfunc.default_signature(generation_defaults)`, with a params schema.
+        input_example: default: `pyfunc.default_input_example()` when no signature is given.
+        pip_requirements: replace the default requirements.
+        extra_pip_requirements: add to the default requirements.
+        code_paths: extra code to ship; loraflow's own loading code is always added.
+        metadata: custom metadata for the MLmodel file.
+        generation_defaults: defaults for the generation params (keys of `generation.GENERATION_DEFAULTS`).
+        batch_size: how many prompts pyfunc generates together (`pyfunc.PYFUNC_DEFAULTS`).
+        max_new_tokens_cap: the largest `max_new_tokens` pyfunc accepts (`pyfunc.PYFUNC_DEFAULTS`).
+        trust_remote_code: whether the base model was loaded with code shipped with it; recorded
+            as `base.trust_remote_code` (loading such a model needs permission again).
+        chat_template: for a model trained on conversations, the chat template training used: it
+            is saved with the tokenizer (inference renders with exactly it), the flavor records
+            `task: chat` and the template's end-of-turn tokens, and the pyfunc model answers
+            OpenAI chat requests (`pyfunc.chat_signature`).
+        validate_serving_input: read by `log_model` (MLflow's `Model.log` hands its arguments to
+            `save_model` too); saving ignores it.
+        base_section: the `base` record `log_model` prepared (a logged base's location), which
+            replaces `base_model` and `base_mode`; not for other callers.
+
+    Raises:
+        MlflowException: an invalid argument, a non-empty `path`, or a base model that cannot be
+            embedded or referenced.
     """
     from loraflow.flavor import save
 
-    save.save_model(peft_model, path, tokenizer, **kwargs)
+    save.save_model(
+        peft_model, path, tokenizer, base_model=base_model, base_mode=base_mode, mlflow_model=mlflow_model,
+        signature=signature, input_example=input_example, pip_requirements=pip_requirements,
+        extra_pip_requirements=extra_pip_requirements, code_paths=code_paths, metadata=metadata,
+        generation_defaults=generation_defaults, batch_size=batch_size, max_new_tokens_cap=max_new_tokens_cap,
+        trust_remote_code=trust_remote_code, chat_template=chat_template,
+        validate_serving_input=validate_serving_input, base_section=base_section)
 
 
-def log_model(peft_model: Any, name: str, tokenizer: Any, **kwargs: Any) -> Any:
-    """Log a PEFT LoRA model to the active MLflow run; returns its `ModelInfo`.
+def log_model(
+    peft_model: "PeftModel",
+    name: str,
+    tokenizer: "PreTrainedTokenizerBase",
+    *,
+    registered_model_name: str | None = None,
+    signature: "ModelSignature | None" = None,
+    input_example: Any = None,
+    pip_requirements: list[str] | str | None = None,
+    extra_pip_requirements: list[str] | str | None = None,
+    code_paths: list[str] | None = None,
+    metadata: dict[str, Any] | None = None,
+    base_model: str | None = None,
+    base_mode: "BaseMode" = "auto",
+    generation_defaults: dict[str, Any] | None = None,
+    batch_size: int = 32,
+    max_new_tokens_cap: int = 4096,
+    trust_remote_code: bool = False,
+    chat_template: str | None = None,
+    validate_serving_input: bool = True,
+    **kwargs: Any,
+) -> "ModelInfo":
+    """Log a PEFT LoRA model to the active run (one is started if none is active).
 
-    The keyword arguments (`registered_model_name`, `base_model`, ...) are documented on
-    `loraflow.flavor.save.log_model`.
+    Every argument but `name`, `registered_model_name`, `validate_serving_input` and `kwargs` is
+    as for `save_model`, except that `base_mode` "logged" (what "auto" means for a local folder or a
+    GGUF file) logs the base to the tracking store once per fingerprint, and the model references it
+    there.
+
+    Args:
+        peft_model: a `peft.PeftModel` with one adapter.
+        name: the logged model's name (MLflow 3).
+        tokenizer: the tokenizer to log with it.
+        registered_model_name: also register a version under this name.
+        signature: as for `save_model`.
+        input_example: as for `save_model`.
+        pip_requirements: as for `save_model`.
+        extra_pip_requirements: as for `save_model`.
+        code_paths: as for `save_model`.
+        metadata: as for `save_model`.
+        base_model: as for `save_model`.
+        base_mode: as for `save_model`; "logged" logs the base once per fingerprint.
+        generation_defaults: as for `save_model`.
+        batch_size: as for `save_model`.
+        max_new_tokens_cap: as for `save_model`.
+        trust_remote_code: as for `save_model`.
+        chat_template: as for `save_model`.
+        validate_serving_input: let MLflow check the input example by loading the logged model again
+            in this process (a second copy of the model in memory while it runs; a failure is only a
+            logged warning).
+        kwargs: passed to `mlflow.models.Model.log` (e.g. `params`, `tags`, `step`).
+
+    Returns:
+        The `ModelInfo` of the logged model (`.model_uri` loads it).
     """
     from loraflow.flavor import save
 
-    return save.log_model(peft_model, name, tokenizer, **kwargs)
+    return save.log_model(
+        peft_model, name, tokenizer, registered_model_name=registered_model_name, signature=signature,
+        input_example=input_example, pip_requirements=pip_requirements,
+        extra_pip_requirements=extra_pip_requirements, code_paths=code_paths, metadata=metadata,
+        base_model=base_model, base_mode=base_mode, generation_defaults=generation_defaults,
+        batch_size=batch_size, max_new_tokens_cap=max_new_tokens_cap, trust_remote_code=trust_remote_code,
+        chat_template=chat_template, validate_serving_input=validate_serving_input, **kwargs)
 
 
-def load_model(model_uri: str, **kwargs: Any) -> "LoadedModel":
-    """Load a loraflow model as `(model, tokenizer)`: the verified base with the adapter applied.
+def load_model(
+    model_uri: str,
+    is_trainable: bool = False,
+    device: "str | torch.device | None" = None,
+    dtype: "torch.dtype | str | None" = None,
+    dst_path: str | None = None,
+    trust_remote_code: bool | None = None,
+    quantization: str | None = None,
+) -> "LoadedModel":
+    """Load a model saved by this flavor: the base (verified by fingerprint) plus the adapter.
 
-    The keyword arguments (`is_trainable`, `device`, `dtype`, `dst_path`, `trust_remote_code`,
-    `quantization`) are documented on `loraflow.flavor.load.load_model`.
+    Args:
+        model_uri: `runs:/...`, `models:/...`, a local path, or any MLflow artifact URI.
+        is_trainable: reload LoRA (and modules_to_save) parameters as trainable, to continue training.
+        device: where to put the model; default: the CPU.
+        dtype: the dtype the model computes in (a torch dtype or its name, or fp32/bf16/fp16); the
+            whole model, adapter included, is cast to it. Default (None or "auto"): the device's,
+            whatever dtype the base was saved in (`loraflow.flavor.dtypes`): fp32 on a CPU, bf16 on
+            a GPU that has it, else fp16; the adapter stays in fp32. The base's fingerprint is
+            checked on its weights as stored, before any cast.
+        dst_path: where to download the artifacts; default: a temporary directory.
+        trust_remote_code: allow a base recorded with `trust_remote_code` to run its code; default
+            (None): the `LORAFLOW_TRUST_REMOTE_CODE` environment variable, else not allowed. Never
+            turns remote code on for a model that did not record it.
+        quantization: None (default) loads a model trained on a quantized base (QLoRA) quantized
+            again exactly as it was trained, placed on `device` or else the first GPU, else the CPU;
+            `"none"` loads its adapter on the unquantized base (no bitsandbytes needed; outputs
+            change slightly, see the QLoRA page). Models without quantization ignore it.
+
+    Returns:
+        `LoadedModel(model, tokenizer)`: use `.model`/`.tokenizer` or unpack it.
+
+    Raises:
+        MlflowException: a bad argument (`is_trainable` that is not a bool, a device that does not
+            exist here, a `quantization` other than None or 'none', bitsandbytes missing for a
+            quantized model), a URI with no model, a newer flavor version, a missing or corrupt adapter,
+            a base that needs remote code that was not allowed, or a base model that cannot be
+            loaded or does not match the recorded fingerprint.
     """
     from loraflow.flavor import load
 
-    return load.load_model(model_uri, **kwargs)
+    return load.load_model(model_uri, is_trainable=is_trainable, device=device, dtype=dtype, dst_path=dst_path,
+                           trust_remote_code=trust_remote_code, quantization=quantization)
 
 
 def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> "LoraflowPyfunc":

@@ -266,36 +266,7 @@ def load_model(
     trust_remote_code: bool | None = None,
     quantization: str | None = None,
 ) -> LoadedModel:
-    """Load a model saved by this flavor: the base (verified by fingerprint) plus the adapter.
-
-    Args:
-        model_uri: `runs:/...`, `models:/...`, a local path, or any MLflow artifact URI.
-        is_trainable: reload LoRA (and modules_to_save) parameters as trainable, to continue training.
-        device: where to put the model; default: the CPU.
-        dtype: the dtype the model computes in (a torch dtype or its name, or fp32/bf16/fp16); the
-            whole model, adapter included, is cast to it. Default (None or "auto"): the device's,
-            whatever dtype the base was saved in (`loraflow.flavor.dtypes`): fp32 on a CPU, bf16 on
-            a GPU that has it, else fp16; the adapter stays in fp32. The base's fingerprint is
-            checked on its weights as stored, before any cast.
-        dst_path: where to download the artifacts; default: a temporary directory.
-        trust_remote_code: allow a base recorded with `trust_remote_code` to run its code; default
-            (None): the `LORAFLOW_TRUST_REMOTE_CODE` environment variable, else not allowed. Never
-            turns remote code on for a model that did not record it.
-        quantization: None (default) loads a model trained on a quantized base (QLoRA) quantized
-            again exactly as it was trained, placed on `device` or else the first GPU, else the CPU;
-            `"none"` loads its adapter on the unquantized base (no bitsandbytes needed; outputs
-            change slightly, see the README's QLoRA section). Models without quantization ignore it.
-
-    Returns:
-        `LoadedModel(model, tokenizer)`: use `.model`/`.tokenizer` or unpack it.
-
-    Raises:
-        MlflowException: a bad argument (`is_trainable` that is not a bool, a device that does not
-            exist here, a `quantization` other than None or 'none', bitsandbytes missing for a
-            quantized model), a URI with no model, a newer flavor version, a missing or corrupt adapter,
-            a base that needs remote code that was not allowed, or a base model that cannot be
-            loaded or does not match the recorded fingerprint.
-    """
+    """`loraflow.flavor.load_model`, documented there (its signature is this one: a test keeps them equal)."""
     _check_arguments(is_trainable=is_trainable, trust_remote_code=trust_remote_code, device=device)
     try:
         local_path = _download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path)

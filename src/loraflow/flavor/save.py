@@ -215,45 +215,7 @@ def save_model(
     validate_serving_input: bool = True,
     base_section: dict[str, Any] | None = None,
 ) -> None:
-    """Save a PEFT LoRA model, its tokenizer and its base model (embedded or referenced) to `path`
-    (`log_model` may also reference a base it logged once to the tracking store).
-
-    Args:
-        peft_model: a `peft.PeftModel` with one adapter.
-        path: a new (or empty) local directory.
-        tokenizer: the tokenizer to save with it.
-        base_model: `builtin:*`, a local directory or a Hub id; default: the adapter config's
-            `base_model_name_or_path`.
-        base_mode: `"embedded"` copies the base weights into the artifact; `"reference"` records the
-            Hub id + resolved commit (or a local path); `"logged"` (for `log_model`; here it embeds)
-            logs the base once per fingerprint to the tracking store and records its URI
-            (`stored_base`); `"auto"`: reference for a Hub id, embedded for a built-in base, else
-            logged by `log_model` and embedded by `save_model`.
-        mlflow_model: the `mlflow.models.Model` this flavor is added to (set by `log_model`).
-        signature: default: `default_signature(generation_defaults)`, with a params schema.
-        input_example: default: `default_input_example()` when no signature is given.
-        pip_requirements: replace the default requirements.
-        extra_pip_requirements: add to the default requirements.
-        code_paths: extra code to ship; loraflow's own loading code is always added.
-        metadata: custom metadata for the MLmodel file.
-        generation_defaults: defaults for the generation params (keys of `generation.GENERATION_DEFAULTS`).
-        batch_size: how many prompts pyfunc generates together (see `loraflow.flavor.generation`).
-        max_new_tokens_cap: the largest `max_new_tokens` pyfunc accepts.
-        trust_remote_code: whether the base model was loaded with code shipped with it; recorded
-            as `base.trust_remote_code` (loading such a model needs permission again).
-        chat_template: for a model trained on conversations, the chat template training used: it
-            is saved with the tokenizer (inference renders with exactly it), the flavor records
-            `task: chat` and the template's end-of-turn tokens, and the pyfunc model answers
-            OpenAI chat requests (`chat_signature`).
-        validate_serving_input: read by `log_model` (MLflow's `Model.log` hands its arguments to
-            `save_model` too); saving ignores it.
-        base_section: the `base` record `log_model` prepared (a logged base's location), which
-            replaces `base_model` and `base_mode`; not for other callers.
-
-    Raises:
-        MlflowException: an invalid argument, a non-empty `path`, or a base model that cannot be
-            embedded or referenced.
-    """
+    """`loraflow.flavor.save_model`, documented there (its signature is this one: a test keeps them equal)."""
     _validate_env_arguments(None, pip_requirements, extra_pip_requirements)
     _check_model(peft_model, trust_remote_code)
     model_config = pyfunc_config({"batch_size": batch_size, "max_new_tokens_cap": max_new_tokens_cap})
@@ -423,24 +385,7 @@ def log_model(
     validate_serving_input: bool = True,
     **kwargs: Any,
 ) -> "mlflow.models.model.ModelInfo":
-    """Log a PEFT LoRA model to the active run (one is started if none is active).
-
-    Args:
-        peft_model, tokenizer, base_model, base_mode, generation_defaults, batch_size,
-        max_new_tokens_cap, trust_remote_code, chat_template, signature, input_example,
-        pip_requirements, extra_pip_requirements, code_paths, metadata: as for `save_model`, except
-            that `base_mode` "logged" (what "auto" means for a local folder or a GGUF file) logs the
-            base to the tracking store once per fingerprint, and the model references it there.
-        name: the logged model's name (MLflow 3).
-        validate_serving_input: let MLflow check the input example by loading the logged model again
-            in this process (a second copy of the model in memory while it runs; a failure is only a
-            logged warning).
-        registered_model_name: also register a version under this name.
-        kwargs: passed to `mlflow.models.Model.log` (e.g. `params`, `tags`, `step`).
-
-    Returns:
-        The `ModelInfo` of the logged model (`.model_uri` loads it).
-    """
+    """`loraflow.flavor.log_model`, documented there (its signature is this one: a test keeps them equal)."""
     import loraflow.flavor
 
     _check_model(peft_model, trust_remote_code)

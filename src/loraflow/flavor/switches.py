@@ -11,6 +11,8 @@ import os
 
 ENV = "LORAFLOW_DISABLE"
 
+# Figures: generation's in benchmarks/bench_infer.py, pread_load's in bench_qlora.py, digest_cache's
+# in RESULTS.md (load time).
 TRICKS = {
     "ragged_prefill": "a batch's prompts are prefilled 8 at a time, each group padded only to its own longest",
     "compaction": "rows whose answer has ended leave the batch and its KV cache while the others generate",
