@@ -195,6 +195,23 @@ def test_a_gguf_base_loads_dequantized_and_is_embedded_as_safetensors(tmp_path, 
     assert "GGUF file" in adapter.record["needs_base"] and "--format merged" in adapter.record["needs_base"]
 
 
+def test_a_gguf_config_is_parsed_once_per_file_and_handed_out_as_copies(real_gguf, monkeypatch):  # noqa: F811
+    from transformers import AutoConfig
+
+    from loraflow.base_models import load_config, load_skeleton
+    from loraflow.flavor import bases
+
+    monkeypatch.setattr(bases, "_GGUF_CONFIGS", {})
+    parses = []
+    real = AutoConfig.from_pretrained
+    monkeypatch.setattr(AutoConfig, "from_pretrained", lambda *a, **k: parses.append(k) or real(*a, **k))
+    first = load_config(str(real_gguf))
+    load_skeleton(str(real_gguf))
+    second = load_config(str(real_gguf))
+    assert len(parses) == 1 and parses[0]["gguf_file"] == real_gguf.name
+    assert first is not second and first.to_dict() == second.to_dict()
+
+
 @pytest.mark.parametrize("damage", ["truncated", "unsupported"])
 def test_a_bad_gguf_is_one_message_and_exit_2(tmp_path, real_gguf, damage):  # noqa: F811
     from click.testing import CliRunner

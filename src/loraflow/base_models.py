@@ -45,8 +45,8 @@ def load_config(name_or_path: str, *, revision: str | None = None, trust_remote_
     from transformers import AutoConfig
 
     if bases.is_gguf(name_or_path):  # its metadata holds the config
-        with base_model_errors(name_or_path), bases.gguf_errors(name_or_path):
-            return AutoConfig.from_pretrained(**bases.gguf_location(name_or_path))
+        with base_model_errors(name_or_path):
+            return bases.gguf_config(name_or_path)
     # bool(): transformers *prompts on stdin* when trust_remote_code is None and the model has code.
     with base_model_errors(name_or_path), bases.remote_code_refused(name_or_path):
         return AutoConfig.from_pretrained(

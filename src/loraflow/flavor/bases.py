@@ -31,7 +31,7 @@ from loraflow.flavor.switches import enabled
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 
 class NeedsRemoteCode(Exception):
@@ -77,6 +77,32 @@ def gguf_location(name_or_path: str) -> dict[str, str]:
     return {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name}
 
 
+def gguf_config(name_or_path: str) -> "PretrainedConfig":
+    """The model config a GGUF file's metadata holds, read once per file version in a process.
+
+    Reading it parses every metadata field, the tokenizer's vocabulary included (seconds for a 49k
+    vocabulary), and checking, validating and loading a base each need the config: the parsed
+    config is kept per path, size and modification time, and each caller gets its own copy.
+
+    Raises:
+        BadGguf: the file does not exist, or is not a GGUF transformers can read.
+    """
+    import copy
+
+    location = gguf_location(name_or_path)
+    stat = (Path(location["pretrained_model_name_or_path"]) / location["gguf_file"]).stat()
+    key = (location["pretrained_model_name_or_path"], location["gguf_file"], stat.st_size, stat.st_mtime_ns)
+    if key not in _GGUF_CONFIGS:
+        from transformers import AutoConfig
+
+        with gguf_errors(name_or_path):
+            _GGUF_CONFIGS[key] = AutoConfig.from_pretrained(**location)
+    return copy.deepcopy(_GGUF_CONFIGS[key])
+
+
+_GGUF_CONFIGS: dict[tuple, "PretrainedConfig"] = {}
+
+
 @contextlib.contextmanager
 def gguf_errors(name_or_path: str) -> Iterator[None]:
     """Turn transformers' and the `gguf` reader's failures on a GGUF file into one `BadGguf`,
@@ -107,8 +133,9 @@ def _load_gguf_model(name_or_path: str, dtype: Any, kwargs: dict[str, Any]) -> "
 
     kwargs = {k: v for k, v in kwargs.items() if k != "revision"}
     kwargs["dtype"] = dtype or "float32"
+    config = gguf_config(name_or_path)
     with gguf_errors(name_or_path):
-        model = AutoModelForCausalLM.from_pretrained(**gguf_location(name_or_path), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(**gguf_location(name_or_path), config=config, **kwargs)
     model.hf_quantizer = None
     for holder in (model, model.config):
         if hasattr(holder, "quantization_config"):
