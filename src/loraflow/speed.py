@@ -14,13 +14,12 @@ import contextlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from loraflow.data.tables import IGNORE_INDEX
 from loraflow.flavor import switches
 from loraflow.flavor.switches import ENV
 
 if TYPE_CHECKING:
     import torch
-
-IGNORE_INDEX = -100  # the label of a token that is not learned (transformers' convention)
 
 # Figures: benchmarks/speed_results.md (bench_speed.py); heap_trim's in bench_qlora.py.
 TRAINING_TRICKS = {

@@ -418,9 +418,8 @@ def setup(lora: LoraSettings, settings: TrainSettings, explicit: set[str]):
         cpu=torch.accelerator.current_accelerator() is None, mixed_precision=mixed,
         gradient_accumulation_steps=settings.grad_accum_steps)
     set_seed(settings.seed)
-    if speed.unknown_names():  # a typo there would silently leave a trick on
-        logger.warning("%s names no speed trick: %s (known: %s)", speed.ENV, ", ".join(speed.unknown_names()),
-                       ", ".join(speed.TRICKS))
+    if unknown := speed.unknown_names():  # a typo there would silently leave a trick on
+        logger.warning("%s names no speed trick: %s (known: %s)", speed.ENV, ", ".join(unknown), ", ".join(speed.TRICKS))
     return (accelerator, *load_model_and_tokenizer(lora, settings, explicit))
 
 
