@@ -127,20 +127,24 @@ def _counts(ids: list[list[int]], labels: list[list[int]]) -> dict[str, int]:
 # Training sides (each in a fresh process).
 
 
-class _CpuTimingRunLogger(bench_train._TimingRunLogger):
-    """`bench_train`'s timing logger, noting this process's CPU time at the same two moments too.
+class _CpuTimingRunLogger:
+    """Around `bench_train`'s timing logger: this process's CPU time at the same two moments too.
 
     CPU time (all threads) is less sensitive than wall time to other processes on a shared machine.
     """
 
-    cpu_start = cpu_end = None
+    def __init__(self, timing: bench_train._TimingRunLogger):
+        self.timing, self.cpu_start, self.cpu_end = timing, None, None
 
     def log_metrics(self, metrics, step):
-        super().log_metrics(metrics, step)
+        self.timing.log_metrics(metrics, step)
         if self.start is not None and self.cpu_start is None:
             self.cpu_start = time.process_time()
         if "train_loss" in metrics:
             self.cpu_end = time.process_time()
+
+    def __getattr__(self, name):  # start, end, run_id: the timing logger's
+        return getattr(self.timing, name)
 
 
 def loraflow_side(root: str, seed: int, save_adapter: bool = False) -> dict[str, Any]:
@@ -152,14 +156,14 @@ def loraflow_side(root: str, seed: int, save_adapter: bool = False) -> dict[str,
     from accelerate.utils import set_seed
 
     from loraflow import data as data_lib
-    from loraflow import tracking, train
+    from loraflow import tracking
     from loraflow.config import TrainSettings, lora_settings
     from loraflow.flavor.bases import load_base_model, load_tokenizer
     from loraflow.lora import apply_lora
 
     root_path = Path(root)
     work = dataclasses.replace(fixtures.load_workload(root_path), seed=seed)
-    settings = TrainSettings(
+    settings = TrainSettings.from_flat(
         base_model=str(root_path / "base"), max_seq_length=MAX_SEQ_LENGTH, max_steps=work.steps,
         batch_size=work.batch_size, learning_rate=work.learning_rate, warmup_ratio=work.warmup_ratio,
         eval_steps=10**6, seed=seed, precision="fp32", output_dir=str(root_path / "chat-out"),
@@ -167,16 +171,16 @@ def loraflow_side(root: str, seed: int, save_adapter: bool = False) -> dict[str,
     )
     accelerator = Accelerator(mixed_precision="no")
     set_seed(seed)
-    tokenizer = load_tokenizer(settings.base_model)
-    model = apply_lora(load_base_model(settings.base_model), lora_settings(bench_train._lora_values(work)))
+    tokenizer = load_tokenizer(settings.model.base_model)
+    model = apply_lora(load_base_model(settings.model.base_model), lora_settings(bench_train._lora_values(work)))
     prep_started = time.perf_counter()
     train_ids, train_labels = loraflow_tokens(root_path, "train")
     prep_s = time.perf_counter() - prep_started
     eval_ids, eval_labels = loraflow_tokens(root_path, "eval")
     train_examples = data_lib.TokenizedExamples(train_ids, train_labels)
     eval_examples = data_lib.TokenizedExamples(eval_ids, eval_labels)
-    timing = _CpuTimingRunLogger(tracking.RunLogger(None, enabled=False))
-    train.FineTune(model, tokenizer, train_examples, eval_examples, settings, accelerator, timing).train()
+    timing = _CpuTimingRunLogger(bench_train._TimingRunLogger(tracking.RunLogger(None, enabled=False)))
+    bench_train._train(settings, accelerator, timing, model, tokenizer, train_examples, eval_examples)
     model = accelerator.unwrap_model(model)
     peak = common.matmul_flops()  # after training, so its buffers never raise this side's peak RSS
     if save_adapter:

@@ -90,18 +90,18 @@ def main(argv: list[str] | None = None) -> int:
     lora, settings = config.parse_settings(raw)
 
     # The eval split exactly as training makes it, then a seeded subset of at most --max-eval rows.
-    split = data.load_training_data(settings)
+    split = data.load_training_data(settings.data, settings.optim.seed)
     train_frame, eval_frame = split.train.frame, split.eval.frame
     leaked = set(eval_frame["prompt"]) & set(train_frame["prompt"])
     assert not leaked, f"eval questions in the training split: {sorted(leaked)}"
     if len(eval_frame) > args.max_eval:
-        keep = np.sort(np.random.default_rng(settings.seed).permutation(len(eval_frame))[: args.max_eval])
+        keep = np.sort(np.random.default_rng(settings.optim.seed).permutation(len(eval_frame))[: args.max_eval])
         eval_frame = eval_frame.iloc[keep].reset_index(drop=True)
     prompts = [str(p) for p in eval_frame["prompt"]]
     references = [str(c) for c in eval_frame["completion"]]
 
-    base = load_base_model(settings.base_model)
-    tokenizer = load_tokenizer(settings.base_model)
+    base = load_base_model(settings.model.base_model)
+    tokenizer = load_tokenizer(settings.model.base_model)
     before = answers(base, tokenizer, prompts, args.max_new_tokens)
     em_before, f1_before = scores(before, references)
 

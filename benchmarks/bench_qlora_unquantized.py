@@ -38,7 +38,7 @@ def main() -> None:
     lora, settings = parse_settings({"quantization": args.quantization, "max_steps": args.max_steps,
                                      "precision": "fp32", "output_dir": f"{tmp}/outputs"})
     result = run_training(lora, settings)
-    prompts = [str(p) for p in data_lib.load_training_data(settings).eval.frame["prompt"]]
+    prompts = [str(p) for p in data_lib.load_training_data(settings.data, settings.optim.seed).eval.frame["prompt"]]
 
     quantized, tokenizer = flavor.load_model(result.model_uri)
     unquantized, _ = flavor.load_model(result.model_uri, quantization="none")

@@ -127,7 +127,7 @@ def loraflow_fixed(root: str, store: str, home: str, launched: float) -> dict[st
     import peft  # noqa: F401
     import transformers  # noqa: F401
 
-    from loraflow import cli, data, evaluation, report, tracking, train
+    from loraflow import cli, data, evaluation, report, tracking, train, training_setup
     from loraflow.flavor import save
 
     imported = time.time()
@@ -137,12 +137,12 @@ def loraflow_fixed(root: str, store: str, home: str, launched: float) -> dict[st
     for owner, name, phase in [
         (data, "load_training_data", "read and check the data"),
         (tracking, "check_reachable", "check the tracking store"),
-        (train, "setup", "load the base, apply LoRA"),
+        *[(training_setup, name, "load the base, apply LoRA") for name in ("make_accelerator", "load_model_and_tokenizer")],
         (data, "resolve_chat_template", "tokenize"), (data, "tokenize_table", "tokenize"),
         (evaluation, "pick_samples", "tokenize"),
         (train, "evaluate", "evaluations: loss"),
         (train.FineTune, "_generation_metrics", "evaluations: generated answers (eval_samples)"),
-        (train.FineTune, "_train_step", "the training step"),
+        (train.FineTune, "train_step", "the training step"),
         (mlflow, "start_run", "tracking: run, params, datasets, metrics"),
         (mlflow, "end_run", "tracking: run, params, datasets, metrics"),
         (mlflow, "flush_async_logging", "tracking: run, params, datasets, metrics"),
@@ -158,10 +158,10 @@ def loraflow_fixed(root: str, store: str, home: str, launched: float) -> dict[st
     ]:
         phases.wrap(owner, name, phase)
 
-    setup = train.setup
+    load = training_setup.load_model_and_tokenizer
 
-    def setup_and_watch(*args, **kwargs):  # the weights' bytes, and autograd's saved tensors per forward
-        accelerator, model, tokenizer, lora = setup(*args, **kwargs)
+    def load_and_watch(*args, **kwargs):  # the weights' bytes, and autograd's saved tensors per forward
+        model, tokenizer, lora = load(*args, **kwargs)
         weights = {p.untyped_storage().data_ptr() for p in model.parameters()} | {
             b.untyped_storage().data_ptr() for b in model.buffers()}
         memory["weights_mib"] = sum(t.numel() * t.element_size() for t in
@@ -183,9 +183,9 @@ def loraflow_fixed(root: str, store: str, home: str, launched: float) -> dict[st
             memory["activations_mib"] = max(memory.get("activations_mib", 0.0), sum(saved.values()) / 2**20)
 
         model.register_forward_hook(after)
-        return accelerator, model, tokenizer, lora
+        return model, tokenizer, lora
 
-    train.setup = setup_and_watch
+    training_setup.load_model_and_tokenizer = load_and_watch
     chat = Path(root) / "chat"
     cli.main(["train", "--base-model", str(Path(root) / "base"), "--train-data", str(chat / "train.jsonl"),
               "--eval-data", str(chat / "eval.jsonl"), "--messages-column", "messages",

@@ -1,6 +1,6 @@
 """Each training speed trick of `loraflow.speed` against the same step with that trick off.
 
-One training step (forward and backward, no optimizer step) of `loraflow.train.forward_backward` on
+One training step (forward and backward, the optimizer step held back) of `loraflow.train.FineTune.train_step` on
 a real model, SmolLM2-135M-Instruct in fp32 (`benchmarks/bench_real.py`'s copy), LoRA r=16 with
 dropout 0.05 on every linear layer, on loraflow's first length-grouped batch of 8 of
 `bench_chat`'s conversations. In one process, so that the sides share the model and the batch:
@@ -45,20 +45,35 @@ def first_batch(root: Path, pad_token_id: int) -> dict:
     return next(iter(loader))
 
 
-def timed_step(model, batch: dict, disable: str) -> float:
-    """Seconds of one forward and backward with `disable` turned off (as `FineTune` runs it on CPU)."""
-    import torch
+def step_recipe(model, tokenizer):
+    """loraflow's recipe set up on `model` with its optimizer step held back: a step is a forward and backward."""
     from accelerate import Accelerator
 
+    from loraflow import data as data_lib
+    from loraflow import tracking, train
+    from loraflow.config import TrainSettings
+
+    recipe = train.FineTune(TrainSettings.from_flat(max_grad_norm=0.0))
+    examples = data_lib.TokenizedExamples([[tokenizer.eos_token_id]], [[-100]])
+    recipe.setup(Accelerator(cpu=True), tracking.RunLogger(None, enabled=False), model, tokenizer, examples, examples)
+    recipe.optimizer.step = lambda *args, **kwargs: None
+    return recipe
+
+
+def timed_step(recipe, batch: dict, disable: str) -> float:
+    """Seconds of one forward and backward with `disable` turned off (as `FineTune` runs it on CPU)."""
+    import torch
+
     from loraflow import speed
-    from loraflow.train import forward_backward, micro_batch_budget
+    from loraflow.train import micro_batch_budget
 
     os.environ[speed.ENV] = disable
     cpu = torch.device("cpu")
-    model.zero_grad(set_to_none=True)
-    with speed.cpu_dropout(model, cpu):
+    recipe.model.zero_grad(set_to_none=True)
+    recipe.budget = micro_batch_budget(0, cpu)
+    with speed.cpu_dropout(recipe.model, cpu):
         started = time.perf_counter()
-        forward_backward(model, batch, Accelerator(cpu=True), micro_batch_budget(0, cpu))
+        recipe.train_step(batch)
         return time.perf_counter() - started
 
 
@@ -72,12 +87,13 @@ def run(root: Path, repeats: int, log) -> tuple[dict[str, list[float]], dict]:
     tokenizer = load_tokenizer(str(root / "base"))
     model = apply_lora(load_base_model(str(root / "base")), lora_settings(bench_train._lora_values(work))).train()
     batch = first_batch(root, tokenizer.pad_token_id)
-    timed_step(model, batch, "")  # warm-up: allocator, thread pool
+    recipe = step_recipe(model, tokenizer)
+    timed_step(recipe, batch, "")  # warm-up: allocator, thread pool
     times: dict[str, list[float]] = {name: [] for name in SIDES}
     names = list(SIDES)
     for i in range(repeats):
         for name in names[i % len(names):] + names[: i % len(names)]:
-            times[name].append(timed_step(model, batch, SIDES[name]))
+            times[name].append(timed_step(recipe, batch, SIDES[name]))
             log(f"    round {i + 1}/{repeats} {name}: {times[name][-1]:.2f}s")
     return times, batch
 

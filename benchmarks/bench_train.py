@@ -129,15 +129,15 @@ def loraflow_side(root: str, tracking_uri: str | None = None, measure_peak: bool
 
     root_path = Path(root)
     work, data = _workload(root_path, seed), fixtures.load_data(root_path)
-    settings = TrainSettings(
+    settings = TrainSettings.from_flat(
         base_model=str(root_path / "base"), max_seq_length=work.max_len, max_steps=work.steps,
         batch_size=work.batch_size, learning_rate=work.learning_rate, warmup_ratio=work.warmup_ratio,
         eval_steps=10**6, seed=work.seed, precision="fp32", output_dir=str(root_path / "out"),
     )
     accelerator = Accelerator(mixed_precision="no")
     set_seed(work.seed)
-    tokenizer = load_tokenizer(settings.base_model)
-    model = apply_lora(load_base_model(settings.base_model), lora_settings(_lora_values(work)))
+    tokenizer = load_tokenizer(settings.model.base_model)
+    model = apply_lora(load_base_model(settings.model.base_model), lora_settings(_lora_values(work)))
 
     def examples(rows):
         return data_lib.TokenizedExamples(rows, [[-100] + r[1:] for r in rows])
@@ -158,10 +158,10 @@ def loraflow_side(root: str, tracking_uri: str | None = None, measure_peak: bool
     if tracking_uri:
         with tracking.RunLogger.start(enabled=True) as run:
             timing = _TimingRunLogger(run)
-            train.FineTune(model, tokenizer, train_examples, eval_examples, settings, accelerator, timing).train()
+            _train(settings, accelerator, timing, model, tokenizer, train_examples, eval_examples)
     else:
         timing = _TimingRunLogger(tracking.RunLogger(None, enabled=False))
-        train.FineTune(model, tokenizer, train_examples, eval_examples, settings, accelerator, timing).train()
+        _train(settings, accelerator, timing, model, tokenizer, train_examples, eval_examples)
     wall = time.perf_counter() - started
     model = accelerator.unwrap_model(model)
     # measured after training, so its 2048x2048 buffers never raise this side's peak RSS
@@ -180,15 +180,24 @@ def loraflow_side(root: str, tracking_uri: str | None = None, measure_peak: bool
     }
 
 
+def _train(settings, accelerator, run, model, tokenizer, train_examples, eval_examples) -> None:
+    """loraflow's recipe, as `run_training` runs it: set up, then train."""
+    from loraflow import train
+
+    recipe = train.FineTune(settings)
+    recipe.setup(accelerator, run, model, tokenizer, train_examples, eval_examples)
+    recipe.train()
+
+
 def _computed_tokens(examples, settings, pad_token_id: int, device) -> int:
     """Tokens `FineTune` made the model compute in its first epoch, padding included: the same batches
     (same seed) cut into the same micro-batches."""
     from loraflow import data as data_lib
     from loraflow.train import micro_batch_budget
 
-    budget = micro_batch_budget(settings.micro_batch_tokens, device)
-    loader = data_lib.make_dataloader(examples, settings.batch_size, pad_token_id=pad_token_id, shuffle=True,
-                                      seed=settings.seed)
+    budget = micro_batch_budget(settings.optim.micro_batch_tokens, device)
+    loader = data_lib.make_dataloader(examples, settings.optim.batch_size, pad_token_id=pad_token_id, shuffle=True,
+                                      seed=settings.optim.seed)
     return sum(p["input_ids"].numel() for b in loader for p in (data_lib.split_batch(b, budget) if budget else [b]))
 
 

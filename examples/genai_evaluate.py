@@ -15,7 +15,7 @@ import mlflow
 from mlflow.genai.scorers import scorer
 
 from loraflow import data, metrics
-from loraflow.config import TrainSettings
+from loraflow.config import DataSettings, OptimSettings
 
 
 @scorer
@@ -50,7 +50,7 @@ def main() -> None:
     def predict_fn(question: str) -> str:
         return model.predict([question], params={"max_new_tokens": 24})["text"][0]
 
-    held_out = data.load_training_data(TrainSettings()).eval.frame.head(args.rows)
+    held_out = data.load_training_data(DataSettings(), OptimSettings().seed).eval.frame.head(args.rows)
     rows = [{"inputs": {"question": q}, "expectations": {"expected_response": a}}
             for q, a in zip(held_out["prompt"], held_out["completion"])]
     result = mlflow.genai.evaluate(data=rows, predict_fn=predict_fn, scorers=[exact_match])

@@ -147,9 +147,9 @@ def test_train_passes_valid_strings_through_parsed(stub_training):
     result = invoke("train", ["--r=8", "--lora-dropout=0", "--target-modules= q_proj ,, v_proj ", "--batch-size=2.0"])
     assert result.exit_code == 0, result.output
     (lora, settings, explicit, resume), = stub_training
-    assert (lora.r, lora.lora_dropout, lora.target_modules, settings.batch_size) == (8, 0.0, ("q_proj", "v_proj"), 2)
+    assert (lora.r, lora.lora_dropout, lora.target_modules, settings.optim.batch_size) == (8, 0.0, ("q_proj", "v_proj"), 2)
     assert explicit == {"r", "lora_dropout", "target_modules", "batch_size"} and resume is None
-    assert settings.trust_remote_code is False  # off unless asked
+    assert settings.model.trust_remote_code is False  # off unless asked
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,7 +286,7 @@ def test_cli_refuses_remote_code_with_a_usage_error_and_runs_it_when_asked(custo
     allowed = invoke("validate", [f"--base-model={custom_code_base}", "--target-modules=q_proj", "--trust-remote-code=true"])
     assert allowed.exit_code == 0, allowed.output
     trained = invoke("train", [f"--base-model={custom_code_base}", "--trust-remote-code=true"])
-    assert trained.exit_code == 0 and stub_training[-1][1].trust_remote_code is True
+    assert trained.exit_code == 0 and stub_training[-1][1].model.trust_remote_code is True
 
 
 def _saved_custom_model(custom_code_base: Path, path: Path, *, trust_remote_code: bool) -> None:

@@ -31,6 +31,33 @@ def test_a_fresh_build_is_byte_identical_to_the_cached_one(tiny_path, tmp_path):
     assert json.loads((fresh / "config.json").read_text()) == json.loads((cached / "config.json").read_text())
 
 
+def test_processes_that_ask_at_once_wait_for_one_build(tmp_path, monkeypatch):
+    """Two callers on an empty cache (torchrun's processes, a second terminal): one builds, the other
+    waits for it and gets the same folder, instead of building a second time."""
+    import threading
+    import time
+
+    from loraflow import builtin
+
+    builds = []
+
+    def slow_build(name: str, out_dir: Path) -> None:
+        builds.append(name)
+        time.sleep(0.5)  # long enough for the second caller to arrive while the first builds
+        (out_dir / "config.json").write_text("{}")
+
+    monkeypatch.setenv("LORAFLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(builtin, "build", slow_build)
+    results: list[Path] = []
+    callers = [threading.Thread(target=lambda: results.append(builtin_path("builtin:tiny"))) for _ in range(2)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert builds == ["tiny"]
+    assert results[0] == results[1] and (results[0] / "config.json").is_file()
+
+
 def test_it_is_a_small_tied_llama_with_every_projection(tiny_model):
     from transformers import LlamaForCausalLM
 

@@ -16,12 +16,13 @@ from loraflow.config import (
     LoraSettings,
     TrainSettings,
     field_help,
-    load_yaml,
+    groups,
     lora_settings,
     parse_settings,
     to_dict,
     build_lora_config,
 )
+from loraflow.settings_file import load_yaml
 
 
 def problems_of(raw=None, **kw) -> list[str]:
@@ -65,7 +66,7 @@ def test_config_error_is_a_value_error_listing_every_problem():
 
 
 def test_every_field_has_help_text():
-    for cls in (LoraSettings, TrainSettings):
+    for cls in (LoraSettings, *groups(TrainSettings)):
         helps = field_help(cls)
         assert set(helps) == {f.name for f in dataclasses.fields(cls)}
         assert all(text.strip() for text in helps.values())
@@ -368,7 +369,20 @@ def test_missing_yaml_file_is_a_config_error(tmp_path):
 def test_parse_settings_splits_one_flat_mapping():
     lora, train = parse_settings({"r": "8", "learning_rate": "1e-3", "packing": "true", "revision": ""})
     assert lora.r == 8
-    assert train.learning_rate == 1e-3 and train.packing is True and train.revision is None
+    assert train.optim.learning_rate == 1e-3 and train.data.packing is True and train.model.revision is None
+
+
+def test_train_settings_are_grouped_inside_and_flat_outside():
+    names = [name for group in groups(TrainSettings) for name in field_help(group)]
+    assert len(names) == len(set(names)) == 35  # one flat namespace: options, MLproject params, YAML keys
+    flat = {"max_steps": 2, "base_model": "x", "eval_samples": 0, "packing": True, "run_name": "n"}
+    train = TrainSettings.from_flat(flat)
+    assert (train.optim.max_steps, train.model.base_model, train.eval.eval_samples, train.data.packing,
+            train.tracking.run_name) == (2, "x", 0, True, "n")
+    assert TrainSettings.from_flat(to_dict(train)) == train and list(to_dict(train)) == names
+    assert parse_settings({k: str(v) for k, v in flat.items()})[1] == train
+    with pytest.raises(TypeError, match="max_step"):
+        TrainSettings.from_flat(max_step=2)
 
 
 def test_parse_settings_defaults():
@@ -403,7 +417,7 @@ def test_train_non_negative(name):
 )
 def test_train_ranges(name, bad, good):
     for value in good:
-        assert getattr(parse_settings({name: value})[1], name) == value
+        assert to_dict(parse_settings({name: value})[1])[name] == value
     for value in bad:
         with pytest.raises(ConfigError) as info:
             parse_settings({name: value})
@@ -416,15 +430,15 @@ def test_train_ranges(name, bad, good):
      ("overflow", "drop", "trunc", "truncate")],
 )
 def test_train_choices(name, good, typo, suggestion):
-    assert getattr(parse_settings({name: good})[1], name) == good
+    assert to_dict(parse_settings({name: good})[1])[name] == good
     with pytest.raises(ConfigError) as info:
         parse_settings({name: typo})
     assert f"Did you mean '{suggestion}'?" in info.value.problems[0] and repr(typo) in info.value.problems[0]
 
 
 def test_train_column_rules():
-    assert parse_settings({"text_column": "body"})[1].text_column == "body"
-    assert parse_settings({"prompt_column": "q", "completion_column": "a"})[1].prompt_column == "q"
+    assert parse_settings({"text_column": "body"})[1].data.text_column == "body"
+    assert parse_settings({"prompt_column": "q", "completion_column": "a"})[1].data.prompt_column == "q"
     with pytest.raises(ConfigError, match="not both"):
         parse_settings({"text_column": "body", "prompt_column": "q", "completion_column": "a"})
     with pytest.raises(ConfigError, match="go together"):

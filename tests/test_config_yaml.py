@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from loraflow.cli import main
-from loraflow.config import load_yaml
+from loraflow.settings_file import load_yaml
 from loraflow.errors import ConfigError
 from loraflow.flavor.layout import MAX_ECHO
 

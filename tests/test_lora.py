@@ -138,7 +138,7 @@ def test_validate_settings_reports_value_and_name_problems_together(tiny_path):
 
 def test_validate_settings_returns_settings_when_valid(tiny_path):
     lora, train = validate_settings({"base_model": tiny_path, "target_modules": "all-linear", "modules_to_save": "lm_head"})
-    assert lora.target_modules == "all-linear" and train.base_model == tiny_path
+    assert lora.target_modules == "all-linear" and train.model.base_model == tiny_path
 
 
 def test_validate_settings_reports_an_unreadable_base_model(tmp_path):

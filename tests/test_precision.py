@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from loraflow import cli, flavor
 from loraflow.config import parse_settings
-from loraflow.flavor import dtypes
+from loraflow.flavor import dtypes, trainable
 from loraflow.train import run_training
 
 pytestmark = pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")
@@ -47,12 +47,12 @@ def test_a_bf16_stored_base_trains_in_fp32_on_a_cpu_and_keeps_its_fingerprint(bf
 
 def test_precision_bf16_holds_the_base_in_bf16_and_says_once_what_it_costs_here(
         tiny_path, tracking_uri, caplog, monkeypatch):
-    monkeypatch.setattr(dtypes, "_warned", set())
-    with caplog.at_level(logging.WARNING, logger="loraflow.flavor.dtypes"):
+    monkeypatch.setattr(trainable, "_warned", set())
+    with caplog.at_level(logging.WARNING, logger="loraflow.flavor.trainable"):
         result = run_training(*parse_settings({**FAST, "base_model": tiny_path, "precision": "bf16"}))
     params = mlflow.get_run(result.run_id).data.params
     assert (params["base_dtype"], params["compute_dtype"]) == ("bfloat16", "bfloat16")
-    notes = [r.getMessage() for r in caplog.records if r.name == "loraflow.flavor.dtypes"]
+    notes = [r.getMessage() for r in caplog.records if r.name == "loraflow.flavor.trainable"]
     assert notes == ([] if dtypes.cpu_has_native_bf16() else [dtypes.plan_dtypes("bf16", dtypes.device_facts()).note])
     model, _ = flavor.load_model(result.model_uri)  # serves in fp32 on this CPU, whatever it trained in
     assert {p.dtype for p in model.parameters()} == {torch.float32}

@@ -35,13 +35,13 @@ def test_every_mlproject_param_is_passed_to_its_command_as_the_matching_option()
 
 def test_main_and_validate_params_are_settings_with_the_library_defaults():
     fields = {**{f: getattr(config.LoraSettings(), f) for f in config.field_names(config.LoraSettings)},
-              **{f: getattr(config.TrainSettings(), f) for f in config.field_names(config.TrainSettings)}}
+              **config.to_dict(config.TrainSettings())}
     for entry_name in ("main", "validate"):
         params = _mlproject()["entry_points"][entry_name]["parameters"]
         parsed_lora, parsed_train = config.parse_settings({k: str(v["default"]) for k, v in params.items()})
         for key in params:
             assert key in fields, f"{entry_name}: MLproject param {key} is not a setting"
-            parsed = getattr(parsed_lora if hasattr(parsed_lora, key) else parsed_train, key)
+            parsed = getattr(parsed_lora, key) if hasattr(parsed_lora, key) else config.to_dict(parsed_train)[key]
             assert parsed == fields[key], f"{entry_name}: default of {key} is {parsed!r}, library says {fields[key]!r}"
 
 

@@ -100,7 +100,7 @@ def _result(**overrides):
 
 
 def test_a_new_run_is_named_tagged_and_described(tracking_uri):
-    lora, train = LoraSettings(r=8), TrainSettings(train_data="data/qa.jsonl")
+    lora, train = LoraSettings(r=8), TrainSettings.from_flat(train_data="data/qa.jsonl")
     with tracking.RunLogger.start() as run:
         run.log_settings(lora, train)
         run.log_metrics({"eval_exact_match": 0.1}, 0)
@@ -132,7 +132,7 @@ def test_a_resumed_run_keeps_its_name(tracking_uri):
 
 
 def test_a_registered_version_gets_a_description(tracking_uri):
-    lora, train = LoraSettings(), TrainSettings(registered_model_name="qa-lora")
+    lora, train = LoraSettings(), TrainSettings.from_flat(registered_model_name="qa-lora")
     client = MlflowClient()
     with tracking.RunLogger.start() as run:
         run.log_settings(lora, train)

@@ -143,10 +143,10 @@ def _train_two_steps(model, tokenizer, tmp_path, dropout: float, packing: bool =
     peft_model = apply_lora(model, lora_settings({"r": 4, "lora_dropout": dropout}))
     rows = _chat_like_rows(tokenizer) * 3
     examples = data_lib.TokenizedExamples([r for r, _ in rows], [lab for _, lab in rows])
-    settings = TrainSettings(max_steps=2, batch_size=4, micro_batch_tokens=0, eval_steps=10**6, seed=0,
-                             output_dir=str(tmp_path), eval_samples=0, packing=packing, max_seq_length=64)
-    recipe = FineTune(peft_model, tokenizer, examples, examples, settings, Accelerator(cpu=True),
-                      tracking.RunLogger(None, enabled=False))
+    settings = TrainSettings.from_flat(max_steps=2, batch_size=4, micro_batch_tokens=0, eval_steps=10**6, seed=0,
+                                       output_dir=str(tmp_path), eval_samples=0, packing=packing, max_seq_length=64)
+    recipe = FineTune(settings)
+    recipe.setup(Accelerator(cpu=True), tracking.RunLogger(None, enabled=False), peft_model, tokenizer, examples, examples)
     before, after, history = recipe.train()
     return before, after, history["train_loss"]
 

@@ -59,7 +59,7 @@ def test_there_is_no_import_cycle_inside_the_package():
 
 
 def test_the_flavor_package_imports_nothing_else_of_loraflow_but_the_builtin_recipe():
-    """It ships inside every model (`code/loraflow/flavor`): what it imports must ship too."""
+    """The flavor is the floor: training builds on it, never the other way round."""
     modules = _modules()
     outside = {
         (name, target)
@@ -68,6 +68,66 @@ def test_the_flavor_package_imports_nothing_else_of_loraflow_but_the_builtin_rec
         if not target.startswith("loraflow.flavor") and target not in ("loraflow", "loraflow.builtin")
     }
     assert outside == set()
+
+
+# Imports in shipped modules on paths that `mlflow.pyfunc.load_model`, `predict` and `mlflow models
+# serve` never take: (module, function, imported module).
+NOT_ON_THE_SERVING_PATH = {
+    ("loraflow.flavor", "get_default_pip_requirements", "loraflow.flavor.save"),
+    ("loraflow.flavor", "save_model", "loraflow.flavor.save"),
+    ("loraflow.flavor", "log_model", "loraflow.flavor.save"),
+    ("loraflow.flavor.load", "_for_use", "loraflow.flavor.trainable"),  # `load_model(is_trainable=True)` only
+}
+
+
+def _shipped() -> dict[str, Path]:
+    """The modules a saved model ships (`loraflow.flavor.save.SHIPPED` and `SHIPPED_FOR_BUILTIN`), read
+    from save.py's source."""
+    lists = {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse((PACKAGE / "flavor" / "save.py").read_text()).body
+             if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") in ("SHIPPED", "SHIPPED_FOR_BUILTIN")}
+    files = [f for f in (*lists["SHIPPED"], *lists["SHIPPED_FOR_BUILTIN"]) if f.endswith(".py")]
+    return {".".join(("loraflow", *Path(f).with_suffix("").parts)).removesuffix(".__init__"): PACKAGE / f for f in files}
+
+
+def _runtime_imports(tree: ast.AST, modules: dict[str, Path]) -> set[tuple[str, str]]:
+    """(enclosing function, imported loraflow module) of every import run at some point (those under
+    `if TYPE_CHECKING:` never are)."""
+    found = set()
+
+    def visit(node: ast.AST, function: str) -> None:
+        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
+            return
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            function = function or node.name
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                       for a in node.names]
+        else:
+            targets = []
+        found.update((function, t) for t in targets if t.split(".")[0] == "loraflow")
+        for child in ast.iter_child_nodes(node):
+            visit(child, function)
+
+    visit(tree, "")
+    return found
+
+
+def test_the_shipped_code_imports_only_shipped_code():
+    """A saved model ships its loading and serving code only: every loraflow import in a shipped
+    module, at module level or inside a function, names a shipped module, except on the listed
+    paths that pyfunc and serving never take (tests/flavor/test_save.py loads and serves a model
+    where nothing else is importable)."""
+    modules, shipped = _modules(), _shipped()
+    assert set(shipped) <= set(modules)
+    unshipped = sorted(
+        (name, function, target)
+        for name, path in shipped.items()
+        for function, target in _runtime_imports(ast.parse(path.read_text()), modules)
+        if target not in shipped and (name, function, target) not in NOT_ON_THE_SERVING_PATH
+    )
+    assert unshipped == []
 
 
 def test_functions_are_short_and_modules_readable_in_one_sitting():

@@ -122,28 +122,50 @@ def _lora_grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _recipe(peft_model, tokenizer, accelerator):
+    """A `FineTune` set up on `peft_model` whose optimizer leaves the parameters alone: each optimizer
+    step records the LoRA gradients it was given (unclipped) in `recipe.grads`."""
+    from loraflow import data as data_lib
+    from loraflow import tracking
+    from loraflow.config import TrainSettings
+    from loraflow.train import FineTune
+
+    recipe = FineTune(TrainSettings.from_flat(max_grad_norm=0.0, eval_samples=0))
+    examples = data_lib.TokenizedExamples([[1, 2, 3]], [[-100, 2, 3]])
+    recipe.setup(accelerator, tracking.RunLogger(None, enabled=False), peft_model, tokenizer, examples, examples)
+    recipe.grads = []
+    recipe.optimizer.step = lambda *args, **kwargs: recipe.grads.append(_lora_grads(peft_model))
+    return recipe
+
+
+def _step(recipe, batch: dict, max_tokens: int | None) -> torch.Tensor:
+    """The batch's mean loss from one `train_step` in micro-batches of at most `max_tokens` tokens."""
+    recipe.budget = max_tokens
+    assert recipe.train_step(batch)
+    return recipe.loss
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # the optimizer step is held back
 def test_micro_batches_give_the_same_loss_and_gradients_as_one_pass(model, tiny_tokenizer):
     from accelerate import Accelerator
 
     from loraflow import data as data_lib
     from loraflow.lora import apply_lora
     from loraflow.config import lora_settings
-    from loraflow.train import forward_backward
 
     peft_model = apply_lora(model, lora_settings({"r": 4, "lora_dropout": 0.0})).train()
     texts = ["a short one", "a somewhat longer example sentence here", "mid length text", "x"]
     rows = [tiny_tokenizer(t)["input_ids"] for t in texts]
     batch = data_lib.collate_padded([(r, [-100] + r[1:]) for r in rows], tiny_tokenizer.pad_token_id)
-    accelerator = Accelerator(cpu=True)
+    recipe = _recipe(peft_model, tiny_tokenizer, Accelerator(cpu=True))
 
-    whole = forward_backward(peft_model, batch, accelerator, None)
-    expected = _lora_grads(peft_model)
-    peft_model.zero_grad(set_to_none=True)
+    whole = _step(recipe, batch, None)
+    expected = recipe.grads[-1]
     assert len(data_lib.split_batch(batch, 12)) > 1
-    split = forward_backward(peft_model, batch, accelerator, 12)
+    split = _step(recipe, batch, 12)
 
     torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
-    for name, grad in _lora_grads(peft_model).items():
+    for name, grad in recipe.grads[-1].items():
         torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
@@ -155,19 +177,20 @@ def test_auto_micro_batches_split_on_cpu_only():
     assert micro_batch_budget(300, torch.device("cuda")) == 300
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # the optimizer step is held back
 def test_a_micro_batch_without_label_tokens_is_skipped_and_the_last_real_one_syncs(model, tiny_tokenizer, monkeypatch):
     from accelerate import Accelerator
 
     from loraflow import data as data_lib
     from loraflow.config import lora_settings
     from loraflow.lora import apply_lora
-    from loraflow.train import forward_backward
 
     peft_model = apply_lora(model, lora_settings({"r": 4, "lora_dropout": 0.0})).train()
     rows = [tiny_tokenizer(t)["input_ids"] for t in ["one example sentence to learn", "a prompt only"]]
     batch = data_lib.collate_padded([(rows[0], [-100] + rows[0][1:]), (rows[1], [-100] * len(rows[1]))],
                                     tiny_tokenizer.pad_token_id)
     accelerator = Accelerator(cpu=True)
+    recipe = _recipe(peft_model, tiny_tokenizer, accelerator)
     synced = []  # for each backward: did it run outside no_sync (the one that syncs across processes)?
     inside = {"no_sync": False}
 
@@ -181,11 +204,10 @@ def test_a_micro_batch_without_label_tokens_is_skipped_and_the_last_real_one_syn
     monkeypatch.setattr(accelerator, "no_sync", no_sync)
     monkeypatch.setattr(accelerator, "backward", lambda loss: (synced.append(not inside["no_sync"]), backward(loss)))
 
-    whole = forward_backward(peft_model, batch, accelerator, None)
-    peft_model.zero_grad(set_to_none=True)
+    whole = _step(recipe, batch, None)
     synced.clear()
     assert len(data_lib.split_batch(batch, 8)) == 2
-    split = forward_backward(peft_model, batch, accelerator, 8)
+    split = _step(recipe, batch, 8)
 
     assert synced == [True]  # the label-less last part was dropped; the real one ran and synced
     assert torch.isfinite(split) and torch.allclose(split, whole, rtol=1e-5)

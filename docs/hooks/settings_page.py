@@ -76,6 +76,9 @@ def render() -> str:
         "where the last column says so, a parameter of the MLproject's `main` entry point",
         "(`mlflow run . -P name=value`). Strings are accepted everywhere (`\"16\"`, `\"true\"`,",
         "`\"q_proj,v_proj\"`); an empty string means unset. `loraflow train --help` prints the same text.",
+        "In Python, the training settings come in groups, one table each below: `TrainSettings.model`",
+        "(`ModelSettings`), `.data`, `.optim`, `.eval` and `.tracking`; `TrainSettings.from_flat(max_steps=2)`",
+        "builds them from flat names, and `config.to_dict` gives the flat names back.",
         "",
     ]
     for cls in _settings_classes(config):

@@ -1,25 +1,19 @@
 """loraflow: LoRA fine-tuning of causal LMs as an MLflow Project, with a lossless MLflow flavor.
 
 The names below are imported on first use (PEP 562), so `import loraflow.flavor` (what
-`mlflow.pyfunc.load_model` does) loads only the flavor's own modules. This file ships inside every
-saved model, beside the `loraflow.flavor` package, so it imports nothing eagerly (only the standard
-library's `logging`, for `quiet_bitsandbytes`).
+`mlflow.pyfunc.load_model` does) loads only the flavor's own modules. A saved model ships its
+loading code without this file (`loraflow.flavor.save.SHIPPED`): where loraflow is installed, this
+package is the one imported, whatever a model put on `sys.path`.
 """
 
 from __future__ import annotations
 
 import importlib
-import pkgutil
 from typing import TYPE_CHECKING, Any
-
-# A logged model ships only what loading needs (this file and `flavor/`) under its `code/loraflow`,
-# which MLflow puts first on `sys.path`. Extending `__path__` lets the rest of the package (training,
-# tracking) still import from an installed loraflow in that process, instead of failing as missing.
-__path__ = pkgutil.extend_path(__path__, __name__)
 
 # peft imports bitsandbytes whenever it is installed; two of its log lines that nobody can act on are
 # filtered before that can happen (logging filters only: bitsandbytes itself is not imported here).
-from loraflow.flavor.quantization import quiet_bitsandbytes  # noqa: E402
+from loraflow.flavor.quantization import quiet_bitsandbytes
 
 quiet_bitsandbytes()
 

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 from loraflow.errors import ConfigError
 from loraflow.flavor import bases, dtypes
 from loraflow.flavor.fingerprint import convert_base
-from loraflow.flavor.quantization import load_kwargs, prepare_for_training, quantization_record, record_of
+from loraflow.flavor.quantization import load_kwargs
+from loraflow.flavor.trainable import prepare_for_training, quantization_record, record_of, training_plan
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -111,7 +112,7 @@ def training_plan_or_error(precision: str) -> dtypes.DtypePlan:
         ConfigError: fp16 without a GPU, or bf16 on a GPU without it.
     """
     try:
-        return dtypes.training_plan(precision)
+        return training_plan(precision)
     except dtypes.PrecisionRefused as err:
         raise ConfigError(str(err)) from err
 

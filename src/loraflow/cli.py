@@ -16,6 +16,7 @@ import click
 
 from loraflow import config
 from loraflow.errors import LoraflowError
+from loraflow.settings_file import load_yaml
 from loraflow.export import DTYPES as EXPORT_DTYPES
 from loraflow.export import FORMATS as EXPORT_FORMATS
 from loraflow.flavor.layout import MAX_SEED, short
@@ -28,7 +29,7 @@ def option_name(field: str) -> str:
 
 
 def _metavar(cls: type, field: str) -> str:
-    hint = str(cls.__annotations__[field])
+    hint = str(config.field_type(cls, field))
     for word, metavar in (("bool", "BOOL"), ("int", "INTEGER"), ("float", "FLOAT"), ("tuple", "LIST")):
         if word in hint:
             return metavar
@@ -36,7 +37,7 @@ def _metavar(cls: type, field: str) -> str:
 
 
 def _default_text(cls: type, field: str) -> str:
-    value = getattr(cls(), field)
+    value = config.field_default(cls, field)
     if value is None or value == ():
         return ""
     return ",".join(value) if isinstance(value, tuple) else str(value)
@@ -74,7 +75,7 @@ config_file_option = click.option(
 
 def collect_settings(config_file: str | None, options: dict[str, Any]) -> dict[str, Any]:
     """Merge a YAML file and the options that were actually given (options win)."""
-    raw = config.load_yaml(config_file) if config_file else {}
+    raw = load_yaml(config_file) if config_file else {}
     raw.update({k: v for k, v in options.items() if v is not None})
     return raw
 
@@ -183,8 +184,9 @@ def validate(config_file: str | None, **options: Any) -> None:
     click.echo("LoRA settings:")
     for key, value in config.to_dict(lora).items():
         click.echo(f"  {key:<24}{value}")
-    click.echo(f"Base model: {train.base_model}")
-    skeleton = load_skeleton(train.base_model, revision=train.revision, trust_remote_code=train.trust_remote_code)
+    base = train.model
+    click.echo(f"Base model: {base.base_model}")
+    skeleton = load_skeleton(base.base_model, revision=base.revision, trust_remote_code=base.trust_remote_code)
     report = parameter_report(apply_lora(skeleton, lora))
     click.echo("Parameter report:")
     click.echo(format_report(report))
@@ -210,7 +212,8 @@ def train(config_file: str | None, resume_from: str | None, **options: Any) -> N
         raw = collect_settings(config_file, options)
         given, resume = set(raw), None
         if resume_from:
-            resume = checkpoint.resolve_checkpoint(resume_from, raw.get("output_dir") or config.TrainSettings().output_dir)
+            output_dir = raw.get("output_dir") or config.TrackingSettings().output_dir
+            resume = checkpoint.resolve_checkpoint(resume_from, output_dir)
             raw = {**checkpoint.read_state(resume).settings, **raw}
         lora, settings = validate_settings(raw)
         try:
@@ -318,8 +321,8 @@ def evaluate(model_uri: str, data_path: str, samples: int | None, seed: int, max
     from loraflow.evaluation import evaluate_model
 
     with user_errors():
-        settings = config.parse_settings({k: v for k, v in columns.items() if v is not None})[1]
-        result = evaluate_model(model_uri, data_path, settings=settings, samples=samples, seed=seed,
+        data = config.parse_settings({k: v for k, v in columns.items() if v is not None})[1].data
+        result = evaluate_model(model_uri, data_path, settings=data, samples=samples, seed=seed,
                                 max_new_tokens=max_new_tokens, log_to=log_to)
     for key, value in result.metrics.items():
         click.echo(f"{key:<20}{value:.4f}")

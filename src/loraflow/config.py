@@ -1,11 +1,17 @@
-"""Typed, validated settings: LoRA settings and training settings, from dicts, CLI strings or YAML.
+"""Typed, validated settings: LoRA settings and training settings, from one flat mapping (CLI
+options, MLproject parameters, or a YAML file read by `loraflow.settings_file`).
 
 Every setting is a field of a frozen dataclass whose `help` metadata is the one place it is
-documented (the CLI and MLproject help are generated from it). This module owns every rule about
-a value, and the one translation of our settings into `peft.LoraConfig` (`build_lora_config`).
+documented (the CLI and MLproject help are generated from it). The settings come in groups, as
+LitGPT's TrainArgs/EvalArgs do: `LoraSettings`, and `TrainSettings` made of `ModelSettings`,
+`DataSettings`, `OptimSettings`, `EvalSettings` and `TrackingSettings`; each group's rules are its
+`problems`, beside its fields, and each consumer reads its own group. Names stay flat and unique
+outside: options, MLproject parameters, YAML keys and logged params (`to_dict`).
+
 Parsing collects *every* problem (unknown keys with a did-you-mean, unparsable strings,
 out-of-range values) and raises one `ConfigError` listing them all, before any model or data is
 loaded. Rules that need the model's architecture (module names, rank limits) are `loraflow.lora`'s.
+This module also holds the one translation of our settings into `peft.LoraConfig` (`build_lora_config`).
 
 Strings are accepted everywhere, because `mlflow run -P r=16` passes every parameter as a string:
 `"16"`, `"0.05"`, `"true"`, `"q_proj,v_proj"` and `""` (unset) all parse.
@@ -21,11 +27,10 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from loraflow.errors import ConfigError
-from loraflow.flavor.layout import parse_bool, short
+from loraflow.flavor.layout import parse_bool
 from loraflow.flavor.quantization import QUANTIZATIONS, bitsandbytes_problem
 
 logger = logging.getLogger(__name__)
@@ -64,14 +69,53 @@ class LoraSettings:
         "Modules trained in full beside LoRA, comma-separated (e.g. a multimodal projector or lm_head).", ()
     )
 
+    @staticmethod
+    def problems(s: Mapping[str, Any]) -> list[str]:
+        """What is wrong with already-parsed values of this group (the keys given)."""
+        problems = []
+        if "r" in s and s["r"] <= 0:
+            problems.append(f"`r` must be a positive integer, got {s['r']} (typical: 8-64)")
+        if "lora_alpha" in s and s["lora_alpha"] <= 0:
+            problems.append(f"`lora_alpha` must be a positive number, got {s['lora_alpha']} (typical: 1-2 x r)")
+        if "lora_dropout" in s and not 0 <= s["lora_dropout"] < 1:
+            problems.append(f"`lora_dropout` must be >= 0 and < 1, got {s['lora_dropout']}")
+        if "target_modules" in s and s["target_modules"] != ALL_LINEAR and not s["target_modules"]:
+            problems.append("`target_modules` must name at least one module (e.g. q_proj,v_proj) or be 'all-linear', got an empty list")
+        problems += _choice_problems(s, (("bias", BIASES), ("task_type", TASK_TYPES)))
+        for name in ("target_modules", "modules_to_save"):
+            value = s.get(name)
+            if isinstance(value, tuple) and any(not v for v in value):
+                problems.append(f"`{name}` has an empty module name in {list(value)!r}")
+        return problems
+
 
 @dataclass(frozen=True)
-class TrainSettings:
-    """What to train on and how: model, data, optimisation, tracking."""
+class ModelSettings:
+    """The base model, and how its frozen weights are held."""
 
     base_model: str = _help("Base model: 'builtin:tiny' (offline default), a local directory or a Hub id.", "builtin:tiny")
     revision: str | None = _help("Hub revision (branch, tag or commit) of base_model.", None)
     trust_remote_code: bool = _help("Allow code shipped with the base model to run. Off unless you ask.", False)
+    precision: str = _help("The dtype the frozen base is held and computes in, whatever it was saved in (the "
+                           "adapter stays fp32): auto (fp32 on a CPU; bf16 on a GPU that has it, else fp16), "
+                           "fp32, bf16 or fp16 (GPU only). See loraflow.flavor.dtypes.", "auto")
+    quantization: str = _help("Quantize the frozen base (QLoRA) through bitsandbytes: none, nf4, fp4 or int8. 4-bit "
+                              "computes in `precision`'s dtype. Needs pip install 'loraflow[quantization]'.", "none")
+    init_model: str | None = _help("A logged loraflow model URI to continue training from (models:/NAME@champion).", None)
+
+    @staticmethod
+    def problems(s: Mapping[str, Any]) -> list[str]:
+        """What is wrong with already-parsed values of this group (the keys given)."""
+        problems = _choice_problems(s, (("precision", PRECISIONS), ("quantization", QUANTIZATIONS)))
+        if s.get("quantization") in QUANTIZATIONS[1:] and (problem := bitsandbytes_problem()):
+            problems.append(f"`quantization` {s['quantization']} {problem}")
+        return problems
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """What to train and evaluate on, and how examples become token rows."""
+
     train_data: str | None = _help("Training data (.csv, .jsonl or .parquet). Empty: the bundled sample.", None)
     eval_data: str | None = _help("Evaluation data. Empty: a seeded split of train_data (eval_fraction).", None)
     eval_fraction: float = _help("Share of train_data held out for evaluation when eval_data is empty.", 0.1)
@@ -88,6 +132,25 @@ class TrainSettings:
     max_seq_length: int = _help("Longest example in tokens; longer ones are handled by `overflow`.", 256)
     overflow: str = _help("What to do with examples longer than max_seq_length: truncate or drop.", "truncate")
     packing: bool = _help("Pack several examples per row (no cross-example attention) instead of padding.", False)
+
+    @staticmethod
+    def problems(s: Mapping[str, Any]) -> list[str]:
+        """What is wrong with already-parsed values of this group (the keys given)."""
+        problems = _positive_problems(s, ("max_seq_length",))
+        if "eval_fraction" in s and not 0 < s["eval_fraction"] < 1:
+            problems.append(f"`eval_fraction` must be > 0 and < 1, got {s['eval_fraction']}")
+        problems += _choice_problems(s, (("overflow", OVERFLOWS), ("train_on", TRAIN_ON)))
+        problems += column_problems(s.get("text_column"), s.get("prompt_column"), s.get("completion_column"))
+        if s.get("messages_column") and any(s.get(k) for k in ("text_column", "prompt_column", "completion_column")):
+            problems.append("give either `messages_column` (conversations), or `text_column`, or `prompt_column` + "
+                            "`completion_column`, not several")
+        return problems
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """How long and how hard to train: the loop, the optimizer and its schedule."""
+
     max_steps: int = _help("Optimizer steps to run; 0 means use `epochs`.", 300)
     epochs: float = _help("Passes over the training data, used when max_steps is 0.", 1.0)
     batch_size: int = _help("Examples per batch (per process); see micro_batch_tokens.", 8)
@@ -99,34 +162,108 @@ class TrainSettings:
     weight_decay: float = _help("AdamW weight decay.", 0.0)
     warmup_ratio: float = _help("Share of steps spent in linear warmup, 0 <= x < 1; then cosine decay.", 0.1)
     max_grad_norm: float = _help("Clip the gradient norm to this; 0 disables clipping.", 1.0)
+    seed: int = _help("Random seed for init, data order and dropout.", 42)
+    checkpoint_steps: int = _help("Write a resumable checkpoint every N optimizer steps; 0 disables.", 0)
+
+    @staticmethod
+    def problems(s: Mapping[str, Any]) -> list[str]:
+        """What is wrong with already-parsed values of this group (the keys given)."""
+        problems = _positive_problems(s, ("batch_size", "grad_accum_steps"))
+        for name in ("max_steps", "checkpoint_steps", "max_grad_norm", "weight_decay", "micro_batch_tokens"):
+            if name in s and s[name] < 0:
+                problems.append(f"`{name}` must be >= 0, got {s[name]}")
+        if "learning_rate" in s and not 0 < s["learning_rate"] < 1:
+            problems.append(f"`learning_rate` must be > 0 and < 1, got {s['learning_rate']} "
+                            "(typical for LoRA: 1e-4 to 3e-3)")
+        if "warmup_ratio" in s and not 0 <= s["warmup_ratio"] < 1:
+            problems.append(f"`warmup_ratio` must be >= 0 and < 1, got {s['warmup_ratio']}")
+        if "epochs" in s and s["epochs"] <= 0:
+            problems.append(f"`epochs` must be a positive number, got {s['epochs']}")
+        return problems
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """When the run evaluates, and what it measures beside the loss."""
+
     eval_steps: int = _help("Evaluate every N optimizer steps (also at step 0 and at the end).", 50)
     eval_samples: int = _help("Eval rows answered greedily at each evaluation, scored by exact match and token F1 "
                               "(logged with a table of samples); 0 turns it off.", 64)
-    seed: int = _help("Random seed for init, data order and dropout.", 42)
-    precision: str = _help("The dtype the frozen base is held and computes in, whatever it was saved in (the "
-                           "adapter stays fp32): auto (fp32 on a CPU; bf16 on a GPU that has it, else fp16), "
-                           "fp32, bf16 or fp16 (GPU only). See loraflow.flavor.dtypes.", "auto")
-    quantization: str = _help("Quantize the frozen base (QLoRA) through bitsandbytes: none, nf4, fp4 or int8. 4-bit "
-                              "computes in `precision`'s dtype. Needs pip install 'loraflow[quantization]'.", "none")
+
+    @staticmethod
+    def problems(s: Mapping[str, Any]) -> list[str]:
+        """What is wrong with already-parsed values of this group (the keys given)."""
+        problems = _positive_problems(s, ("eval_steps",))
+        if "eval_samples" in s and s["eval_samples"] < 0:
+            problems.append(f"`eval_samples` must be >= 0, got {s['eval_samples']}")
+        return problems
+
+
+@dataclass(frozen=True)
+class TrackingSettings:
+    """Tracking and packaging: how the run is named, and where the model and its checkpoints go."""
+
     registered_model_name: str | None = _help("Register the logged model under this name. Empty: do not register.", None)
     run_name: str | None = _help("MLflow run name. Empty: named from what is trained, e.g. lora-r16-tiny-qa.", None)
-    init_model: str | None = _help("A logged loraflow model URI to continue training from (models:/NAME@champion).", None)
     base_mode: str = _help("How the logged model holds its base: auto (a local folder or GGUF file logged once "
                            "per fingerprint, a Hub id referenced), embedded, logged or reference.", "auto")
     output_dir: str = _help("Local folder for checkpoints and the fallback copy of the model.", "outputs")
-    checkpoint_steps: int = _help("Write a resumable checkpoint every N optimizer steps; 0 disables.", 0)
+
+    @staticmethod
+    def problems(s: Mapping[str, Any]) -> list[str]:
+        """What is wrong with already-parsed values of this group (the keys given)."""
+        return _choice_problems(s, (("base_mode", BASE_MODES),))
 
 
-S = TypeVar("S", LoraSettings, TrainSettings)
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything but LoRA, in groups; each consumer reads its own group.
+
+    The groups' field names are flat and unique: CLI options, MLproject parameters, YAML keys and
+    the logged params all use them ungrouped (`to_dict`, `TrainSettings.from_flat`).
+    """
+
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)
+
+    @classmethod
+    def from_flat(cls, values: Mapping[str, Any] | None = None, /, **more: Any) -> "TrainSettings":
+        """Group already-parsed flat values (`max_steps=2`, ...); an unknown name is a TypeError."""
+        flat = {**(values or {}), **more}
+        if unknown := [name for name in flat if name not in field_names(cls)]:
+            raise TypeError(f"TrainSettings has no setting {', '.join(unknown)}")
+        return cls(**{f.name: group(**{k: v for k, v in flat.items() if k in field_names(group)})
+                      for f, group in zip(dataclasses.fields(cls), groups(cls))})
+
+
+def groups(cls: type) -> list[type]:
+    """The groups of a settings class (`TrainSettings`: model, data, optim, eval, tracking); a group is its own."""
+    hints = typing.get_type_hints(cls)
+    if all(dataclasses.is_dataclass(hints[f.name]) for f in dataclasses.fields(cls)):
+        return [hints[f.name] for f in dataclasses.fields(cls)]
+    return [cls]
 
 
 def field_help(cls: type) -> dict[str, str]:
-    """Field name -> one-line help, for the CLI and docs."""
-    return {f.name: f.metadata["help"] for f in dataclasses.fields(cls)}
+    """Field name -> one-line help, for the CLI and docs (a grouped class's fields, flat)."""
+    return {f.name: f.metadata["help"] for group in groups(cls) for f in dataclasses.fields(group)}
 
 
 def field_names(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
+    return list(field_help(cls))
+
+
+def field_type(cls: type, name: str) -> Any:
+    """The annotation of the flat setting `name` of `cls` (in whichever group holds it)."""
+    return next(typing.get_type_hints(group)[name] for group in groups(cls) if name in field_names(group))
+
+
+def field_default(cls: type, name: str) -> Any:
+    """The default of the flat setting `name` of `cls`."""
+    return next(getattr(group(), name) for group in groups(cls) if name in field_names(group))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +367,7 @@ def _unknown_key_problem(key: str, known: list[str]) -> str:
     return f"unknown setting `{key}`.{hint}"
 
 
-def _parse_fields(cls: type[S], raw: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+def _parse_fields(cls: type, raw: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     values: dict[str, Any] = {}
     problems: list[str] = []
     for name, value in raw.items():
@@ -249,61 +386,7 @@ def _parse_fields(cls: type[S], raw: Mapping[str, Any]) -> tuple[dict[str, Any],
 
 
 # ---------------------------------------------------------------------------------------------
-# Rules: each returns the problems it finds in already-parsed values.
-
-
-def _lora_rules(s: dict[str, Any]) -> list[str]:
-    problems = []
-    if "r" in s and s["r"] <= 0:
-        problems.append(f"`r` must be a positive integer, got {s['r']} (typical: 8-64)")
-    if "lora_alpha" in s and s["lora_alpha"] <= 0:
-        problems.append(f"`lora_alpha` must be a positive number, got {s['lora_alpha']} (typical: 1-2 x r)")
-    if "lora_dropout" in s and not 0 <= s["lora_dropout"] < 1:
-        problems.append(f"`lora_dropout` must be >= 0 and < 1, got {s['lora_dropout']}")
-    if "target_modules" in s and s["target_modules"] != ALL_LINEAR and not s["target_modules"]:
-        problems.append("`target_modules` must name at least one module (e.g. q_proj,v_proj) or be 'all-linear', got an empty list")
-    if "bias" in s and s["bias"] not in BIASES:
-        problems.append(_choice_problem("bias", s["bias"], BIASES))
-    if "task_type" in s and s["task_type"] not in TASK_TYPES:
-        problems.append(_choice_problem("task_type", s["task_type"], TASK_TYPES))
-    for name in ("target_modules", "modules_to_save"):
-        value = s.get(name)
-        if isinstance(value, tuple) and any(not v for v in value):
-            problems.append(f"`{name}` has an empty module name in {list(value)!r}")
-    return problems
-
-
-def _train_rules(s: dict[str, Any]) -> list[str]:
-    problems = []
-    for name in ("max_seq_length", "batch_size", "grad_accum_steps", "eval_steps"):
-        if name in s and s[name] <= 0:
-            problems.append(f"`{name}` must be a positive integer, got {s[name]}")
-    for name in ("max_steps", "checkpoint_steps", "max_grad_norm", "weight_decay", "micro_batch_tokens", "eval_samples"):
-        if name in s and s[name] < 0:
-            problems.append(f"`{name}` must be >= 0, got {s[name]}")
-    if "learning_rate" in s and not 0 < s["learning_rate"] < 1:
-        problems.append(f"`learning_rate` must be > 0 and < 1, got {s['learning_rate']} (typical for LoRA: 1e-4 to 3e-3)")
-    if "warmup_ratio" in s and not 0 <= s["warmup_ratio"] < 1:
-        problems.append(f"`warmup_ratio` must be >= 0 and < 1, got {s['warmup_ratio']}")
-    if "eval_fraction" in s and not 0 < s["eval_fraction"] < 1:
-        problems.append(f"`eval_fraction` must be > 0 and < 1, got {s['eval_fraction']}")
-    if "epochs" in s and s["epochs"] <= 0:
-        problems.append(f"`epochs` must be a positive number, got {s['epochs']}")
-    for name, choices in (("precision", PRECISIONS), ("base_mode", BASE_MODES), ("overflow", OVERFLOWS),
-                          ("train_on", TRAIN_ON), ("quantization", QUANTIZATIONS)):
-        if name in s and s[name] not in choices:
-            problems.append(_choice_problem(name, s[name], choices))
-    if s.get("quantization") in QUANTIZATIONS[1:] and (problem := bitsandbytes_problem()):
-        problems.append(f"`quantization` {s['quantization']} {problem}")
-    return problems
-
-
-def _column_rules(s: dict[str, Any]) -> list[str]:
-    problems = column_problems(s.get("text_column"), s.get("prompt_column"), s.get("completion_column"))
-    if s.get("messages_column") and any(s.get(k) for k in ("text_column", "prompt_column", "completion_column")):
-        problems.append("give either `messages_column` (conversations), or `text_column`, or `prompt_column` + "
-                        "`completion_column`, not several")
-    return problems
+# Rules the groups share (each group's own rules are its `problems`, beside its fields).
 
 
 def column_problems(text: str | None, prompt: str | None, completion: str | None, *, resolved: bool = False) -> list[str]:
@@ -327,6 +410,14 @@ def _choice_problem(name: str, value: Any, choices: tuple[str, ...]) -> str:
     return f"`{name}` must be one of {', '.join(choices)}; got {value!r}.{hint}"
 
 
+def _positive_problems(s: Mapping[str, Any], names: tuple[str, ...]) -> list[str]:
+    return [f"`{name}` must be a positive integer, got {s[name]}" for name in names if name in s and s[name] <= 0]
+
+
+def _choice_problems(s: Mapping[str, Any], choices: tuple[tuple[str, tuple[str, ...]], ...]) -> list[str]:
+    return [_choice_problem(name, s[name], allowed) for name, allowed in choices if name in s and s[name] not in allowed]
+
+
 # ---------------------------------------------------------------------------------------------
 # Public entry points.
 
@@ -337,17 +428,17 @@ def parse_settings(raw: Mapping[str, Any]) -> tuple[LoraSettings, TrainSettings]
     Raises:
         ConfigError: listing every unknown key, unparsable value and broken rule at once.
     """
-    lora_names, train_names = field_names(LoraSettings), field_names(TrainSettings)
-    problems = [_unknown_key_problem(k, lora_names + train_names) for k in raw if k not in lora_names + train_names]
-    lora_values, lora_problems = _parse_fields(LoraSettings, {k: v for k, v in raw.items() if k in lora_names})
-    train_values, train_problems = _parse_fields(TrainSettings, {k: v for k, v in raw.items() if k in train_names})
-    problems += lora_problems + train_problems
-    problems += _lora_rules(lora_values) + _train_rules(train_values) + _column_rules(train_values)
+    known = field_names(LoraSettings) + field_names(TrainSettings)
+    problems = [_unknown_key_problem(k, known) for k in raw if k not in known]
+    parsed = [(group, *_parse_fields(group, {k: v for k, v in raw.items() if k in field_names(group)}))
+              for group in [LoraSettings, *groups(TrainSettings)]]
+    problems += [problem for _, _, parse_problems in parsed for problem in parse_problems]
+    problems += [problem for group, values, _ in parsed for problem in group.problems(values)]
     if problems:
         raise ConfigError(problems)
-    lora, train = LoraSettings(**lora_values), TrainSettings(**train_values)
+    lora, *train_groups = (group(**values) for group, values, _ in parsed)
     _warn_unusual(lora)
-    return lora, train
+    return lora, TrainSettings(*train_groups)
 
 
 def lora_settings(raw: Mapping[str, Any] | None = None, **overrides: Any) -> LoraSettings:
@@ -356,7 +447,7 @@ def lora_settings(raw: Mapping[str, Any] | None = None, **overrides: Any) -> Lor
     lora_names = field_names(LoraSettings)
     problems = [_unknown_key_problem(k, lora_names) for k in merged if k not in lora_names]
     values, parse_problems = _parse_fields(LoraSettings, {k: v for k, v in merged.items() if k in lora_names})
-    problems += parse_problems + _lora_rules(values)
+    problems += parse_problems + LoraSettings.problems(values)
     if problems:
         raise ConfigError(problems)
     settings = LoraSettings(**values)
@@ -364,88 +455,16 @@ def lora_settings(raw: Mapping[str, Any] | None = None, **overrides: Any) -> Lor
     return settings
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a flat YAML mapping of settings (the same keys as the CLI options, with underscores).
-
-    Raises:
-        ConfigError: the file cannot be read, is binary or not UTF-8, is not YAML, is not a mapping,
-            repeats a key, has a key that is not a name, or uses anchors/aliases (a settings file
-            needs none, and nested aliases can expand a few hundred bytes into gigabytes). Every
-            message quotes at most `MAX_ECHO` characters of the file.
-    """
-    import yaml
-
-    where = f"config file {short(str(path))}"
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as err:
-        raise ConfigError(f"{where} cannot be read: {err.strerror or err}") from err
-    if b"\x00" in raw[:8192]:
-        raise ConfigError(f"{where} looks like a binary file (it contains NUL bytes), not YAML text")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{where} is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); "
-                          "save it as UTF-8") from err
-    try:
-        data = yaml.load(text, Loader=_SettingsLoader) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{where} is not valid YAML: {short(str(err), quote=False)}") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where} must hold a mapping of settings, got {type(data).__name__}")
-    bad = [key for key in data if not isinstance(key, str)]
-    if bad:
-        raise ConfigError(f"{where}: every key must be a setting name such as r or learning_rate, got "
-                          f"{', '.join(short(k) for k in bad[:5])} ({type(bad[0]).__name__})")
-    return data
-
-
-def _settings_loader():
-    import yaml
-
-    class SettingsLoader(yaml.SafeLoader):
-        """PyYAML's safe loader, refusing what a settings file never needs and reporting duplicate keys."""
-
-        def compose_node(self, parent: Any, index: Any) -> Any:
-            if self.check_event(yaml.AliasEvent):
-                event = self.peek_event()
-                raise yaml.composer.ComposerError(
-                    None, None, f"anchors and aliases (*{event.anchor[:40]}) are not supported in a settings file; "
-                    "write each value out", event.start_mark)
-            return super().compose_node(parent, index)
-
-        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
-            seen: dict[Any, Any] = {}
-            for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=deep)
-                if isinstance(key, (str, int, float, bool, type(None))) and key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {short(key)} (first on line {seen[key] + 1}); each setting "
-                        "may appear once", key_node.start_mark)
-                if isinstance(key, (str, int, float, bool, type(None))):
-                    seen[key] = key_node.start_mark.line
-            return super().construct_mapping(node, deep=deep)
-
-    return SettingsLoader
-
-
-class _LazyLoader:
-    """`yaml` is imported on first use only (the CLI's --help must stay fast)."""
-
-    loader = None
-
-    def __call__(self, stream: Any) -> Any:
-        if _LazyLoader.loader is None:
-            _LazyLoader.loader = _settings_loader()
-        return _LazyLoader.loader(stream)
-
-
-_SettingsLoader = _LazyLoader()
-
-
-def to_dict(settings: LoraSettings | TrainSettings) -> dict[str, Any]:
-    """Plain, YAML/JSON-friendly dict (tuples become lists)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(settings).items()}
+def to_dict(settings: Any) -> dict[str, Any]:
+    """Plain, YAML/JSON-friendly dict (tuples become lists); a grouped `TrainSettings` comes out flat."""
+    flat: dict[str, Any] = {}
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if dataclasses.is_dataclass(value):
+            flat.update(to_dict(value))
+        else:
+            flat[f.name] = list(value) if isinstance(value, tuple) else value
+    return flat
 
 
 def build_lora_config(settings: LoraSettings):
@@ -455,6 +474,20 @@ def build_lora_config(settings: LoraSettings):
     kwargs = to_dict(settings)
     kwargs["modules_to_save"] = kwargs["modules_to_save"] or None
     return LoraConfig(**kwargs)
+
+
+def lora_settings_of(peft_config: Any) -> LoraSettings:
+    """The `LoraSettings` a `peft.LoraConfig` holds: `build_lora_config` the other way round."""
+    names = field_names(LoraSettings)
+    return lora_settings({n: _peft_value(getattr(peft_config, n)) for n in names if hasattr(peft_config, n)})
+
+
+def _peft_value(value: Any) -> Any:
+    if isinstance(value, (set, frozenset)):
+        return tuple(sorted(value))
+    if hasattr(value, "value"):  # peft's TaskType enum
+        return value.value
+    return value if value is not None else ()
 
 
 def _warn_unusual(settings: LoraSettings) -> None:

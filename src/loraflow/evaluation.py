@@ -131,7 +131,7 @@ def evaluate_model(model_uri: str, data_path: str, *, settings: Any = None, samp
     Args:
         model_uri: a logged loraflow model (`models:/NAME@champion`, `runs:/ID/model`, a folder).
         data_path: a data file with `prompt` + `completion` or `messages` columns (or `builtin:qa`).
-        settings: a `TrainSettings` naming other columns; default: the defaults.
+        settings: the data settings (`config.DataSettings`) naming other columns; default: the defaults.
         samples: score a seeded subset of this many rows; default: every row.
         seed: the subset's seed.
         max_new_tokens: the most each answer gets; default: the longest expected answer + 8.
@@ -144,9 +144,9 @@ def evaluate_model(model_uri: str, data_path: str, *, settings: Any = None, samp
     import mlflow
 
     from loraflow import data as data_lib
-    from loraflow.config import TrainSettings
+    from loraflow.config import DataSettings
 
-    settings = settings or TrainSettings()
+    settings = settings or DataSettings()
     path = data_lib.resolve_data(data_path)
     frame = data_lib.read_table(path, "data")
     columns = data_lib.columns_of(settings, [str(c) for c in frame.columns])

@@ -23,11 +23,10 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loraflow.config import ALL_LINEAR, LoraSettings, TrainSettings, build_lora_config, lora_settings, parse_settings
+from loraflow.config import ALL_LINEAR, LoraSettings, ModelSettings, TrainSettings, build_lora_config, lora_settings, parse_settings
 from loraflow.errors import ConfigError
 from loraflow.flavor.bases import peft_wrapping
 from loraflow.flavor.layout import parse_bool, short
-from loraflow.flavor.quantization import parameter_count
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -198,7 +197,7 @@ def validate_settings(raw: Mapping[str, Any]) -> tuple[LoraSettings, TrainSettin
 def _architecture_problems(raw: Mapping[str, Any], names: LoraSettings, lora: LoraSettings | None) -> list[str]:
     from loraflow.base_models import load_skeleton
 
-    base = str(raw.get("base_model") or TrainSettings().base_model)
+    base = str(raw.get("base_model") or ModelSettings().base_model)
     trust = parse_bool(raw.get("trust_remote_code", False)) is True
     try:
         skeleton = load_skeleton(base, revision=raw.get("revision") or None, trust_remote_code=trust)
@@ -293,6 +292,15 @@ def _is_lora(name: str) -> bool:
 def _bias_allowed(model: "nn.Module") -> bool:
     configs = getattr(model, "peft_config", None) or {}
     return any(getattr(cfg, "bias", "none") != "none" for cfg in configs.values())
+
+
+def parameter_count(param: "nn.Parameter") -> int:
+    """Elements of a parameter as it was before quantization: a packed 4-bit weight holds two per
+    byte, and bitsandbytes records its original shape in `quant_state`."""
+    import math
+
+    state = getattr(param, "quant_state", None)
+    return math.prod(state.shape) if state is not None and getattr(state, "shape", None) else param.numel()
 
 
 def parameter_report(

@@ -3,19 +3,14 @@
 `check_model_uri` fails within seconds on a URI that names nothing (an unknown registered model,
 alias, version or run, a folder without an MLmodel file), saying what exists instead;
 `check_task` reads the MLmodel file alone to refuse prompts for a chat model and conversations for
-a completion model. Used by `loraflow batch-predict` (`loraflow.predict`). `with_init_quantization`
-reads which quantization a model to continue training from (`train --init-model`) was trained with.
+a completion model. Used by `loraflow batch-predict` (`loraflow.predict`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from loraflow.errors import ConfigError, LoraflowError
-
-if TYPE_CHECKING:
-    from loraflow.config import TrainSettings
+from loraflow.errors import LoraflowError
 
 
 def check_task(model_uri: str, chat: bool, column: str) -> None:
@@ -30,30 +25,6 @@ def check_task(model_uri: str, chat: bool, column: str) -> None:
     if task != "chat" and chat:
         raise LoraflowError(f"`model_uri` {model_uri!r} is a completion model: it continues prompts, not "
                             f"conversations (column {column!r}); name the prompt column with --prompt-column NAME")
-
-
-def with_init_quantization(settings: "TrainSettings", explicit: set[str]) -> "TrainSettings":
-    """`settings` with the quantization its `init_model` was trained with (read from the MLmodel file):
-    the model's wins, as its LoRA settings do, and a different one given explicitly is an error."""
-    import dataclasses
-
-    from mlflow.exceptions import MlflowException
-    from mlflow.models import get_model_info
-
-    try:
-        flavors = get_model_info(settings.init_model).flavors
-    except (MlflowException, OSError) as err:
-        if getattr(err, "error_code", "RESOURCE_DOES_NOT_EXIST") != "RESOURCE_DOES_NOT_EXIST":
-            raise  # e.g. the tracking server is down: reported as such by the CLI
-        raise ConfigError(f"`init_model`: no loraflow model at {settings.init_model!r}: "
-                          f"{getattr(err, 'message', err)}") from err
-    record = (flavors.get("loraflow") or {}).get("quantization") or {}
-    method = record.get("method", "none")
-    if "quantization" in explicit and settings.quantization != method:
-        raise ConfigError(f"`quantization` is {settings.quantization!r} but init_model {settings.init_model!r} was "
-                          f"trained with {method!r}; leave it out (the model's is used) or start a new adapter "
-                          "without init_model")
-    return dataclasses.replace(settings, quantization=method)
 
 
 def check_model_uri(model_uri: str) -> None:

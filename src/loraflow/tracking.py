@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from loraflow import figures
-from loraflow.config import LoraSettings, to_dict
+from loraflow.config import LoraSettings, TrainSettings, to_dict
 from loraflow.errors import LoraflowError
 
 logger = logging.getLogger(__name__)
@@ -219,7 +219,7 @@ class RunLogger:
             logger.warning("MLflow: could not %s (%s: %s); %s", what, type(err).__name__, err, then)
             return None
 
-    def log_settings(self, lora: LoraSettings, train: Any, task: str = "completion",
+    def log_settings(self, lora: LoraSettings, train: TrainSettings, task: str = "completion",
                      dtypes: Mapping[str, str] | None = None) -> None:
         """Every resolved setting as a param, the whole config as `config.yaml`, and the run's tags
         (`task`: `completion` or `chat`, what the data is). `dtypes`: the params `base_dtype` and
@@ -229,19 +229,21 @@ class RunLogger:
         import mlflow
 
         from loraflow import run_info
+        from loraflow.flavor.trainable import quantization_record
 
+        base = train.model
         resolved = {"lora": to_dict(lora), "train": to_dict(train)}
-        quantized = quantization_params(train.quantization, train.precision)
-        self._guard("log params", log_params_safely, {**resolved["train"], **resolved["lora"], **quantized,
-                                                             **(dtypes or {})})
-        self._guard("log config.yaml", mlflow.log_dict, resolved, "config.yaml")
-        self.task = task
-        tags = run_info.run_tags(train.base_model, lora.r, lora.target_modules, task=task,
-                                 quantization=train.quantization)
+        tags = run_info.run_tags(base.base_model, lora.r, lora.target_modules, task=task, quantization=base.quantization)
         if self.may_name:
-            self.run_name = run_info.run_name(lora.r, train.base_model, train.train_data)
-            tags["mlflow.runName"] = self.run_name
-        self._set_tags(tags)
+            tags["mlflow.runName"] = run_info.run_name(lora.r, base.base_model, train.data.train_data)
+        # A quantized base's record beside `quantization` itself: `quantization_compute_dtype`, `quantization_double_quant`.
+        record = quantization_record(base.quantization, base.precision) or {}
+        quantized = {f"quantization_{key}": value for key, value in record.items() if key != "method"}
+        params = {**resolved["train"], **resolved["lora"], **quantized, **(dtypes or {})}
+        self.task, self.run_name = task, tags.get("mlflow.runName", self.run_name)
+        self._guard("log params", log_params_safely, params)
+        self._guard("log config.yaml", mlflow.log_dict, resolved, "config.yaml")
+        self._guard("set the run's tags", mlflow.set_tags, tags)
 
     def _set_tags(self, tags: Mapping[str, str]) -> None:
         import mlflow
@@ -305,16 +307,17 @@ class RunLogger:
             self._set_tags({"base_fingerprint": str(fingerprint)})
         return info
 
-    def tag_version(self, info: Any, train: Any, lora: LoraSettings, eval_loss: float) -> str | None:
+    def tag_version(self, info: Any, train: TrainSettings, lora: LoraSettings, eval_loss: float) -> str | None:
         """Tag a registered version with its run's key metric and settings; returns the version."""
         version = getattr(info, "registered_model_version", None)
-        if version is None or not train.registered_model_name:
+        name = train.tracking.registered_model_name
+        if version is None or not name:
             return None
         from mlflow import MlflowClient
 
         tags = {
             "eval_loss": f"{eval_loss:.6g}",
-            "base_model": train.base_model,
+            "base_model": train.model.base_model,
             "r": str(lora.r),
             "lora_alpha": str(lora.lora_alpha),
             "target_modules": _param_text(lora.target_modules),
@@ -324,13 +327,13 @@ class RunLogger:
         def tag() -> None:
             client = MlflowClient()
             for key, value in tags.items():
-                client.set_model_version_tag(train.registered_model_name, str(version), key, value)
+                client.set_model_version_tag(name, str(version), key, value)
 
         self._guard("tag the model version", tag)
         return str(version)
 
 
-    def describe(self, result: Any, lora: LoraSettings, train: Any) -> None:
+    def describe(self, result: Any, lora: LoraSettings, train: TrainSettings) -> None:
         """The run's Markdown description (`mlflow.note.content`), and the registered version's.
 
         `result` is `train.TrainResult`: eval loss before/after, model URI, registered version.
@@ -341,23 +344,23 @@ class RunLogger:
         from loraflow import run_info
 
         history = getattr(result, "history", None) or {}
-        metrics = {"eval_loss": (result.eval_loss_before, result.eval_loss_after)}
         exact = history.get("eval_exact_match") or self._guard("read eval_exact_match", self._history, "eval_exact_match")
-        if exact:
-            metrics["eval_exact_match"] = run_info.before_after(exact)
+        base_model, train_data = train.model.base_model, train.data.train_data
+        registered = train.tracking.registered_model_name if result.registered_version else None
+        metrics = {"eval_loss": (result.eval_loss_before, result.eval_loss_after),
+                   **({"eval_exact_match": run_info.before_after(exact)} if exact else {})}
         steps = max((step for step, _ in history.get("train_loss") or []), default=None)
         note = run_info.run_description(
-            base_model=train.base_model, train_data=train.train_data, r=lora.r, target_modules=lora.target_modules,
+            base_model=base_model, train_data=train_data, r=lora.r, target_modules=lora.target_modules,
             task=self.task, steps=steps, metrics=metrics, model_uri=result.model_uri,
-            registered_model_name=train.registered_model_name if result.registered_version else None,
-            registered_version=result.registered_version)
+            registered_model_name=registered, registered_version=result.registered_version)
+        version_text = registered and run_info.version_description(
+            run_id=self.run_id, run_name=self.run_name, base_model=base_model, train_data=train_data,
+            r=lora.r, metric="eval_loss", before=result.eval_loss_before, after=result.eval_loss_after)
         self._set_tags({run_info.NOTE_TAG: note})
-        if result.registered_version and train.registered_model_name:
-            text = run_info.version_description(
-                run_id=self.run_id, run_name=self.run_name, base_model=train.base_model, train_data=train.train_data,
-                r=lora.r, metric="eval_loss", before=result.eval_loss_before, after=result.eval_loss_after)
-            self._guard("describe the model version", _describe_version, train.registered_model_name,
-                        result.registered_version, text)
+        if version_text:
+            self._guard("describe the model version", _describe_version, registered, result.registered_version,
+                        version_text)
 
     def _history(self, key: str) -> list[tuple[int, float]]:
         import mlflow
@@ -371,15 +374,6 @@ def _describe_version(name: str, version: str, text: str) -> None:
     from mlflow import MlflowClient
 
     MlflowClient().update_model_version(name, str(version), description=text)
-
-
-def quantization_params(quantization: str, precision: str) -> dict[str, Any]:
-    """The params of a quantized base beside `quantization` itself: `quantization_compute_dtype`
-    and `quantization_double_quant` (none for an unquantized one)."""
-    from loraflow.flavor.quantization import quantization_record
-
-    record = quantization_record(quantization, precision) or {}
-    return {f"quantization_{key}": value for key, value in record.items() if key != "method"}
 
 
 def peak_rss_mib() -> float:

@@ -1,17 +1,20 @@
-"""The fine-tuning recipe, top to bottom: setup -> train (evaluating as it goes) -> save_checkpoint ->
-log_model -> finish. No framework: one explicit class holds the loop's state, with short methods.
-
-`accelerate` owns devices, mixed precision, gradient accumulation and multiple processes; this
-module owns the order of things:
+"""The fine-tuning recipe, top to bottom. No framework: one explicit class, `FineTune`, holds the
+loop and its state, in torchtune's shape (`setup` -> `train` -> `save_checkpoint` -> `cleanup`),
+and `run_training` runs a whole run as a short sequence of named steps:
 
 1. read and check the data (`loraflow.data.load_training_data`: each file once, before any model
    is loaded), then check the tracking server answers;
-2. load the base model (or a logged loraflow model to continue from), apply LoRA, tokenize;
-3. `FineTune`: AdamW over the trainable parameters, linear warmup then cosine decay, gradient
-   clipping; evaluate at step 0, every `eval_steps` and at the end; checkpoints on request and on
-   SIGINT/SIGTERM; every metric to MLflow;
-4. log the model with the loraflow flavor (saved locally instead if tracking fails), and print a
+2. set up the accelerator and load the model to train: a base with LoRA applied, or a logged
+   loraflow model to continue from (`loraflow.training_setup`); tokenize; pick the eval samples;
+3. start the MLflow run and log the settings, datasets and parameter report;
+4. `FineTune`: AdamW over the trainable parameters, linear warmup then cosine decay, gradient
+   clipping; one optimizer step reads top to bottom in `FineTune.train_step`; evaluate at step 0,
+   every `eval_steps` and at the end; checkpoints on request and on SIGINT/SIGTERM;
+5. log the model with the loraflow flavor (saved locally instead if tracking fails), and print a
    summary.
+
+`accelerate` owns devices, mixed precision, gradient accumulation and multiple processes; speed
+tricks stay behind `loraflow.speed`, each switchable with `LORAFLOW_DISABLE`.
 """
 
 from __future__ import annotations
@@ -30,8 +33,7 @@ from loraflow import checkpoint as ckpt
 from loraflow import config
 from loraflow import data as data_lib
 from loraflow import speed
-from loraflow.config import LoraSettings, TrainSettings, lora_settings
-from loraflow.errors import ConfigError
+from loraflow.config import LoraSettings, OptimSettings, TrainSettings
 from loraflow.signals import stop_signals
 
 if TYPE_CHECKING:
@@ -64,63 +66,25 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# Setup.
+# Pieces of the loop.
 
 
-def load_model_and_tokenizer(lora: LoraSettings, settings: TrainSettings, explicit: set[str]):
-    """The PEFT model to train, its tokenizer, and the LoRA settings actually in effect."""
-    from loraflow.base_models import load_for_training, training_plan_or_error
-    from loraflow.flavor.dtypes import keep_adapter_fp32
-    from loraflow.lora import apply_lora
-
-    if settings.init_model:  # its base in `precision`'s dtype (a quantized one as it was trained)
-        dtype = training_plan_or_error(settings.precision).base if settings.quantization == "none" else None
-        model, tokenizer, lora = _continue_from(settings.init_model, lora, explicit, settings.trust_remote_code, dtype)
-    else:
-        model, tokenizer = load_for_training(settings.base_model, revision=settings.revision,
-                                             trust_remote_code=settings.trust_remote_code,
-                                             quantization=settings.quantization, precision=settings.precision)
-        model = apply_lora(model, lora)
-    return keep_adapter_fp32(model), tokenizer, lora
+def total_steps(optim: OptimSettings, batches_per_epoch: int) -> int:
+    if optim.max_steps:
+        return optim.max_steps
+    return max(1, math.ceil(optim.epochs * batches_per_epoch / optim.grad_accum_steps))
 
 
-def _continue_from(uri: str, requested: LoraSettings, explicit: set[str], trust_remote_code: bool = False,
-                   dtype: str | None = None):
-    """Load a logged model trainable (in `dtype`); its LoRA settings win, and a conflicting request is an error."""
-    from loraflow import flavor
+def micro_batch_budget(micro_batch_tokens: int, device: "torch.device") -> int | None:
+    """Tokens per micro-batch: the setting, or for 0 (auto) 1024 on CPU and no limit elsewhere.
 
-    loaded = flavor.load_model(uri, is_trainable=True, trust_remote_code=trust_remote_code, dtype=dtype)
-    peft_config = loaded.model.peft_config["default"]
-    names = [f.name for f in dataclasses.fields(LoraSettings)]
-    from_model = lora_settings({n: _peft_value(getattr(peft_config, n)) for n in names if hasattr(peft_config, n)})
-    defaults = LoraSettings()
-    conflicts = [
-        f"`{n}` is {getattr(requested, n)!r} but init_model {uri!r} was trained with {getattr(from_model, n)!r}; "
-        f"omit `{n}` (the model's value is used) or start a new adapter without init_model"
-        for n in names
-        if n in explicit and getattr(requested, n) != getattr(defaults, n) and getattr(requested, n) != getattr(from_model, n)
-    ]
-    if conflicts:
-        raise ConfigError(conflicts)
-    return loaded.model, loaded.tokenizer, from_model
-
-
-def _peft_value(value: Any) -> Any:
-    if isinstance(value, (set, frozenset)):
-        return tuple(sorted(value))
-    if hasattr(value, "value"):  # peft's TaskType enum
-        return value.value
-    return value if value is not None else ()
-
-
-# ---------------------------------------------------------------------------------------------
-# The loop.
-
-
-def total_steps(settings: TrainSettings, batches_per_epoch: int) -> int:
-    if settings.max_steps:
-        return settings.max_steps
-    return max(1, math.ceil(settings.epochs * batches_per_epoch / settings.grad_accum_steps))
+    On CPU, time per token is flat from a few hundred tokens per forward pass up, while
+    activation memory grows with every token: small micro-batches cost nothing and bound the peak.
+    On a GPU, larger forward passes are faster, so auto never splits there.
+    """
+    if micro_batch_tokens:
+        return micro_batch_tokens
+    return CPU_MICRO_BATCH_TOKENS if device.type == "cpu" and speed.enabled("cpu_micro_batches") else None
 
 
 def evaluate(model, loader, accelerator: "Accelerator", max_tokens: int | None = None) -> float:
@@ -153,101 +117,75 @@ class TrainingInterrupted(KeyboardInterrupt):
         super().__init__(f"stopped by {signal_name}; resume with --resume-from {checkpoint}")
 
 
-def micro_batch_budget(micro_batch_tokens: int, device: "torch.device") -> int | None:
-    """Tokens per micro-batch: the setting, or for 0 (auto) 1024 on CPU and no limit elsewhere.
-
-    On CPU, time per token is flat from a few hundred tokens per forward pass up, while
-    activation memory grows with every token: small micro-batches cost nothing and bound the peak.
-    On a GPU, larger forward passes are faster, so auto never splits there.
-    """
-    if micro_batch_tokens:
-        return micro_batch_tokens
-    return CPU_MICRO_BATCH_TOKENS if device.type == "cpu" and speed.enabled("cpu_micro_batches") else None
-
-
-def forward_backward(model, batch: dict, accelerator: "Accelerator", max_tokens: int | None) -> "torch.Tensor":
-    """Forward and backward over one batch, in micro-batches of at most `max_tokens` tokens.
-
-    Each part's mean loss is weighted by its share of the batch's label tokens, so the summed
-    gradients are the gradient of the whole batch's mean loss (the same update as one pass).
-    Returns that mean loss, detached. Gradients sync only on the last part; no KV cache is built.
-    """
-    parts = data_lib.split_batch(batch, max_tokens) if max_tokens else [batch]
-    counts = [int((part["labels"][:, 1:] != data_lib.IGNORE_INDEX).sum()) for part in parts] if len(parts) > 1 else []
-    total = sum(counts)
-    if total == 0:  # one part (the common case: nothing to weigh), or no label tokens at all
-        loss = speed.causal_lm_loss(model, batch)
-        accelerator.backward(loss)
-        return loss.detach()
-    # A part with no label tokens has nothing to learn from (its mean loss is 0/0): drop it before
-    # choosing the last part, which must run, because its backward is the one that syncs.
-    kept = [(part, count) for part, count in zip(parts, counts) if count]
-    loss_sum = None
-    for i, (part, count) in enumerate(kept):
-        with contextlib.nullcontext() if i == len(kept) - 1 else accelerator.no_sync(model):
-            loss = speed.causal_lm_loss(model, part) * (count / total)
-            accelerator.backward(loss)
-        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
-    return loss_sum
-
-
-def _real_tokens(batch: dict, pad_token_id: int) -> int:
-    """Non-padding tokens in a batch (packed batches carry no attention mask)."""
-    if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
-    return int((batch["input_ids"] != pad_token_id).sum())
-
-
 # ---------------------------------------------------------------------------------------------
 # The recipe.
 
 
 class FineTune:
-    """One training run's loop and its state: model, optimizer, schedule, position, history.
+    """One fine-tuning run's loop and its state, in torchtune's shape: `setup` -> `train` ->
+    `save_checkpoint` (on request and on SIGINT/SIGTERM) -> `cleanup`.
 
-    `train()` runs `total_steps` optimizer steps and returns eval loss before, after, and the
-    history. With `resume`, the adapter, optimizer, scheduler, RNG and data position come from that
-    checkpoint, and the loop continues exactly where it stopped.
+    Construction only records the settings. `setup` builds the loaders, AdamW over the trainable
+    parameters and the schedule (linear warmup, then cosine decay), hands model and optimizer to
+    accelerate and, with `resume`, restores adapter, optimizer, scheduler, RNG and data position
+    from that checkpoint, so the loop continues exactly where it stopped. `train` runs to the last
+    optimizer step (`train_step`, one batch at a time), evaluating at step 0, every `eval_steps` and
+    at the end.
     """
 
-    def __init__(self, model, tokenizer, train_examples: data_lib.TokenizedExamples,
-                 eval_examples: data_lib.TokenizedExamples, settings: TrainSettings, accelerator: "Accelerator",
-                 run: "tracking.RunLogger", *, resume: Path | None = None, flat_settings: dict[str, Any] | None = None,
-                 samples: "evaluation.Samples | None" = None, on_evaluate: Callable[..., None] | None = None):
+    def __init__(self, settings: TrainSettings, on_evaluate: Callable[..., None] | None = None):
+        """`on_evaluate` is called after each evaluation as (step, metrics logged, final evaluation?)."""
+        self.optim, self.eval_settings, self.data_settings = settings.optim, settings.eval, settings.data
+        self.output_dir, self.on_evaluate = settings.tracking.output_dir, on_evaluate
+        self.history: dict[str, list[tuple[int, float]]] = {"train_loss": [], "eval_loss": []}
+        self.sample_rows: list[dict[str, Any]] = []
+        self.step = self.epoch = self.skip = self.consumed = self.tokens = 0
+        self.started = 0.0
+
+    def setup(self, accelerator: "Accelerator", run: "tracking.RunLogger", model, tokenizer,
+              train_examples: data_lib.TokenizedExamples, eval_examples: data_lib.TokenizedExamples, *,
+              samples: "evaluation.Samples | None" = None, resume: Path | None = None,
+              settings_record: dict[str, Any] | None = None) -> None:
+        """Loaders, optimizer, schedule and accelerate; with `resume`, the checkpoint's state.
+
+        Args:
+            accelerator, run: where the loop runs, and where it logs (`tracking.RunLogger`).
+            samples: the eval rows answered at each evaluation (`evaluation.pick_samples`), if any.
+            resume: a checkpoint folder of this run to continue from.
+            settings_record: the flat settings each checkpoint records (`checkpoint.CheckpointState`).
+        """
         import torch
         from transformers import get_cosine_schedule_with_warmup
 
-        self.settings, self.accelerator, self.run, self.tokenizer = settings, accelerator, run, tokenizer
-        self.flat_settings = flat_settings or {}
-        self.samples, self.sample_rows, self.on_evaluate = samples, [], on_evaluate
+        self.accelerator, self.run, self.tokenizer, self.samples = accelerator, run, tokenizer, samples
+        self.settings_record = settings_record or {}
+        self.checkpoints = ckpt.run_dir(self.output_dir, run.run_id)
         self.train_loader, self.eval_loader = self._loader(train_examples, True), self._loader(eval_examples, False)
-        self.budget = micro_batch_budget(settings.micro_batch_tokens, accelerator.device)
-        self.steps = total_steps(settings, len(self.train_loader))
+        self.budget = micro_batch_budget(self.optim.micro_batch_tokens, self.accelerator.device)
+        self.steps = total_steps(self.optim, len(self.train_loader))
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                      lr=settings.learning_rate, weight_decay=settings.weight_decay)
-        self.scheduler = get_cosine_schedule_with_warmup(optimizer, int(settings.warmup_ratio * self.steps), self.steps)
+                                      lr=self.optim.learning_rate, weight_decay=self.optim.weight_decay)
+        self.scheduler = get_cosine_schedule_with_warmup(optimizer, int(self.optim.warmup_ratio * self.steps), self.steps)
         # Only the model and optimizer go through accelerate: a prepared scheduler steps num_processes
         # times per optimizer step (it assumes loaders it sharded itself), so this loop steps it once.
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        ckpt.track(accelerator, self.model, self.scheduler)  # save_state/load_state: + scheduler, adapter only
-        state = ckpt.restore(resume, accelerator, self.model, self.optimizer, self.scheduler) if resume else None
-        self.history = ({k: [tuple(p) for p in v] for k, v in state.history.items()} if state
-                        else {"train_loss": [], "eval_loss": []})
-        self.step, self.epoch, self.skip = (state.step, state.epoch, state.batches_in_epoch) if state else (0, 0, 0)
-        self.consumed, self.tokens, self.started = 0, 0, 0.0
-        self.checkpoints = ckpt.run_dir(settings.output_dir, run.run_id)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        ckpt.track(self.accelerator, self.model, self.scheduler)  # save_state/load_state: + scheduler, adapter only
+        if resume:
+            state = ckpt.restore(resume, self.accelerator, self.model, self.optimizer, self.scheduler)
+            self.history = {k: [tuple(p) for p in v] for k, v in state.history.items()}
+            self.step, self.epoch, self.skip = state.step, state.epoch, state.batches_in_epoch
 
     def _loader(self, examples: data_lib.TokenizedExamples, shuffle: bool):
         # Each process gets its own disjoint share of every global batch (data.make_dataloader shards
         # them evenly, with no example dropped or repeated), so accelerate must not shard them again.
         return data_lib.make_dataloader(
-            examples, self.settings.batch_size, pad_token_id=self.tokenizer.pad_token_id, shuffle=shuffle,
-            seed=self.settings.seed, packing=self.settings.packing, max_seq_length=self.settings.max_seq_length,
+            examples, self.optim.batch_size, pad_token_id=self.tokenizer.pad_token_id, shuffle=shuffle,
+            seed=self.optim.seed, packing=self.data_settings.packing, max_seq_length=self.data_settings.max_seq_length,
             num_replicas=self.accelerator.num_processes, rank=self.accelerator.process_index,
         )
 
     def train(self) -> tuple[float, float, dict[str, list[tuple[int, float]]]]:
-        """Run to `total_steps`; eval loss before and after, and the history.
+        """Run to the last optimizer step; eval loss before and after, and the history.
 
         Raises:
             TrainingInterrupted: after SIGINT/SIGTERM, once a checkpoint is written.
@@ -263,8 +201,12 @@ class FineTune:
             self.tokens, self.started = 0, time.perf_counter()
             with stop_signals() as stop, speed.cpu_dropout(unwrapped, self.accelerator.device):
                 while self.step < self.steps:
-                    for batch in self._epoch_batches():
-                        if self._train_step(batch):
+                    self.train_loader.batch_sampler.set_epoch(self.epoch)
+                    batches = (self.accelerator.skip_first_batches(self.train_loader, self.skip) if self.skip
+                               else self.train_loader)  # a resumed epoch starts at the checkpoint's batch
+                    self.consumed, self.skip = self.skip, 0
+                    for batch in batches:
+                        if self.train_step(batch):
                             self._after_step(bar, stop)
                         if self.step >= self.steps:
                             break
@@ -273,26 +215,48 @@ class FineTune:
             bar.close()
             return before, self.evaluate(), self.history
 
-    def _epoch_batches(self):
-        self.train_loader.batch_sampler.set_epoch(self.epoch)
-        batches = self.accelerator.skip_first_batches(self.train_loader, self.skip) if self.skip else self.train_loader
-        self.consumed, self.skip = self.skip, 0
-        return batches
+    def train_step(self, batch: dict) -> bool:
+        """Forward and backward over one batch and, at the end of an accumulation, the optimizer step.
 
-    def _train_step(self, batch: dict) -> bool:
-        """Forward, backward and (at the end of an accumulation) an optimizer step; True if it stepped."""
+        The batch runs in micro-batches of at most `budget` tokens. Each part's mean loss is weighted
+        by its share of the batch's label tokens, so the summed gradients are the gradient of the
+        whole batch's mean loss (the same update as one pass), and `self.loss` is that mean loss.
+        Gradients sync across processes only on the last part; no KV cache is built.
+
+        Returns:
+            True if the optimizer stepped (the last batch of an accumulation).
+        """
         from accelerate.utils import send_to_device
 
-        batch = send_to_device(batch, self.accelerator.device)
+        accelerator = self.accelerator
+        batch = send_to_device(batch, accelerator.device)
         self.consumed += 1
-        with self.accelerator.accumulate(self.model):
-            self.loss = forward_backward(self.model, batch, self.accelerator, self.budget)
-            if self.accelerator.sync_gradients and self.settings.max_grad_norm:
-                self.accelerator.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm)
-            self.optimizer.step()
+        parts = data_lib.split_batch(batch, self.budget) if self.budget else [batch]
+        counts = [int((part["labels"][:, 1:] != data_lib.IGNORE_INDEX).sum()) for part in parts] if len(parts) > 1 else []
+        total = sum(counts)
+        if total:
+            # A part with no label tokens has nothing to learn from (its mean loss is 0/0): drop it before
+            # choosing the last part, which must run, because its backward is the one that syncs.
+            weighted = [(part, count / total) for part, count in zip(parts, counts) if count]
+        else:  # one part (the common case: nothing to weigh), or no label tokens at all
+            weighted = [(batch, None)]
+        with accelerator.accumulate(self.model):
+            loss_sum = None
+            for i, (part, weight) in enumerate(weighted):
+                with contextlib.nullcontext() if i == len(weighted) - 1 else accelerator.no_sync(self.model):
+                    loss = speed.causal_lm_loss(self.model, part)
+                    loss = loss if weight is None else loss * weight
+                    accelerator.backward(loss)
+                loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+            self.loss = loss_sum
+            if accelerator.sync_gradients and self.optim.max_grad_norm:
+                accelerator.clip_grad_norm_(self.model.parameters(), self.optim.max_grad_norm)
+            self.optimizer.step()  # accelerate's optimizer steps only at the end of an accumulation
             self.optimizer.zero_grad(set_to_none=True)
-        self.tokens += _real_tokens(batch, self.tokenizer.pad_token_id)
-        if not self.accelerator.sync_gradients:
+        # Real tokens, for the throughput (packed batches carry no attention mask: all but padding).
+        mask = batch.get("attention_mask")
+        self.tokens += int(mask.sum()) if mask is not None else int((batch["input_ids"] != self.tokenizer.pad_token_id).sum())
+        if not accelerator.sync_gradients:
             return False
         self.scheduler.step()
         self.step += 1
@@ -307,12 +271,13 @@ class FineTune:
                               "tokens_per_second": rate}, self.step)
         bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{rate:,.0f}")
         bar.update()
-        if self.step % self.settings.eval_steps == 0 and self.step < self.steps:
+        if self.step % self.eval_settings.eval_steps == 0 and self.step < self.steps:
             self.evaluate()
         if stop["signal"]:
             bar.close()
             raise TrainingInterrupted(self.save_checkpoint(), stop["signal"])
-        if self.settings.checkpoint_steps and self.step % self.settings.checkpoint_steps == 0 and self.step < self.steps:
+        every = self.optim.checkpoint_steps
+        if every and self.step % every == 0 and self.step < self.steps:
             self.save_checkpoint()
 
     def evaluate(self) -> float:
@@ -341,11 +306,21 @@ class FineTune:
     def save_checkpoint(self) -> Path:
         """Write a resumable checkpoint (every process takes part: each saves its RNG state); returns its folder."""
         history = {k: list(map(list, v)) for k, v in self.history.items()}
-        position = ckpt.CheckpointState(self.step, self.epoch, self.consumed, self.run.run_id, self.flat_settings, history)
+        position = ckpt.CheckpointState(self.step, self.epoch, self.consumed, self.run.run_id, self.settings_record,
+                                        history)
         path = ckpt.save_checkpoint(self.checkpoints, position, self.accelerator)
         if self.accelerator.is_main_process:
             logger.info("checkpoint written: %s", path)
         return path
+
+    def cleanup(self):
+        """Wait for every process to finish training; the trained model, unwrapped from accelerate."""
+        self.accelerator.wait_for_everyone()
+        return self.accelerator.unwrap_model(self.model)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole run.
 
 
 def run_training(lora: LoraSettings, settings: TrainSettings, explicit: set[str] | None = None,
@@ -353,8 +328,8 @@ def run_training(lora: LoraSettings, settings: TrainSettings, explicit: set[str]
     """Run the whole recipe in the active MLflow run (or a new one) and log the model.
 
     Args:
-        lora: LoRA settings (ignored in favour of the model's own when `settings.init_model` is set).
-        settings: everything else.
+        lora: LoRA settings (ignored in favour of the model's own when `init_model` is set).
+        settings: everything else, in groups (`config.TrainSettings`).
         explicit: the setting names the user gave, to detect conflicts with `init_model`.
         resume: a checkpoint folder (`checkpoint.resolve_checkpoint`) to continue from, in the same run that wrote it.
         on_evaluate: called after each evaluation as (step, metrics logged, final evaluation?).
@@ -363,64 +338,46 @@ def run_training(lora: LoraSettings, settings: TrainSettings, explicit: set[str]
         ConfigError, DataError: bad settings or data, raised before any model is loaded.
         TrainingInterrupted: SIGINT/SIGTERM; a checkpoint was written first.
     """
-    from loraflow import evaluation, model_uri, tracking
+    from loraflow import evaluation, tracking, training_setup
     from loraflow.base_models import effective_dtypes
+    from loraflow.lora import parameter_report
+    from loraflow.report import print_summary
 
-    data = data_lib.load_training_data(settings)  # fails on bad data before anything heavy
-    settings = model_uri.with_init_quantization(settings, explicit or set()) if settings.init_model else settings
+    explicit = explicit or set()
+    recipe = FineTune(settings, on_evaluate)  # records the settings; `setup` does the work
+    data = data_lib.load_training_data(settings.data, settings.optim.seed)  # fails on bad data before anything heavy
+    if settings.model.init_model:  # continuing a logged model: its quantization is the model's
+        settings = dataclasses.replace(settings, model=training_setup.with_init_quantization(settings.model, explicit))
     tracking.check_reachable()  # and on a dead tracking server, within seconds
-    accelerator, model, tokenizer, lora = setup(lora, settings, explicit or set())
-    template = data_lib.resolve_chat_template(tokenizer, settings.chat_template) if data.columns.is_chat else None
+    accelerator = training_setup.make_accelerator(settings.model.precision, settings.optim.grad_accum_steps,
+                                                  settings.optim.seed)
+    model, tokenizer, lora = training_setup.load_model_and_tokenizer(lora, settings.model, explicit)
+    template = data_lib.resolve_chat_template(tokenizer, settings.data.chat_template) if data.columns.is_chat else None
     train_examples, eval_examples = (
-        data_lib.tokenize_table(table, tokenizer, data.columns, settings.max_seq_length, settings.overflow,
-                                chat_template=template, train_on=settings.train_on)
+        data_lib.tokenize_table(table, tokenizer, data.columns, settings.data.max_seq_length, settings.data.overflow,
+                                chat_template=template, train_on=settings.data.train_on)
         for table in (data.train, data.eval)
     )
-    samples = (evaluation.pick_samples(data.eval, data.columns, settings.eval_samples, settings.seed, tokenizer, template)
-               if settings.eval_samples else None)
+    samples = (evaluation.pick_samples(data.eval, data.columns, settings.eval.eval_samples, settings.optim.seed,
+                                       tokenizer, template) if settings.eval.eval_samples else None)
     run_id = ckpt.read_state(resume).run_id if resume else None
-    with tracking.RunLogger.start(enabled=accelerator.is_main_process, run_id=run_id, run_name=settings.run_name) as run:
+    with tracking.RunLogger.start(enabled=accelerator.is_main_process, run_id=run_id,
+                                  run_name=settings.tracking.run_name) as run:
         run.log_settings(lora, settings, task="chat" if data.columns.is_chat else "completion",
                          dtypes=effective_dtypes(model, accelerator.mixed_precision))
         run.log_datasets(data.train, data.eval)
-        from loraflow.lora import parameter_report
         run.log_metrics(parameter_report(model), None)
-        flat = {**config.to_dict(settings), **config.to_dict(lora)}
-        recipe = FineTune(model, tokenizer, train_examples, eval_examples, settings, accelerator, run,
-                          resume=resume, flat_settings=flat, samples=samples, on_evaluate=on_evaluate)
+        recipe.setup(accelerator, run, model, tokenizer, train_examples, eval_examples, samples=samples,
+                     resume=resume, settings_record={**config.to_dict(settings), **config.to_dict(lora)})
         before, after, history = recipe.train()
-        accelerator.wait_for_everyone()
+        trained = recipe.cleanup()
         result = TrainResult(ok=True, run_id=run.run_id, model_uri=None, eval_loss_before=before,
                              eval_loss_after=after, history=history, samples=recipe.sample_rows)
         if accelerator.is_main_process:
-            finish(accelerator.unwrap_model(recipe.model), tokenizer, data, lora, settings, run, result, template)
+            finish(trained, tokenizer, data, lora, settings, run, result, template)
     if accelerator.is_main_process:
-        from loraflow.report import print_summary
-
         print_summary(result)
     return result
-
-
-def setup(lora: LoraSettings, settings: TrainSettings, explicit: set[str]):
-    """The accelerator, the seeded RNG, and the PEFT model with its tokenizer and LoRA settings."""
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    from accelerate.state import AcceleratorState
-
-    from loraflow.base_models import training_plan_or_error
-
-    mixed = training_plan_or_error(settings.precision).mixed_precision  # `loraflow.flavor.dtypes`
-    if AcceleratorState._shared_state.get("_mixed_precision", mixed) != mixed:  # an earlier run in this process:
-        AcceleratorState._reset_state()  # accelerate refuses another precision (its process state is kept)
-    accelerator = Accelerator(  # without a GPU, accelerate goes multi-process (gloo) only when told it runs on the CPU
-        cpu=torch.accelerator.current_accelerator() is None, mixed_precision=mixed,
-        gradient_accumulation_steps=settings.grad_accum_steps)
-    set_seed(settings.seed)
-    if unknown := speed.unknown_names():  # a typo there would silently leave a trick on
-        logger.warning("%s names no speed trick: %s (known: %s)", speed.ENV, ", ".join(unknown), ", ".join(speed.TRICKS))
-    return (accelerator, *load_model_and_tokenizer(lora, settings, explicit))
 
 
 def finish(model, tokenizer, data: data_lib.TrainingData, lora: LoraSettings, settings: TrainSettings,
@@ -435,7 +392,7 @@ def finish(model, tokenizer, data: data_lib.TrainingData, lora: LoraSettings, se
     log_model(model, tokenizer, data, lora, settings, run, result, chat_template)
     run.describe(result, lora, settings)
     result.ok = result.ok and run.failures == 0
-    checkpoints = ckpt.run_dir(settings.output_dir, run.run_id)
+    checkpoints = ckpt.run_dir(settings.tracking.output_dir, run.run_id)
     result.checkpoint_dir = str(checkpoints.resolve()) if checkpoints.is_dir() else None
 
 
@@ -444,19 +401,19 @@ def log_model(model, tokenizer, data: data_lib.TrainingData, lora: LoraSettings,
     """Log the model to the run; if tracking fails, save it locally and say where."""
     from loraflow import flavor
 
-    base_model = settings.base_model
+    base, packaging = settings.model, settings.tracking
     example = (_chat_example(data.eval, data.columns) if chat_template
                else _example_prompts(data.eval, model, tokenizer))
-    info = run.log_model(model, tokenizer, base_model=base_model, base_mode=settings.base_mode,
-                         registered_model_name=settings.registered_model_name, input_example=example,
-                         trust_remote_code=settings.trust_remote_code, chat_template=chat_template)
+    info = run.log_model(model, tokenizer, base_model=base.base_model, base_mode=packaging.base_mode,
+                         registered_model_name=packaging.registered_model_name, input_example=example,
+                         trust_remote_code=base.trust_remote_code, chat_template=chat_template)
     if info is not None:
         result.model_uri = info.model_uri
         result.registered_version = run.tag_version(info, settings, lora, result.eval_loss_after)
         return
-    local = Path(settings.output_dir) / f"model-{run.run_id or 'untracked'}"
-    flavor.save_model(model, str(local), tokenizer, base_model=base_model, base_mode=settings.base_mode,
-                      trust_remote_code=settings.trust_remote_code, chat_template=chat_template)
+    local = Path(packaging.output_dir) / f"model-{run.run_id or 'untracked'}"
+    flavor.save_model(model, str(local), tokenizer, base_model=base.base_model, base_mode=packaging.base_mode,
+                      trust_remote_code=base.trust_remote_code, chat_template=chat_template)
     result.ok, result.local_model_dir = False, str(local.resolve())
     logger.error("the model could not be logged to MLflow; it is saved locally at %s", result.local_model_dir)
 

@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from loraflow.flavor import dtypes
+from loraflow.flavor import dtypes, trainable
 from loraflow.flavor.dtypes import DeviceFacts, PrecisionRefused, plan_dtypes
 from loraflow.flavor.fingerprint import base_fingerprint, convert_base, stored_dtype
 
@@ -43,11 +43,11 @@ def test_bf16_on_a_cpu_without_it_is_allowed_with_a_note_naming_the_cost_and_the
 
 
 def test_the_note_is_given_once_per_process(caplog, monkeypatch):
-    monkeypatch.setattr(dtypes, "_warned", set())
+    monkeypatch.setattr(trainable, "_warned", set())
     plan = plan_dtypes("bf16", CPU)
-    with caplog.at_level(logging.WARNING, logger="loraflow.flavor.dtypes"):
-        dtypes.warn_once(plan)
-        dtypes.warn_once(plan)
+    with caplog.at_level(logging.WARNING, logger="loraflow.flavor.trainable"):
+        trainable.warn_once(plan)
+        trainable.warn_once(plan)
     assert [r.getMessage() for r in caplog.records] == [plan.note]
 
 
@@ -113,7 +113,7 @@ def test_the_adapter_is_kept_in_fp32_and_the_run_reports_the_effective_dtypes(ti
     for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.to(torch.bfloat16)
-    dtypes.keep_adapter_fp32(model)
+    trainable.keep_adapter_fp32(model)
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
     assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
     assert effective_dtypes(model, "bf16") == {"base_dtype": "bfloat16", "compute_dtype": "bfloat16"}

@@ -18,7 +18,7 @@ from model_helpers import (PROMPTS, base_args, generate_texts, logits, make_peft
                            write_mlmodel)
 
 from loraflow import flavor
-from loraflow.flavor import fingerprint, layout, load, pyfunc, save
+from loraflow.flavor import fingerprint, layout, load, pyfunc, save, signatures
 from loraflow.flavor.files import file_sha256
 
 INVALID = ErrorCode.Name(INVALID_PARAMETER_VALUE)
@@ -88,7 +88,7 @@ def test_logged_signature_has_params_schema_and_input_example(peft_model, tiny_t
     local = Path(mlflow.artifacts.download_artifacts(info.model_uri))
     meta = Model.load(local)
     example, example_params = meta.load_input_example(local), meta.load_input_example_params(local)
-    assert (example, example_params) == pyfunc.default_input_example()
+    assert (example, example_params) == signatures.default_input_example()
     texts = mlflow.pyfunc.load_model(info.model_uri).predict(example, params=example_params)["text"].tolist()
     assert len(texts) == 1 and isinstance(texts[0], str)
 

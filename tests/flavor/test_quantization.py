@@ -15,6 +15,7 @@ from loraflow import flavor
 from loraflow.base_models import load_for_training
 from loraflow.config import lora_settings
 from loraflow.flavor.fingerprint import base_fingerprint
+from loraflow.flavor.trainable import quantization_record
 from loraflow.lora import apply_lora
 from model_helpers import PROMPTS, logits, mlmodel
 
@@ -73,15 +74,20 @@ def test_load_model_quantizes_again_and_reproduces_the_trained_models_logits(sav
 
 
 def test_pyfunc_greedy_output_equals_the_natively_reloaded_quantized_models(saved):
-    _, _, _, path = saved
+    quantization, _, _, path = saved
     native, tokenizer = flavor.load_model(str(path))
     expected = []
     for prompt in PROMPTS:  # one prompt at a time, by `generate` itself
         ids = tokenizer(prompt, return_tensors="pt")
         out = native.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         expected.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
-    served = mlflow.pyfunc.load_model(str(path)).predict(PROMPTS, params={"max_new_tokens": 8})
-    assert served["text"].tolist() == expected
+    pyfunc = mlflow.pyfunc.load_model(str(path))
+    if quantization == "int8":  # LLM.int8 picks its fp16 outlier columns over the whole batch, so a row's
+        # logits depend on the rows beside it (by 0.05 here): equal outputs hold request by request
+        served = [pyfunc.predict([prompt], params={"max_new_tokens": 8})["text"][0] for prompt in PROMPTS]
+    else:
+        served = pyfunc.predict(PROMPTS, params={"max_new_tokens": 8})["text"].tolist()
+    assert served == expected
 
 
 def test_a_trainable_reload_continues_qlora_training(saved):
@@ -198,7 +204,7 @@ def test_a_quantized_load_reads_the_checkpoint_with_pread_into_the_model_transfo
     import loraflow.flavor.quantization as q
     from loraflow.flavor.bases import builtin_dir, load_base_model, load_tokenizer
 
-    kwargs = q.load_kwargs(q.quantization_record("nf4", "fp32"))
+    kwargs = q.load_kwargs(quantization_record("nf4", "fp32"))
     backends, real_open = [], safetensors.safe_open
     monkeypatch.setattr(safetensors, "safe_open",
                         lambda *a, **k: backends.append(k.get("backend")) or real_open(*a, **k))
@@ -223,7 +229,7 @@ def test_a_base_whose_files_are_not_local_loads_quantized_as_transformers_does(m
     import loraflow.flavor.quantization as q
 
     monkeypatch.setattr(bases, "local_weight_files", lambda *args: [])
-    kwargs = q.load_kwargs(q.quantization_record("nf4", "fp32"))
+    kwargs = q.load_kwargs(quantization_record("nf4", "fp32"))
     copy, calls = q.own_unquantized_tensors, []
     monkeypatch.setattr(q, "own_unquantized_tensors", lambda m: calls.append(m) or m)
     loaded = bases.load_base_model("builtin:tiny", **kwargs)

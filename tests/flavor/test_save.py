@@ -56,16 +56,20 @@ def test_saved_artifact_layout_and_flavor_config(saved, peft_model):
     pickles = [p for p in saved.rglob("*") if p.suffix in (".bin", ".pkl", ".pickle", ".pt", ".pth")]
     assert pickles == []
     shipped = sorted(p.name for p in (saved / "code" / "loraflow").iterdir())
-    assert shipped == ["__init__.py", "flavor"]  # no training code, tests, caches or resources
-    flavor_files = sorted(p.name for p in (saved / "code" / "loraflow" / "flavor").iterdir())
-    assert flavor_files == sorted(p.name for p in Path(flavor.__file__).parent.glob("*.py"))  # the whole package
+    assert shipped == ["flavor"]  # no package root (no `__init__.py`), training code, tests, caches or resources
+    flavor_files = sorted(str(p.relative_to(saved / "code" / "loraflow")) for p in (saved / "code" / "loraflow").rglob("*"))
+    assert flavor_files == sorted(["flavor", *save.SHIPPED])  # the loading and serving code, nothing else
 
 
-def test_the_saved_model_loads_where_loraflow_is_not_installed(saved, tmp_path):
-    """Only the shipped `code/loraflow` is importable: loading and predicting must not need more."""
+def test_the_saved_model_loads_where_loraflow_is_not_installed(saved, tmp_path, tiny_path, tiny_tokenizer):
+    """Only the shipped `code/loraflow` is importable: loading and predicting (completions and chat)
+    must not need more."""
     import subprocess
     import sys
 
+    from model_helpers import save_chat_model
+
+    chat = save_chat_model(tmp_path / "chat", tiny_path, tiny_tokenizer)
     src = str(Path(flavor.__file__).resolve().parents[2])  # the installed (editable) package's root
     script = f"""
 import sys
@@ -75,28 +79,34 @@ assert importlib.util.find_spec("loraflow") is None, "loraflow is still importab
 import mlflow.pyfunc
 model = mlflow.pyfunc.load_model({str(saved)!r})
 print(model.predict(["Hello"], params={{"max_new_tokens": 3}})["text"].tolist())
-code = {str(saved / "code" / "loraflow")!r}
-outside = [n for n, m in sys.modules.items() if n.split(".")[0] == "loraflow" and not m.__file__.startswith(code)]
+chat = mlflow.pyfunc.load_model({chat!r})
+print(chat.predict({{"messages": [{{"role": "user", "content": "Hello"}}], "max_tokens": 3}})["choices"])
+code = ({str(saved / "code" / "loraflow")!r}, {str(Path(chat) / "code" / "loraflow")!r})
+origin = lambda m: m.__file__ or list(m.__path__)[0]  # `loraflow` itself is a namespace package here
+outside = [n for n, m in sys.modules.items() if n.split(".")[0] == "loraflow" and not origin(m).startswith(code)]
 assert not outside, outside
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def test_after_a_pyfunc_load_the_rest_of_an_installed_loraflow_still_imports(saved, tmp_path):
-    """MLflow puts the model's partial `code/loraflow` first on `sys.path`: the package's other
-    modules (training, the LoRAManager) must still import from the installed loraflow."""
+def test_after_a_pyfunc_load_every_loraflow_module_is_the_installed_one(saved, tmp_path):
+    """MLflow puts the model's `code/` first on `sys.path`; it holds no package root, so where
+    loraflow is installed, the installed package (flavor included) is the one imported."""
     import subprocess
     import sys
 
+    src = str(Path(flavor.__file__).resolve().parents[1])  # the installed package
     script = f"""
+import sys
 import mlflow.pyfunc
 mlflow.pyfunc.load_model({str(saved)!r})
-import loraflow.flavor, loraflow.train
+import loraflow.train
 from loraflow import LoRAManager
-code = {str(saved / "code" / "loraflow")!r}
-assert loraflow.flavor.__file__.startswith(code), loraflow.flavor.__file__
-assert not loraflow.train.__file__.startswith(code), loraflow.train.__file__
+code = {str(saved / "code")!r}
+shipped = [n for n, m in sys.modules.items() if n.split(".")[0] == "loraflow" and (m.__file__ or "").startswith(code)]
+assert not shipped, shipped
+assert loraflow.flavor.__file__.startswith({src!r}), loraflow.flavor.__file__
 assert LoRAManager.__module__ == "loraflow.compat"
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
@@ -106,7 +116,7 @@ assert LoRAManager.__module__ == "loraflow.compat"
 def test_a_referenced_builtin_base_ships_the_resources_to_rebuild_it(tmp_path, peft_model, tiny_tokenizer):
     path = tmp_path / "model"
     flavor.save_model(peft_model, path, tiny_tokenizer, base_model="builtin:tiny", base_mode="reference")
-    assert (path / "code" / "loraflow" / "resources" / "corpus.txt").is_file()
+    assert [p.name for p in (path / "code" / "loraflow" / "resources").iterdir()] == ["corpus.txt"]  # no training sets
     assert (path / "code" / "loraflow" / "builtin.py").is_file()
     assert not (path / "base").exists()
 

@@ -1,6 +1,6 @@
 """Training data as tables: read a file, check it can be trained on, split it, and carry where it came from.
 
-`load_training_data(settings)` is the one place a training run reads its data: the train file once
+`load_training_data(data, seed)` is the one place a training run reads its data: the train file once
 (and an eval file, if one is given), checked before any model is loaded. It returns a small typed
 value, `TrainingData`, whose `Table`s carry each frame with the parameter and file it came from, so
 every later message and the MLflow dataset record name the right file. Every `DataError` starts
@@ -24,7 +24,7 @@ from loraflow.flavor.layout import BUILTIN_PREFIX, short
 if TYPE_CHECKING:
     import pandas as pd
 
-    from loraflow.config import TrainSettings
+    from loraflow.config import DataSettings
 
 RESOURCES = Path(__file__).resolve().parents[1] / "resources"
 SAMPLE_DATA = RESOURCES / "sample.jsonl"
@@ -91,7 +91,7 @@ class Columns:
         return f"--{kind}-column"
 
 
-def columns_of(settings: "TrainSettings", available: Sequence[str] = ()) -> Columns:
+def columns_of(settings: "DataSettings", available: Sequence[str] = ()) -> Columns:
     """The columns a training run reads: `messages_column`, `text_column`, or `prompt_column` +
     `completion_column`; with none named, `messages` when the data (`available`) has that column
     and no `prompt` one, else `prompt` + `completion`."""
@@ -154,10 +154,10 @@ class TrainingData:
     columns: Columns
 
 
-def load_training_data(settings: "TrainSettings") -> TrainingData:
+def load_training_data(settings: "DataSettings", seed: int) -> TrainingData:
     """Read and check the train (and eval) data of a run: each file is read once, here.
 
-    Without `eval_data`, a seeded `eval_fraction` of `train_data` is held out for evaluation.
+    Without `eval_data`, a `seed`ed `eval_fraction` of `train_data` is held out for evaluation.
 
     Raises:
         DataError: a file that cannot be trained on (see `load_examples`), or too few rows to split.
@@ -170,7 +170,7 @@ def load_training_data(settings: "TrainSettings") -> TrainingData:
         eval_path = resolve_data(settings.eval_data)
         evaluation = check_examples(read_table(eval_path, "eval_data"), eval_path, columns, "eval_data", settings.train_on)
         return TrainingData(train, evaluation, columns)
-    train_part, eval_part = split_examples(train, settings.eval_fraction, settings.seed)
+    train_part, eval_part = split_examples(train, settings.eval_fraction, seed)
     return TrainingData(train_part, eval_part, columns)
 
 

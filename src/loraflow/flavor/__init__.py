@@ -1,36 +1,19 @@
 """The `loraflow` MLflow flavor: save, log, load and serve PEFT LoRA models without losing a bit.
 
 This module is the flavor's fixed surface, shaped like MLflow's own flavor modules
-(`mlflow/spacy/__init__.py`, `mlflow/lightgbm/__init__.py`): `FLAVOR_NAME`,
-`get_default_pip_requirements`, `save_model`, `log_model`, `load_model`, and the private
-`_load_pyfunc` that `mlflow.pyfunc.load_model` and `mlflow models serve` call. Each function
-imports its implementation when called, so importing the package (or one of its light modules) costs
-nothing; torch, transformers and peft are imported inside functions throughout.
+(`mlflow/spacy/__init__.py`): `FLAVOR_NAME`, `get_default_pip_requirements`, `save_model`,
+`log_model`, `load_model`, and the private `_load_pyfunc` that `mlflow.pyfunc.load_model` and
+`mlflow models serve` call. Each function imports its implementation when called.
 
-The package, module by module (each one says what it owns):
-
-- `layout`: where things are in a saved model, and the flavor configuration;
-- `files`: writing files and folders atomically, and file digests;
-- `bases`: the base model's sources (built-in, local folder, Hub) and loading it and its tokenizer;
-- `fingerprint`: base and adapter digests, and the digest cache;
-- `load`: loading a saved model, with every check, as a `PeftModel`;
-- `pyfunc`: the python_function wrapper: requests in, generations out;
-- `generation`: batched generation;
-- `quantization`: QLoRA's quantized base (bitsandbytes): the recipe, and the record a model keeps;
-- `switches`: the off switches of the speed tricks in generation, loading and digests;
-- `stored_base`: a base's files, embedded in a model or logged once per fingerprint and downloaded once;
-- `mlflow_private`: every private MLflow name the flavor uses, in one place;
-- `save`: writing a model.
+A saved model ships the modules that load and serve it (`save.SHIPPED`: `load`, `pyfunc`,
+`generation`, `chat`, `bases`, `fingerprint` and the small ones they use), which import nothing
+else of loraflow but the built-in recipe. Writing a model (`save`, `signatures`, `stored_base`) and
+training's side (`trainable`) are not shipped. The code travels with the model instead of a
+`loraflow==X` pin, which would not resolve for an editable install: where loraflow is installed its
+flavor loads the model, elsewhere the shipped code does.
 
 Why a custom flavor: `mlflow.transformers` round-trips a LoRA model on a local base with different
-logits and reloads the adapter frozen. This one reloads the exact weights (max abs logit diff 0.0 in
-fp32 on CPU) and can reload them trainable, with the same trainable/total parameter counts.
-
-The package ships inside every saved model (`code/loraflow/flavor`, via MLflow's `code_paths`)
-instead of being pinned as a requirement: loraflow is usually installed editable from a checkout, so
-a `loraflow==X` pin would not resolve in a fresh serving environment, and the code that wrote a model
-is the code that loads it. So it imports nothing from the rest of loraflow, except the built-in
-recipe (`loraflow.builtin`, shipped beside it) to rebuild a referenced built-in base.
+logits and reloads the adapter frozen; this one reloads the exact weights, trainable if asked.
 """
 
 from __future__ import annotations
@@ -38,6 +21,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from loraflow.flavor.layout import FLAVOR_NAME, FLAVOR_VERSION
+from loraflow.flavor.quantization import quiet_bitsandbytes
+
+quiet_bitsandbytes()  # before peft imports bitsandbytes (loraflow's root, not shipped, does it too)
 
 if TYPE_CHECKING:
     import os
@@ -84,8 +70,7 @@ def save_model(
     validate_serving_input: bool = True,
     base_section: dict[str, Any] | None = None,
 ) -> None:
-    """Save a PEFT LoRA model, its tokenizer and its base model (embedded or referenced) to `path`
-    (`log_model` may also reference a base it logged once to the tracking store).
+    """Save a PEFT LoRA model, its tokenizer and its base model (embedded or referenced) to `path`.
 
     Args:
         peft_model: a `peft.PeftModel` with one adapter.
@@ -93,31 +78,26 @@ def save_model(
         tokenizer: the tokenizer to save with it.
         base_model: `builtin:*`, a local directory, a GGUF file or a Hub id; default: the adapter
             config's `base_model_name_or_path`.
-        base_mode: `"embedded"` copies the base weights into the artifact; `"reference"` records the
-            Hub id + resolved commit (or a local path); `"logged"` (for `log_model`; here it embeds)
-            logs the base once per fingerprint to the tracking store and records its URI
-            (`stored_base`); `"auto"`: reference for a Hub id, embedded for a built-in base, else
-            logged by `log_model` and embedded by `save_model`.
+        base_mode: `"embedded"` copies the base's files into the model; `"reference"` records the
+            Hub id + resolved commit (or a local path); `"logged"` (`log_model`'s; here it embeds)
+            logs the base once per fingerprint to the tracking store; `"auto"`: reference for a Hub
+            id, embedded for a built-in base, else logged by `log_model` and embedded here.
         mlflow_model: the `mlflow.models.Model` this flavor is added to (set by `log_model`).
-        signature: default: `pyfunc.default_signature(generation_defaults)`, with a params schema.
-        input_example: default: `pyfunc.default_input_example()` when no signature is given.
+        signature: default: `signatures.default_signature(generation_defaults)`, with a params schema.
+        input_example: default: `signatures.default_input_example()` when no signature is given.
         pip_requirements: replace the default requirements.
         extra_pip_requirements: add to the default requirements.
         code_paths: extra code to ship; loraflow's own loading code is always added.
         metadata: custom metadata for the MLmodel file.
-        generation_defaults: defaults for the generation params (keys of `generation.GENERATION_DEFAULTS`).
-        batch_size: how many prompts pyfunc generates together (`pyfunc.PYFUNC_DEFAULTS`).
-        max_new_tokens_cap: the largest `max_new_tokens` pyfunc accepts (`pyfunc.PYFUNC_DEFAULTS`).
-        trust_remote_code: whether the base model was loaded with code shipped with it; recorded
-            as `base.trust_remote_code` (loading such a model needs permission again).
-        chat_template: for a model trained on conversations, the chat template training used: it
-            is saved with the tokenizer (inference renders with exactly it), the flavor records
-            `task: chat` and the template's end-of-turn tokens, and the pyfunc model answers
-            OpenAI chat requests (`pyfunc.chat_signature`).
-        validate_serving_input: read by `log_model` (MLflow's `Model.log` hands its arguments to
-            `save_model` too); saving ignores it.
-        base_section: the `base` record `log_model` prepared (a logged base's location), which
-            replaces `base_model` and `base_mode`; not for other callers.
+        generation_defaults: defaults for the generation params (`generation.GENERATION_DEFAULTS` keys).
+        batch_size: how many prompts pyfunc generates together.
+        max_new_tokens_cap: the largest `max_new_tokens` pyfunc accepts.
+        trust_remote_code: whether the base was loaded with its own code; recorded (loading such a
+            model needs permission again).
+        chat_template: for a model trained on conversations, the template training used: saved with
+            the tokenizer, and the model answers OpenAI chat requests (`task: chat`).
+        validate_serving_input: read by `log_model`; saving ignores it.
+        base_section: the `base` record `log_model` prepared, replacing `base_model` and `base_mode`.
 
     Raises:
         MlflowException: an invalid argument, a non-empty `path`, or a base model that cannot be
@@ -158,32 +138,16 @@ def log_model(
 ) -> "ModelInfo":
     """Log a PEFT LoRA model to the active run (one is started if none is active).
 
-    Every argument but `name`, `registered_model_name`, `validate_serving_input` and `kwargs` is
-    as for `save_model`, except that `base_mode` "logged" (what "auto" means for a local folder or a
-    GGUF file) logs the base to the tracking store once per fingerprint, and the model references it
-    there.
+    Arguments not listed are as for `save_model`; `base_mode` "logged" (what "auto" means for a
+    local folder or a GGUF file) logs the base to the tracking store once per fingerprint.
 
     Args:
         peft_model: a `peft.PeftModel` with one adapter.
         name: the logged model's name (MLflow 3).
         tokenizer: the tokenizer to log with it.
         registered_model_name: also register a version under this name.
-        signature: as for `save_model`.
-        input_example: as for `save_model`.
-        pip_requirements: as for `save_model`.
-        extra_pip_requirements: as for `save_model`.
-        code_paths: as for `save_model`.
-        metadata: as for `save_model`.
-        base_model: as for `save_model`.
-        base_mode: as for `save_model`; "logged" logs the base once per fingerprint.
-        generation_defaults: as for `save_model`.
-        batch_size: as for `save_model`.
-        max_new_tokens_cap: as for `save_model`.
-        trust_remote_code: as for `save_model`.
-        chat_template: as for `save_model`.
         validate_serving_input: let MLflow check the input example by loading the logged model again
-            in this process (a second copy of the model in memory while it runs; a failure is only a
-            logged warning).
+            in this process (a second copy in memory meanwhile; a failure is only a warning).
         kwargs: passed to `mlflow.models.Model.log` (e.g. `params`, `tags`, `step`).
 
     Returns:
@@ -215,29 +179,24 @@ def load_model(
         model_uri: `runs:/...`, `models:/...`, a local path, or any MLflow artifact URI.
         is_trainable: reload LoRA (and modules_to_save) parameters as trainable, to continue training.
         device: where to put the model; default: the CPU.
-        dtype: the dtype the model computes in (a torch dtype or its name, or fp32/bf16/fp16); the
-            whole model, adapter included, is cast to it. Default (None or "auto"): the device's,
-            whatever dtype the base was saved in (`loraflow.flavor.dtypes`): fp32 on a CPU, bf16 on
-            a GPU that has it, else fp16; the adapter stays in fp32. The base's fingerprint is
-            checked on its weights as stored, before any cast.
+        dtype: the dtype the whole model computes in (a torch dtype or its name, or fp32/bf16/fp16).
+            Default (None or "auto"): the device's (`dtypes`: fp32 on a CPU, bf16 on a GPU that has
+            it, else fp16), the adapter staying in fp32.
         dst_path: where to download the artifacts; default: a temporary directory.
         trust_remote_code: allow a base recorded with `trust_remote_code` to run its code; default
             (None): the `LORAFLOW_TRUST_REMOTE_CODE` environment variable, else not allowed. Never
             turns remote code on for a model that did not record it.
-        quantization: None (default) loads a model trained on a quantized base (QLoRA) quantized
-            again exactly as it was trained, placed on `device` or else the first GPU, else the CPU;
-            `"none"` loads its adapter on the unquantized base (no bitsandbytes needed; outputs
-            change slightly, see the QLoRA page). Models without quantization ignore it.
+        quantization: None (default): a model trained on a quantized base (QLoRA) is quantized again
+            as it was trained, on `device`, else the first GPU, else the CPU; `"none"`: on the
+            unquantized base (no bitsandbytes needed; outputs change slightly).
 
     Returns:
         `LoadedModel(model, tokenizer)`: use `.model`/`.tokenizer` or unpack it.
 
     Raises:
-        MlflowException: a bad argument (`is_trainable` that is not a bool, a device that does not
-            exist here, a `quantization` other than None or 'none', bitsandbytes missing for a
-            quantized model), a URI with no model, a newer flavor version, a missing or corrupt adapter,
-            a base that needs remote code that was not allowed, or a base model that cannot be
-            loaded or does not match the recorded fingerprint.
+        MlflowException: a bad argument (or bitsandbytes missing for a quantized model), a URI with
+            no model, a newer flavor version, a missing or corrupt adapter, remote code not allowed,
+            or a base that cannot be loaded or does not match the recorded fingerprint.
     """
     from loraflow.flavor import load
 

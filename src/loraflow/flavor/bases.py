@@ -1,19 +1,11 @@
-"""Base models and their sources: the built-in base, a local folder, or a Hugging Face Hub id.
+"""Base models and their sources: the built-in base, a local folder, a GGUF file or a Hub id.
 
-One loader for training and for serving: `load_base_model` and `load_tokenizer` are what both
-`loraflow train` and a saved model's load call, so the base a model is trained on is loaded the
-same way as the base it is served on (its fingerprint depends on that).
-
-- `builtin:<name>` is built from code on first use (`loraflow.builtin`) and cached in
-  `$LORAFLOW_HOME/<name>-v<version>`, written atomically so a crash never leaves half a model there;
-- a local folder is read as it is;
-- a `*.gguf` file (llama.cpp, Ollama) is read through transformers' GGUF support (the `gguf`
-  package), dequantized into the dtype asked for; it is not quantized any more once loaded;
-- anything else is a Hub id, loaded through transformers' cache (no network here: only what is
-  cached already).
-
-Code shipped with a base (`auto_map` in its config) runs only when the caller allows it; otherwise
-transformers' refusal becomes `NeedsRemoteCode`, which each caller turns into its own message.
+One loader for training and serving (`load_base_model`, `load_tokenizer`), so a model is served on
+a base loaded as the one it was trained on (its fingerprint depends on that). `builtin:<name>` is
+built from code on first use and cached in `$LORAFLOW_HOME/<name>-v<version>`; a `*.gguf` file is
+dequantized into the dtype asked for; anything else not a folder is a Hub id, read from transformers'
+cache. Code shipped with a base (`auto_map`) runs only when the caller allows it; otherwise
+transformers' refusal becomes `NeedsRemoteCode`.
 """
 
 from __future__ import annotations
@@ -78,11 +70,8 @@ def gguf_location(name_or_path: str) -> dict[str, str]:
 
 
 def gguf_config(name_or_path: str) -> "PretrainedConfig":
-    """The model config a GGUF file's metadata holds, read once per file version in a process.
-
-    Reading it parses every metadata field, the tokenizer's vocabulary included (seconds for a 49k
-    vocabulary), and checking, validating and loading a base each need the config: the parsed
-    config is kept per path, size and modification time, and each caller gets its own copy.
+    """The model config a GGUF file's metadata holds, parsed once per file version in a process (it
+    parses the whole vocabulary too); each caller gets its own copy.
 
     Raises:
         BadGguf: the file does not exist, or is not a GGUF transformers can read.
@@ -105,8 +94,7 @@ _GGUF_CONFIGS: dict[tuple, "PretrainedConfig"] = {}
 
 @contextlib.contextmanager
 def gguf_errors(name_or_path: str) -> Iterator[None]:
-    """Turn transformers' and the `gguf` reader's failures on a GGUF file into one `BadGguf`,
-    naming the file and the problem (an architecture transformers cannot read, or a damaged file)."""
+    """Turn failures to read a GGUF file into one `BadGguf` naming the file and the problem."""
     import re
 
     try:
@@ -127,8 +115,8 @@ def gguf_errors(name_or_path: str) -> Iterator[None]:
 
 
 def _load_gguf_model(name_or_path: str, dtype: Any, kwargs: dict[str, Any]) -> "PreTrainedModel":
-    """A GGUF base dequantized into `dtype` (default fp32), as a plain model: transformers marks it
-    quantized, which forbids casting and saving it, though its weights are ordinary tensors by now."""
+    """A GGUF base dequantized into `dtype` (default fp32), unmarked as quantized (its weights are
+    ordinary tensors; the mark would forbid casting and saving it)."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {k: v for k, v in kwargs.items() if k != "revision"}
@@ -168,23 +156,20 @@ def builtin_dir(name: str) -> Path:
         raise UnknownBuiltin(f"{name!r} is not a built-in base model; known: {known}")
     target = cache_root() / f"{short}-v{builtin.BUILD_VERSION}"
     if not (target / "config.json").exists():
-        try:
-            with atomic_dir(target) as tmp:
-                builtin.build(short, tmp)
-        except FileExistsError:  # another process built it meanwhile: theirs is complete
+        from filelock import FileLock
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # one build at a time: processes that start together (torchrun's) wait for the first one's
+        with FileLock(target.parent / f".{target.name}.lock"):
             if not (target / "config.json").exists():
-                raise
+                with atomic_dir(target) as tmp:
+                    builtin.build(short, tmp)
     return target
 
 
 @contextlib.contextmanager
 def remote_code_refused(name_or_path: str) -> Iterator[None]:
-    """Turn transformers' "needs custom code" refusal into `NeedsRemoteCode`.
-
-    transformers raises a bare ValueError ("...contains custom code which must be executed...
-    pass the argument `trust_remote_code=True`") when a config's `auto_map` points at code shipped
-    with the model and `trust_remote_code` is False.
-    """
+    """Turn transformers' "needs custom code" refusal (a bare ValueError) into `NeedsRemoteCode`."""
     try:
         yield
     except ValueError as err:
@@ -234,16 +219,10 @@ def load_base_model(
 
 
 def _load_quantized(name_or_path: str, kwargs: dict[str, Any]) -> "PreTrainedModel":
-    """`from_pretrained` for a base quantized as it loads, reading its safetensors files with `pread`.
-
-    transformers maps the checkpoint files and keeps them mapped to the end of the load, so every
-    page it reads to quantize stays resident in the process, though the stored weights are only
-    read once. Read with safetensors' `pread` backend, as transformers itself does on Windows and
-    MPS, each stored tensor lives only while it is quantized (the peak is measured by
-    benchmarks/bench_qlora.py). transformers takes such a state dict only without a name, so the config
-    and the generation config are read here. A base whose files are not local (a Hub download),
-    that ships its own code or is not in safetensors loads as usual, as every base does with the
-    `pread_load` switch off (`loraflow.flavor.switches`).
+    """`from_pretrained` for a base quantized as it loads, reading its safetensors files with `pread`,
+    so each stored tensor lives only while it is quantized (a mapped file stays resident to the end
+    of the load: benchmarks/bench_qlora.py). A base not local, with its own code or not in
+    safetensors loads as usual, as every base does with the `pread_load` switch off.
     """
     from safetensors import safe_open
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, GenerationConfig
@@ -333,10 +312,8 @@ def resolved_revision(model: "PreTrainedModel") -> str | None:
 
 
 def _cached_commit(repo_id: str, revision: str | None) -> str | None:
-    """The commit a Hub download resolved to, read back from the local HF cache.
-
-    transformers 5 does not always set `config._commit_hash`; the cache path of config.json holds it.
-    """
+    """The commit a Hub download resolved to, from the HF cache path of its config.json
+    (transformers 5 does not always set `config._commit_hash`)."""
     from huggingface_hub import try_to_load_from_cache
     from transformers.utils.hub import extract_commit_hash
 
@@ -346,9 +323,8 @@ def _cached_commit(repo_id: str, revision: str | None) -> str | None:
 
 @contextlib.contextmanager
 def peft_wrapping() -> Iterator[None]:
-    """Around wrapping a model with peft (`get_peft_model`, `PeftModel.from_pretrained`): peft
-    0.21 reads transformers' deprecated `is_gradient_checkpointing`, whose FutureWarning nobody
-    can act on. Only that warning, from that property, is ignored here."""
+    """Around wrapping a model with peft: ignore the FutureWarning of transformers' deprecated
+    `is_gradient_checkpointing`, which peft 0.21 reads (only that one)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
                                 category=FutureWarning, module=r"transformers\.modeling_utils")

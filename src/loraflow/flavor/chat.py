@@ -1,10 +1,6 @@
-"""Chat templates at inference: render a conversation into a prompt, and find the tokens that end a turn.
-
-A model trained on conversations saves the chat template it was trained with beside its tokenizer
-(`tokenizer/chat_template.jinja`), so inference renders with exactly that template
-(`render_prompt`), and generation stops at the template's end-of-turn token (`end_of_turn_ids`)
-as well as at EOS. Choosing a template and masking the loss for training are
-`loraflow.data.chat`'s.
+"""Chat at inference: render a conversation with the template training used (saved with the
+tokenizer), find the tokens that end a turn, and read and answer OpenAI chat requests. Choosing a
+template and masking the loss for training are `loraflow.data.chat`'s.
 """
 
 from __future__ import annotations
@@ -37,11 +33,8 @@ PROBE = [
 
 
 def end_of_turn_text(tokenizer: "PreTrainedTokenizerBase", template: str | None = None) -> str:
-    """The text the template writes after an assistant reply's content, up to the next message.
-
-    E.g. `<|im_end|>\\n` for ChatML, `<|eot_id|>` for Llama 3. Found by rendering a probe
-    conversation. With `template=None`, the tokenizer's own template.
-    """
+    """The text the template (None: the tokenizer's) writes after an assistant reply, up to the next
+    message, e.g. `<|im_end|>\\n` for ChatML: found by rendering a probe conversation."""
     reply = PROBE[2]["content"]
     try:
         head, full = render(tokenizer, PROBE[:3], template), render(tokenizer, PROBE, template)
@@ -54,14 +47,8 @@ def end_of_turn_text(tokenizer: "PreTrainedTokenizerBase", template: str | None 
 
 
 def end_of_turn_ids(tokenizer: "PreTrainedTokenizerBase", template: str | None = None) -> list[int]:
-    """The control-token ids that close an assistant turn: the ids to stop generation at.
-
-    These are the added/special tokens in `end_of_turn_text` (whitespace after them, such as
-    ChatML's newline, is left out: stopping at every newline would cut replies short), e.g.
-    `[id of <|im_end|>]` for ChatML or `[id of <|eot_id|>]` for Llama 3. Empty when the
-    template closes turns with plain text only (e.g. `chatml` on a tokenizer without a
-    `<|im_end|>` token); then stop on `end_of_turn_text` with generate's `stop_strings`.
-    """
+    """The control-token ids in `end_of_turn_text` (not the whitespace after them, which would stop
+    every newline): the ids to stop generation at. Empty when turns end with plain text only."""
     text = end_of_turn_text(tokenizer, template)
     control = _control_ids(tokenizer)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
@@ -78,12 +65,8 @@ def _control_ids(tokenizer: "PreTrainedTokenizerBase") -> set[int]:
 def render_prompt(
     tokenizer: "PreTrainedTokenizerBase", messages: Sequence[Mapping[str, Any]], template: str | None = None
 ) -> str:
-    """The inference prompt for `messages`: rendered with `add_generation_prompt=True`.
-
-    Use the template that training used (`resolve_chat_template`'s result), so the model sees
-    the same format. Tokenize the result with `add_special_tokens=False`: the template already
-    writes any BOS token.
-    """
+    """The inference prompt for `messages` (`add_generation_prompt=True`); tokenize it with
+    `add_special_tokens=False`, as the template writes any BOS itself."""
     return render(tokenizer, list(messages), template, add_generation_prompt=True)
 
 
@@ -94,24 +77,13 @@ def render(tokenizer: "PreTrainedTokenizerBase", messages: list, template: str |
 # ---------------------------------------------------------------------------------------------
 # OpenAI-shaped chat requests and responses (what the pyfunc model of a chat model takes and gives).
 
-# Request keys and what they become. Any other key is refused by name: MLflow's server would
-# otherwise hand it over and nothing would say it was ignored.
+# Request keys; any other is refused by name rather than silently ignored.
 REQUEST_KEYS = ("messages", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream", "model")
-# OpenAI chat keys outside MLflow's chat schema, and their types: MLflow's server drops a key that is in
-# neither the input nor the params schema (with only a warning in its log), so these are declared as
-# params (`pyfunc.chat_signature`) to reach `predict`, where any that is set is refused by name.
-OPENAI_PARAMS = {"logprobs": "boolean", "top_logprobs": "long", "user": "string", "max_completion_tokens": "long",
-                 "parallel_tool_calls": "boolean", "tool_choice": "string", "store": "boolean",
-                 "service_tier": "string", "reasoning_effort": "string"}
 
 
 def chat_requests(data: Any) -> tuple[list[dict[str, Any]], bool]:
-    """The requests in `data`, and whether it was one request (answered with one object).
-
-    Accepts one request (a dict with `messages`), a list of them, or a DataFrame with a
-    `messages` column (and optional request columns), which is how MLflow's schema enforcement
-    passes a dict or a list of dicts.
-    """
+    """The requests in `data` (a dict, a list of them, or the DataFrame MLflow's schema enforcement
+    makes of them), and whether it was one request (answered with one object)."""
     import pandas as pd
 
     if isinstance(data, dict):
@@ -128,9 +100,6 @@ def chat_requests(data: Any) -> tuple[list[dict[str, Any]], bool]:
 
 def request_settings(request: Mapping[str, Any], defaults: Mapping[str, Any]) -> tuple[list, dict[str, Any], list[str]]:
     """A request's messages, its generation settings (`generation.GENERATION_DEFAULTS` keys) and stop strings.
-
-    OpenAI's semantics: no `temperature` keeps the model's defaults (greedy unless saved
-    otherwise); `temperature` 0 is greedy; above 0 samples.
 
     Raises:
         MlflowException: unknown keys, `n` other than 1, `stream`, or messages that are not a

@@ -1,7 +1,7 @@
 """The dtype policy: which dtype the frozen base is held in and computes in, on each device.
 
-One table for training (`precision`) and serving (`load_model(dtype=...)`, the pyfunc's
-`model_config` `dtype`), whatever dtype the checkpoint was saved in:
+One table for training (`precision`, `trainable.training_plan`) and serving (`load_model(dtype=...)`,
+the pyfunc's `model_config` `dtype`), whatever dtype the checkpoint was saved in:
 
 | device                        | `precision`   | frozen base | computes in | accelerate mixed precision |
 |-------------------------------|---------------|-------------|-------------|----------------------------|
@@ -13,35 +13,23 @@ One table for training (`precision`) and serving (`load_model(dtype=...)`, the p
 | older CUDA                    | auto          | fp32        | fp32        | no                         |
 | CUDA                          | fp32          | fp32        | fp32        | no                         |
 
-The trained LoRA weights stay in fp32 whatever the base's dtype; a 4-bit base (QLoRA) computes in
-the same dtype. Why fp32 on a CPU even for a bf16 checkpoint: without AVX512-BF16 or AMX a CPU has
-no bf16 matmul instructions, so a bf16 LoRA step runs tens of times slower than in fp32
-on an AVX2 CPU. So a model trained in bf16 on a GPU serves in fp32 on a CPU, and a model trained in
-fp32 on a CPU serves in bf16 on a GPU; `load_model(dtype=...)` or the pyfunc's `model_config`
-`{"dtype": "bfloat16"}` overrides it.
-
-The base is loaded as stored, its fingerprint taken from those tensors, and only then cast
-(`fingerprint.convert_base`, which remembers what the fingerprint needs of the stored weights, so
-that a fingerprint taken later, at save, is still theirs).
+The LoRA weights stay in fp32. fp32 on a CPU even for a bf16 checkpoint: a CPU without AVX512-BF16
+or AMX emulates bf16 matmuls, tens of times slower. The base is loaded as stored, fingerprinted, and
+only then cast (`fingerprint.convert_base`).
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     import torch
 
-logger = logging.getLogger(__name__)
-
 PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
 # what `load_model(dtype=...)` and model_config `dtype` take: a torch dtype name, or our precision names
 SERVING_DTYPES = ("auto", "float32", "bfloat16", "float16", *PRECISION_DTYPES)
-
-_warned: set[str] = set()
 
 
 class PrecisionRefused(ValueError):
@@ -138,24 +126,6 @@ def _slow_bf16_note(facts: DeviceFacts) -> str:
             "twice the memory of bf16")
 
 
-def warn_once(plan: DtypePlan) -> DtypePlan:
-    """Log the plan's note, once per process; return the plan."""
-    if plan.note and plan.note not in _warned:
-        _warned.add(plan.note)
-        logger.warning(plan.note)
-    return plan
-
-
-def training_plan(precision: str, device: "str | torch.device | None" = None) -> DtypePlan:
-    """The plan for training with `precision` on `device` (default: the first GPU, else the CPU),
-    its note given once.
-
-    Raises:
-        PrecisionRefused: see `plan_dtypes`.
-    """
-    return warn_once(plan_dtypes(precision, device_facts(device)))
-
-
 def serving_dtype(requested: "str | torch.dtype | None", device: "str | torch.device | None" = None) -> str:
     """The dtype a loaded base computes in on `device`: `requested` when given (a torch dtype, its
     name, or fp32/bf16/fp16), else the policy's for `precision` auto.
@@ -173,13 +143,3 @@ def serving_dtype(requested: "str | torch.dtype | None", device: "str | torch.de
         raise ValueError(f"`dtype` must be a floating-point torch dtype such as {', '.join(SERVING_DTYPES[1:4])} "
                          f"(or fp32, bf16, fp16; None or auto: the device's default), got {requested!r}")
     return str(found).removeprefix("torch.")
-
-
-def keep_adapter_fp32(model: "torch.nn.Module") -> "torch.nn.Module":
-    """Hold every trainable parameter (the adapter) in fp32, whatever the base's dtype."""
-    import torch
-
-    for param in model.parameters():
-        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
-            param.data = param.data.float()
-    return model

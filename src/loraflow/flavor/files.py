@@ -1,11 +1,8 @@
 """Writing files and folders so that a reader sees all of them or none, and digests of files.
 
-Every write that must not leave half a result behind goes through `atomic_dir` or `atomic_file`:
-the content is written into a hidden temporary sibling of the target (same folder, so the same
-file system) and renamed into place only once it is complete. A crash, a full disk or a Ctrl-C
-leaves at most a stray `.tmp-*` entry, never a truncated file or a half-filled folder under the
-target's name. Used by the flavor (saved models, the digest cache, the built-in base's cache) and
-by the rest of loraflow (checkpoints, batch predictions, exports).
+`atomic_dir` and `atomic_file` write into a hidden temporary sibling of the target (the same file
+system) and rename it into place once complete: a crash leaves at most a stray `.tmp-*` entry, never
+half a result. The flavor and the rest of loraflow (checkpoints, predictions, exports) use them.
 """
 
 from __future__ import annotations
@@ -24,10 +21,8 @@ from pathlib import Path
 def atomic_dir(target: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder that becomes `target` when the block ends without error.
 
-    The folder gets the mode a plain `mkdir` gives (0777 less the umask), not `mkdtemp`'s 0700, so
-    another user (a serving account) can read what was written. When the block fails, the
-    temporary folder is removed, and so are the parent folders this call created (those still
-    empty): a failure leaves the file system as it found it.
+    Its mode is a plain `mkdir`'s (the umask's, so a serving account can read it); a failure removes
+    it and the parent folders this call created.
 
     Args:
         target: the folder to create.
@@ -64,9 +59,8 @@ def atomic_dir(target: str | os.PathLike, *, replace: bool = False) -> Iterator[
 
 @contextmanager
 def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path (in `target`'s folder) that replaces `target` when the block ends
-    without error. Write the content to the yielded path; nothing is written to `target` before.
-    The file gets the mode a plain `open` gives (0666 less the umask)."""
+    """Yield a temporary path (in `target`'s folder, the umask's mode) that replaces `target` when the
+    block ends without error."""
     import uuid
 
     target = Path(target)

@@ -1,26 +1,14 @@
 """Fingerprints: what proves that a loaded base and adapter are the ones a model was saved with.
 
-Base fingerprint (scheme `sha256-tensors`): `sha256` over the base model's normalised config and,
-for every base weight tensor in name order (tied tensors once), its name, dtype, shape and the
-sha256 of its bytes. It is computed from the in-memory model with peft's wrappers stripped, so
-`base_fingerprint(base) == base_fingerprint(get_peft_model(base))`, and each tensor's bytes are
-hashed on their own, in parallel threads. The adapter is checked by the sha256 of its files
-(`files.file_sha256`), so flipped bytes are caught even where safetensors would still parse them.
+Base fingerprint (scheme `sha256-tensors`): `sha256` over the base's normalised config and, for
+every base tensor in name order (tied ones once, peft's wrappers stripped), its name, dtype, shape
+and the sha256 of its bytes. The adapter is checked by the sha256 of its files.
 
-Verifying a base costs little time, because of two shortcuts kept here behind `start_stored_digests`
-and `start_base_fingerprint`:
-
-- safetensors stores a tensor's bytes exactly as a CPU tensor holds them, so the stored tensors are
-  hashed straight from the base's files, on the cores `from_pretrained` leaves free, while it loads
-  them; a loaded tensor whose name, dtype and shape match a stored one takes that digest. This
-  relies on `from_pretrained` keeping a safetensors tensor's bytes when it keeps its name, dtype and
-  shape. Should the result not match, every loaded tensor is hashed itself before a mismatch is
-  reported, so a good base is never refused for how its files store it.
-- the digest cache: a base outside the artifact (a Hub cache, a local directory, a built-in base)
-  is hashed once; its files' digests are kept under `$LORAFLOW_HOME/digests`, trusted while each
-  file's path, size, inode and modification and change times stay as they were (as Git's index
-  trusts them; `LORAFLOW_DISABLE=digest_cache` turns the cache off). It is as trustworthy as whoever can
-  write that folder. Why: hashing the base dominated a pyfunc load (benchmarks/RESULTS.md, load time).
+Two shortcuts keep verifying cheap (`LORAFLOW_DISABLE` names them; figures in docs/benchmarks.md):
+safetensors stores a tensor's bytes as a CPU tensor holds them, so the stored tensors are hashed
+from the files while `from_pretrained` loads them (`start_stored_digests`); and the digest cache
+keeps the digests of a base outside the artifact per file while the file is unchanged. Should the
+result not match, the loaded tensors themselves are hashed before a mismatch is reported.
 """
 
 from __future__ import annotations
@@ -93,8 +81,7 @@ def _base_tensors(model: "torch.nn.Module") -> dict[str, "torch.Tensor"]:
 
 def base_state_dict(model: "torch.nn.Module") -> dict[str, "torch.Tensor"]:
     """The base's tensors by original name (peft's wrappers stripped, tied ones once), each in the
-    dtype it was stored in: a tensor cast after loading (`convert_base`) is cast back, which is
-    exact for a cast up; one cast down is fingerprinted by the digest recorded before the cast."""
+    dtype it was stored in (a tensor cast down after loading keeps the digest recorded before)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     stored = getattr(base, STORED_DTYPES_ATTR, None) or {}
     tensors = {}
@@ -106,10 +93,8 @@ def base_state_dict(model: "torch.nn.Module") -> dict[str, "torch.Tensor"]:
 
 
 def remember_stored_dtypes(model: "torch.nn.Module", target: "torch.dtype") -> None:
-    """Record what the base's fingerprint needs before it is cast to `target`, the dtype it computes
-    in (`convert_base`): each tensor's dtype as stored (the first record holds), and for a
-    cast that loses bits (fp32 to bf16, bf16 to fp16) the digest of the stored bytes, which cannot
-    be cast back. A cast up (bf16 to fp32) is exact and is simply cast back when fingerprinting."""
+    """Record what the base's fingerprint needs before it is cast to `target`: each tensor's stored
+    dtype, and the digests of tensors whose cast loses bits (a cast up is undone exactly)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not getattr(base, STORED_DTYPES_ATTR, None):
         setattr(base, STORED_DTYPES_ATTR, {name: t.dtype for name, t in _base_tensors(base).items()})
@@ -123,11 +108,8 @@ def remember_stored_dtypes(model: "torch.nn.Module", target: "torch.dtype") -> N
 
 
 def convert_base(model: "torch.nn.Module", dtype: str) -> "torch.nn.Module":
-    """Cast the floating-point parameters of an unquantized base to `dtype` (the dtype it computes in,
-    `dtypes`), in place, after recording what its fingerprint needs of the stored weights
-    (`remember_stored_dtypes`). Buffers are left as they are (rotary frequencies stay fp32). A
-    quantized model is returned unchanged.
-    """
+    """Cast an unquantized base's floating-point parameters to `dtype` in place, after
+    `remember_stored_dtypes`; buffers (rotary frequencies) and a quantized model are left as they are."""
     import torch
 
     if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_loaded_in_4bit", False):
@@ -169,11 +151,7 @@ def _normalized_config(model: "PreTrainedModel") -> dict[str, Any]:
 
 
 def base_fingerprint(model: "torch.nn.Module") -> str:
-    """`sha256-tensors:<hex>` of the base model's config and weights; a PeftModel gives its base's.
-
-    Hashes the normalised config (volatile keys such as `_name_or_path` and `transformers_version`
-    dropped), then each base tensor's name, dtype, shape and the sha256 of its bytes, in name order.
-    """
+    """`sha256-tensors:<hex>` of the base model's config and weights; a PeftModel gives its base's."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return _fingerprint(_fingerprint_inputs(model), getattr(base, STORED_DIGESTS_ATTR, None))
 
@@ -189,8 +167,7 @@ def _tensor_header(name: str, dtype: Any, shape: Any) -> str:
 
 
 def _fingerprint_inputs(model: "torch.nn.Module") -> _FingerprintInputs:
-    """What a fingerprint hashes, taken from the model now: hashing it later (in another thread)
-    sees these tensors even if the model's modules are wrapped or moved meanwhile."""
+    """What a fingerprint hashes, taken now (another thread hashes it while the model changes)."""
     import torch
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -205,8 +182,7 @@ def _fingerprint_inputs(model: "torch.nn.Module") -> _FingerprintInputs:
 
 
 def _fingerprint(inputs: _FingerprintInputs, known: dict[str, bytes] | None = None) -> str:
-    """`sha256-tensors:<hex>` of `inputs`. `known`: tensor digests already computed, by
-    `name|dtype|shape` header; a tensor with a matching header is not hashed again."""
+    """`sha256-tensors:<hex>` of `inputs`; a tensor whose header is in `known` takes that digest."""
     known = known or {}
     hashed = _tensor_digests([(header, flat) for header, flat in inputs.tensors if header not in known])
     digest = hashlib.sha256(inputs.config)
@@ -237,15 +213,8 @@ def check_scheme(fingerprint: str) -> None:
 
 def stored_tensor_digests(files: list[Path], workers: int = 1, cache: bool = False) -> dict[str, bytes]:
     """sha256 of each tensor's bytes as stored in these safetensors files, by the `name|dtype|shape`
-    header a loaded tensor with those bytes has in a `sha256-tensors` fingerprint.
-
-    safetensors stores each tensor's bytes contiguously, little-endian, exactly as a CPU tensor holds
-    them, so these digests are those of the loaded tensors whenever loading keeps the name, dtype,
-    shape and values. Hashing them from the file can therefore start before the model is loaded.
-    Tensors of a dtype not in `SAFETENSORS_DTYPES`, and names stored more than once, are left out.
-    With `cache`, a file's digests come from the digest cache while the file is unchanged
-    (`_cached_file_digests`), and are recorded there once hashed.
-    """
+    header a loaded tensor with those bytes has. Dtypes not in `SAFETENSORS_DTYPES` and names stored
+    twice are left out. With `cache`, through the digest cache."""
     per_file = [_file_digests(file, workers, cache) for file in files]
     counts = Counter(name for digests in per_file for name in digests)
     return {header: digest for digests in per_file for name, (header, digest) in digests.items() if counts[name] == 1}
@@ -272,13 +241,9 @@ def _file_digests(file: Path, workers: int, cache: bool) -> dict[str, tuple[str,
     return result
 
 
-# The digest cache: the stored-tensor digests of base weight files that live outside a model
-# artifact (a Hub cache, a local directory, a built-in base), so that loading such a model again does
-# not hash its whole base again. Like Git's index, an entry holds only while the file's path, size,
-# inode and modification and change times are those it had when it was hashed (the change time
-# cannot be set back by `touch`); an entry for a file modified within `_RACY_NS` of being hashed is
-# never written, as a change in the same clock tick would not show. Whatever the cache says, a
-# fingerprint that does not match is rechecked on the loaded tensors themselves (`_start_base_fingerprint`).
+# The digest cache (`$LORAFLOW_HOME/digests`): like Git's index, an entry holds while the file's path,
+# size, inode, modification and change times are unchanged; a file modified within `_RACY_NS` of
+# being hashed is not recorded. It is as trustworthy as whoever can write that folder.
 _RACY_NS = 2_000_000_000
 
 
@@ -328,11 +293,7 @@ def _record_file_digests(file: Path, identity: dict[str, Any], started_ns: int,
 
 
 def _prune_digest_cache(directory: Path) -> None:
-    """Drop the entries of files that are gone (a deleted Hub snapshot, a moved checkpoint).
-
-    Run only when an entry is recorded, which is a cache miss: a hit never scans the cache. A file
-    that changed keeps its entry's key, so its next record replaces that entry.
-    """
+    """Drop the entries of files that are gone (run on a cache miss only)."""
     for entry in directory.glob("*.json"):
         try:
             gone = not Path(json.loads(entry.read_text())["identity"]["path"]).exists()
@@ -350,11 +311,10 @@ def _base_weight_files(path: Path, base: dict[str, Any]) -> list[Path]:
 
 
 def start_stored_digests(path: Path, base: dict[str, Any]) -> "Future[dict[str, bytes]]":
-    """Hash the base's stored tensors in the background while `from_pretrained` loads them, on all
-    cores but the one loading (or take them from the digest cache, for a base outside the artifact).
-    Only a shortcut: whatever fails here, the loaded tensors are hashed."""
-    # Here, not in the background: a `builtin:*` base is built on first use, once; and finding the
-    # files imports from transformers, whose lazy imports are not safe beside the load's own.
+    """Hash the base's stored tensors in the background while `from_pretrained` loads them (or take
+    them from the digest cache). Only a shortcut: whatever fails here, the loaded tensors are hashed."""
+    # not in the background: a built-in base is built here once, and transformers' lazy imports
+    # are not thread-safe beside the load's own
     try:
         files = _base_weight_files(path, base)
     except Exception as e:  # the load itself reports a base it cannot find
@@ -381,8 +341,7 @@ def in_background(work: Callable[[], Any]) -> Future:
         pool.shutdown(wait=False)  # the submitted work still runs to the end
 
 
-# Files are hashed through a small buffer, not mapped: the pages of a mapped file count in the
-# process's resident memory until it is unmapped (a whole base's size at save: benchmarks/bench_qlora.py).
+# Hashed through a buffer, not mapped: mapped pages stay resident (benchmarks/bench_qlora.py).
 _READ_CHUNK = 4 << 20
 
 
@@ -409,15 +368,9 @@ def _range_sha256(file: Path, start: int, end: int) -> bytes:
 def start_base_fingerprint(
     model: "PreTrainedModel", expected: str, stored: "Future[dict[str, bytes]] | None" = None
 ) -> "Future[str]":
-    """Capture the base's tensors now (before the adapter wraps its modules) and fingerprint them in
-    a background thread.
-
-    `stored`: digests of the tensors as stored in the base's files (`start_stored_digests`); a
-    loaded tensor with the same name, dtype and shape takes its digest from there, which relies on
-    `from_pretrained` keeping a safetensors tensor's bytes when it keeps its name, dtype and shape
-    (converting loaders rename, reshape or recast). Should the result not match, every loaded tensor
-    is hashed itself before a mismatch is reported, so a good base is never refused for its files.
-    """
+    """Capture the base's tensors now (before the adapter wraps them) and fingerprint them in the
+    background; a tensor matching a `stored` digest's header takes it, and a mismatch is rechecked
+    on the loaded tensors themselves, so a good base is never refused for how its files store it."""
     inputs = _fingerprint_inputs(model)
 
     def run() -> str:
@@ -428,10 +381,8 @@ def start_base_fingerprint(
     return in_background(run)
 
 
-# A quantized base (QLoRA) holds packed weights in memory, not the weights it was made from, so its
-# fingerprint is that of its files, which a quantized load and an unquantized one read alike: the
-# config without `quantization_config`, and every tensor as stored, in name order. For a base that
-# loads its files' bytes unchanged (most do), this is the fingerprint of the unquantized base itself.
+# A quantized base holds packed weights, so its fingerprint is its files': the config without
+# `quantization_config` and every tensor as stored (for most bases, the unquantized base's fingerprint).
 
 
 def _stored_fingerprint(config: bytes, digests: dict[str, bytes]) -> str:
@@ -449,7 +400,7 @@ def _unquantized_config(model: "torch.nn.Module") -> bytes:
 
 
 def quantized_base_fingerprint(model: "torch.nn.Module", base: dict[str, Any]) -> str:
-    """The fingerprint of a quantized base (see above), from the files its `base` section names.
+    """The fingerprint of a quantized base, from the files its `base` section names.
 
     Raises:
         MlflowException: the base's safetensors files are not on this machine.

@@ -1,27 +1,19 @@
 """Generating text for many prompts at once: what the pyfunc model's `predict` runs.
 
-`generate` tokenizes every prompt once, checks that it fits the model's context, sorts the
-prompts by length and generates `batch_size` of them together, left-padded. Every token comes from
-`model.generate`, with its logits processors and sampling. Two things keep a batch from computing
-much more than its prompts and answers need:
+`generate` tokenizes every prompt once, checks that it fits the model's context, sorts the prompts
+by length and generates `batch_size` of them together, left-padded; every token comes from
+`model.generate`. Three tricks keep a batch from computing more than its prompts and answers need
+(each can be turned off, `switches`; figures in benchmarks/bench_infer.py):
 
-- **Ragged prefill.** Padding a batch's prompts to its longest one costs real compute: a forward
-  pass over a padded position costs as much as over a real one. So the prompts (all but their last
-  token) are first run through the model `PREFILL_ROWS` at a time, each group padded only to its own
-  longest prompt, and their keys and values are placed, left-padded, into the batch's KV cache.
-  `generate` then continues from that cache with the last prompt token.
-- **Compaction.** Rows whose answer has ended keep being computed until the batch's longest answer
-  ends. So generation stops whenever a quarter of the live rows have finished (`COMPACT_FRACTION`);
-  the finished rows leave the batch and its cache (`Cache.reorder_cache`), and `generate` continues
-  with the rest, from the cache.
+- **ragged prefill**: the prompts (all but their last token) run `PREFILL_ROWS` at a time, each
+  group padded only to its own longest, into the batch's KV cache;
+- **compaction**: once `COMPACT_FRACTION` of the live rows have finished, they leave the batch and
+  its cache, and the rest continue from the cache;
+- **static cache**: on CPU, a preallocated KV cache (`_static_cache_pays`).
 
-Both only regroup work that one `generate` call per batch does: the tokens depend on the model,
-the prompts and the settings, and not on these steps (up to float rounding, as with any batching).
-They apply to models whose KV cache is plain full attention (not sliding-window or linear-attention
-layers). Compaction also needs an EOS token and a generation config with nothing that counts from
-where a `generate` call starts (`_COUNTED_FROM_CALL_START`). Other models are generated in one
-`generate` call per batch. On CPU the cache is preallocated (`_static_cache_pays`). Each of the three
-can be turned off (`ragged_prefill`, `compaction`, `static_cache`: `loraflow.flavor.switches`).
+They regroup the work only: the tokens are those of one `generate` call per batch (up to float
+rounding). Models whose cache is not plain full attention, or whose generation config counts from
+a call's start (`_COUNTED_FROM_CALL_START`), are generated in one call per batch.
 """
 
 from __future__ import annotations
@@ -51,13 +43,11 @@ GENERATION_DEFAULTS: dict[str, Any] = {
     "repetition_penalty": 1.0,
     "seed": 0,
 }
-# Prompts per prefill forward pass: enough tokens for efficient matmuls, few enough that a group's
-# prompts have similar lengths (they are sorted) and little padding.
+# Prompts per prefill forward pass: enough for efficient matmuls, few enough for little padding.
 PREFILL_ROWS = 8
 # Compact a batch once this fraction of its live rows has finished.
 COMPACT_FRACTION = 0.25
-# Generation-config settings that count from the start of a `generate` call rather than from the
-# prompt: with any of them set, a batch is not compacted (a second call would count anew).
+# Generation-config settings that count from a `generate` call's start: with one set, no compaction.
 _COUNTED_FROM_CALL_START = ("min_new_tokens", "max_time", "stop_strings", "begin_suppress_tokens",
                             "exponential_decay_length_penalty")
 
@@ -134,16 +124,14 @@ def generate(
     add_special_tokens: bool = True,
     **params: Any,
 ) -> list[Generated]:
-    """Generate a continuation for each prompt, in input order (see the module docstring): its text
-    (without the prompt, up to the first EOS), its token counts and whether it stopped by itself.
-
-    `params` are generation settings (`GENERATION_DEFAULTS` keys).
+    """Generate a continuation for each prompt, in input order: its text (without the prompt, up to
+    the first EOS), its token counts and whether it stopped by itself.
 
     Args:
+        params: generation settings (`GENERATION_DEFAULTS` keys).
         stop_token_ids: tokens that end a generation besides the model's EOS (a chat template's
             end-of-turn token).
-        add_special_tokens: tokenize prompts with the tokenizer's special tokens (BOS); False
-            for prompts a chat template rendered, which writes them itself.
+        add_special_tokens: False for prompts a chat template rendered (it writes BOS itself).
 
     Raises:
         MlflowException: (INVALID_PARAMETER_VALUE) an invalid param, an empty prompt or one that
@@ -319,8 +307,8 @@ def _groups(rows: list[list[int]]) -> list[list[list[int]]]:
 
 def _prefill(model: "torch.nn.Module", cache: "Cache", rows: list[list[int]], pad_token_id: int,
              device: "torch.device") -> None:
-    """Put the keys and values of every row's prompt but its last token into `cache`, left-padded
-    to the longest, computing them `PREFILL_ROWS` rows at a time, each group padded to its own longest."""
+    """Put the keys and values of every row's prompt but its last token into `cache`, left-padded,
+    computed `PREFILL_ROWS` rows at a time."""
     width = max(map(len, rows)) - 1
     blocks: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer: the batch's keys and values
     logits = _last_logits_only(model)
@@ -344,8 +332,7 @@ def _prefill(model: "torch.nn.Module", cache: "Cache", rows: list[list[int]], pa
 
 
 def _last_logits_only(model: "torch.nn.Module") -> dict[str, int]:
-    """Prefill needs no logits at all; where the model can, compute them for one position only
-    (a full vocabulary row per prompt token is large)."""
+    """Prefill needs no logits: where the model can, compute them for one position only."""
     import inspect
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -380,8 +367,7 @@ def _seeded(seed: int | None, device: "torch.device") -> Iterator[None]:
 
 
 def _new_cache(model: "torch.nn.Module", device: "torch.device", length: int) -> "Cache":
-    """A fresh KV cache for one batch (never shared between requests): static (preallocated for
-    `length` positions) where `_static_cache_pays`, else dynamic."""
+    """A fresh KV cache for one batch: static (`length` positions) where `_static_cache_pays`, else dynamic."""
     from transformers import DynamicCache, StaticCache
 
     config = model.config.get_text_config(decoder=True)
@@ -398,11 +384,7 @@ def _plain_attention(cache: "Cache") -> bool:
 
 
 def _static_cache_pays(model: "torch.nn.Module", device: "torch.device") -> bool:
-    """Generate with a preallocated (static) KV cache: on CPU, for models that support one.
-
-    The default dynamic cache concatenates every layer's keys and values at every new token (a
-    visible share of CPU generation time: benchmarks/bench_infer.py); a static cache writes in
-    place, and gives the same tokens. Not on GPUs: there transformers compiles the model whenever the cache is static.
-    """
+    """Generate with a static KV cache: on CPU (a dynamic one concatenates at every token), for models
+    that support one; not on GPUs, where transformers compiles the model for a static cache."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return device.type == "cpu" and enabled("static_cache") and bool(getattr(base, "_can_compile_fullgraph", False))

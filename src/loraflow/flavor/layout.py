@@ -4,17 +4,12 @@ A saved model (no pickle anywhere: safetensors, JSON and YAML only)::
 
     MLmodel            flavors: loraflow (the flavor configuration) and python_function
     adapter/           peft `save_pretrained`: adapter_config.json + adapter_model.safetensors
-                       (LoRA A/B and any modules_to_save weights)
     tokenizer/         the tokenizer's `save_pretrained`
-    base/              embedded mode only: the base model's config.json, generation_config.json
-                       and *.safetensors, copied from its local directory
-    code/loraflow/     the `loraflow.flavor` package (and, for a referenced built-in base, the
-                       recipe that rebuilds it): the code that wrote the model loads it
+    base/              embedded mode only: the base model's config, weights and any code
+    code/loraflow/     the code that loads and serves it (`save.SHIPPED`)
 
-Also the small rules every module of the flavor shares: how a bad argument is raised, how much of a
-value an error message quotes (`short`), how an environment variable or string is read as a boolean,
-the `builtin:` prefix and the seed bound. Light on purpose (MLflow is imported inside functions): the
-rest of loraflow uses these too, so each rule is written once.
+Also the small rules every module shares (how a bad argument is raised, `short`, `parse_bool`),
+written once for the rest of loraflow too; light on purpose (MLflow is imported inside functions).
 """
 
 from __future__ import annotations
@@ -34,6 +29,7 @@ TOKENIZER_SUBPATH = "tokenizer"
 BASE_SUBPATH = "base"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
+BASE_ARTIFACT = "base"  # a logged base's artifact path in its run (`stored_base`)
 
 # Set to 1 to allow loading models whose base runs its own code (see `loraflow.flavor.load`).
 TRUST_REMOTE_CODE_ENV = "LORAFLOW_TRUST_REMOTE_CODE"
@@ -64,10 +60,8 @@ def short(value: Any, limit: int = MAX_ECHO, *, quote: bool = True) -> str:
 
 
 def parse_bool(value: Any) -> bool | None:
-    """`True`/`False` for a bool or a boolean word (true/false, 1/0, yes/no, y/n, on/off), else None.
-
-    The one reading of booleans in loraflow: settings, environment variables and flags all use it.
-    """
+    """`True`/`False` for a bool or a boolean word (true/false, 1/0, yes/no, y/n, on/off), else None:
+    the one reading of booleans in loraflow."""
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -90,9 +84,8 @@ def cache_root() -> Path:
 
 
 def read_flavor_conf(path: Path) -> dict[str, Any]:
-    """The loraflow flavor configuration of the model saved at `path`.
-
-    Read as `mlflow.models.Model.load` does, with libyaml's parser where PyYAML has it (10x faster).
+    """The loraflow flavor configuration of the model saved at `path` (with libyaml's parser where
+    PyYAML has it).
 
     Raises:
         MlflowException: no MLmodel, no loraflow flavor, or a flavor version newer than this code.

@@ -1,22 +1,15 @@
 """Loading a saved loraflow model as a `PeftModel`: the base, the adapter and the tokenizer, each checked.
 
-The order, and why: the flavor configuration is read and the remote-code gate passed before any
-code can run; the adapter's files are hashed and the base's stored tensors digested in the
-background while the base loads (`fingerprint`); the loaded base's tensors are captured before the
-adapter wraps them and fingerprinted meanwhile; nothing is returned before both match what was
-recorded at save time. A mismatch raises an `MlflowException` naming both fingerprints, instead of
-silently producing different outputs.
+The flavor configuration is read and the remote-code gate passed before any code can run. The
+adapter's files and the base's stored tensors are hashed while the base loads (`fingerprint`), and
+nothing is returned before both match what was recorded: a mismatch raises an `MlflowException`
+naming both fingerprints instead of silently changing outputs.
 
-Remote code (`trust_remote_code`): a base model whose config has an `auto_map` runs Python code
-shipped with it. Whether the model was trained with that permission is recorded as
-`base.trust_remote_code`, and an embedded base carries its `*.py` files. The record is *not* a
-permission: a model artifact is data, and data must not be able to grant itself code execution on
-the machine that loads it. So loading always re-states permission: `load_model(...,
-trust_remote_code=True)`, or the environment variable `LORAFLOW_TRUST_REMOTE_CODE=1` (the only way
-for `mlflow.pyfunc.load_model` and `mlflow models serve`, whose loaders take no such argument).
-Without it, a model recorded with `trust_remote_code: true` is refused before anything is loaded,
-with a message saying how to allow it; a model recorded without it is always loaded with
-`trust_remote_code=False`, so a tampered artifact (an `auto_map` added to its base) is refused too.
+Remote code: a base whose config has an `auto_map` runs Python code shipped with it. A model records
+`base.trust_remote_code`, but a model artifact is data and cannot grant itself code execution: the
+loader must allow it again (`load_model(..., trust_remote_code=True)`, or `LORAFLOW_TRUST_REMOTE_CODE=1`
+for `mlflow.pyfunc.load_model` and `mlflow models serve`). A model recorded without it always loads
+with `trust_remote_code=False`, so a tampered artifact is refused too.
 """
 
 from __future__ import annotations
@@ -31,12 +24,19 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_
 from loraflow.flavor import fingerprint
 from loraflow.flavor.bases import NeedsRemoteCode, load_base_model, load_tokenizer, peft_wrapping
 from loraflow.flavor.dtypes import serving_dtype
-from loraflow.flavor.files import file_sha256
-from loraflow.flavor.layout import ADAPTER_WEIGHTS_FILE, TRUST_REMOTE_CODE_ENV, env_flag, invalid, read_flavor_conf
+from loraflow.flavor.files import atomic_dir, file_sha256
+from loraflow.flavor.layout import (
+    ADAPTER_WEIGHTS_FILE,
+    BASE_ARTIFACT,
+    TRUST_REMOTE_CODE_ENV,
+    cache_root,
+    env_flag,
+    invalid,
+    read_flavor_conf,
+)
 from loraflow.flavor.mlflow_private import _add_code_from_conf_to_system_path, _download_artifact_from_uri
-from loraflow.flavor.quantization import dequantizing, keep_trainable_layout, prepare_for_training
+from loraflow.flavor.quantization import dequantizing, keep_trainable_layout
 from loraflow.flavor.quantization import load_kwargs as quantization_load_kwargs
-from loraflow.flavor.stored_base import localized
 
 if TYPE_CHECKING:
     import torch
@@ -101,11 +101,8 @@ def _remote_code_allowed(path: Path, base: dict[str, Any], trust_remote_code: bo
 
 def _load_base(path: Path, base: dict[str, Any], trust_remote_code: bool = False,
                quantization: dict[str, Any] | None = None, device: Any = None) -> tuple["PreTrainedModel", str]:
-    """Load the base in the recorded dtype (quantized as `quantization` says, on `device`); return it
-    and where it came from (for messages).
-
-    Its fingerprint is not checked here: see `fingerprint.check_base`.
-    """
+    """Load the base as stored (quantized as `quantization` says, on `device`); return it and where
+    it came from (for messages). Its fingerprint is checked by the caller."""
     if base["mode"] == "embedded":
         source, revision = str(path / base["path"]), None
     else:
@@ -172,9 +169,6 @@ def load_local(
     fingerprint.check_scheme(conf["base"]["fingerprint"])
     conf = {**conf, "base": localized(conf["base"])}  # a logged base: its local copy, downloaded once
     adapter_dir = path / conf["adapter"]
-    # Verification runs beside the load: the adapter's files and the base's stored tensors are
-    # hashed while the base loads; the loaded tensors are captured before the adapter touches them
-    # and fingerprinted meanwhile. Nothing is returned before both match.
     adapter_files = _adapter_files(adapter_dir, conf)
     adapter_checked = fingerprint.in_background(lambda: _verify_adapter_files(adapter_files))
     stored = fingerprint.start_stored_digests(path, conf["base"])
@@ -242,6 +236,8 @@ def _for_use(base: "PreTrainedModel", record: dict[str, Any] | None, is_trainabl
         with dequantizing():
             base = base.dequantize(dtype=torch.float32)
     elif record and is_trainable:
+        from loraflow.flavor.trainable import prepare_for_training  # training's: never a pyfunc load's
+
         base = prepare_for_training(base)
     elif record:
         keep_trainable_layout(base)  # computes as in training (see there)
@@ -255,6 +251,45 @@ def _on_device(model: "torch.nn.Module", device: "torch.device") -> bool:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return all(t.device == device for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def localized(base: dict[str, Any]) -> dict[str, Any]:
+    """The `base` record of a model with a logged base, pointing at a local copy of it (downloaded
+    once per machine); other records unchanged.
+
+    Raises:
+        MlflowException: the base cannot be downloaded from either recorded location.
+    """
+    if base.get("mode") != "logged":
+        return base
+    target = cache_root() / "bases" / str(base["fingerprint"]).split(":")[-1]
+    if not (target / BASE_ARTIFACT).is_dir():
+        _download(base, target)
+    return {**base, "kind": "local", "name": str(target / BASE_ARTIFACT), "revision": None}
+
+
+def _download(base: dict[str, Any], target: Path) -> None:
+    from mlflow.artifacts import download_artifacts
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+    errors = []
+    for uri in dict.fromkeys((base["uri"], base.get("artifact_uri"))):
+        if not uri:
+            continue
+        try:
+            with atomic_dir(target) as tmp:  # both URIs end in BASE_ARTIFACT: it lands in tmp/BASE_ARTIFACT
+                download_artifacts(artifact_uri=uri, dst_path=str(tmp))
+            return
+        except FileExistsError:  # another process downloaded it meanwhile
+            return
+        except Exception as e:
+            errors.append(f"{uri}: {' '.join(str(e).split())}")  # one line, whatever MLflow wrote
+    raise MlflowException(
+        f"the model's base is logged at {base['uri']} and could not be downloaded: point MLFLOW_TRACKING_URI at "
+        "the tracking server the model was logged to, or re-log the model with base_mode='embedded' "
+        f"(fingerprint {base['fingerprint']}; {'; '.join(errors)})",  # the fix first: a command cuts long messages
+        RESOURCE_DOES_NOT_EXIST,  # the user's to fix: a command reports it as such, not as a bug
+    )
 
 
 def load_model(

@@ -1,42 +1,31 @@
 """The python_function model: what `mlflow.pyfunc.load_model(...).predict` and `mlflow models serve` run.
 
-A completion model's `predict` takes a DataFrame with a `prompt` column (or a list of strings, a
-string) and params (`max_new_tokens`, `temperature`, `top_p`, `do_sample`, `repetition_penalty`,
-`seed`), and returns a DataFrame with a `text` column: the continuation only, one row per row in.
-OpenAI's completions body `{"prompt": ..., "max_tokens": N}` gets a `text_completion` object. A chat model (`task: chat`) takes OpenAI's
-chat body `{"messages": [...], "max_tokens": N, ...}` (or a list of them) and returns
-`chat.completion` objects (`loraflow.flavor.chat`). Settings of the served model itself
-are its `model_config` (`PYFUNC_DEFAULTS`; override with `mlflow.pyfunc.load_model(uri,
-model_config={...})`), checked by `pyfunc_config` at save time and at load time alike.
+A completion model takes prompts (a `prompt` column, a list of strings, a string) and generation
+params, and answers a `text` column, one row per row in; OpenAI's completions body gets a
+`text_completion` object. A chat model (`task: chat`) takes OpenAI chat bodies and answers
+`chat.completion` objects (`chat`). The served model's own settings are its `model_config`
+(`PYFUNC_DEFAULTS`), checked at save and at load.
 """
 
 from __future__ import annotations
 
 import numbers
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
+from typing import Any
 
 from loraflow.flavor.dtypes import SERVING_DTYPES
 from loraflow.flavor.layout import invalid, short
 from loraflow.flavor.load import LoadedModel, device_problem, load_local
 from loraflow.flavor.mlflow_private import _MLFLOW_IS_IN_SERVING_ENVIRONMENT
 
-if TYPE_CHECKING:
-    import pandas as pd
-    from mlflow.models import ModelSignature
-
 PYFUNC_DEFAULTS: dict[str, Any] = {
     "batch_size": 32,  # prompts generated together (sorted by length; see `loraflow.flavor.generation`)
     "max_new_tokens_cap": 4096,  # larger requests are refused rather than tying up a server
-    # Served requests only (`mlflow models serve`): MLflow's scoring server (uvicorn) has no body
-    # size limit and keeps computing after its timeout answers 504, so the model refuses oversized
-    # requests with a 400 before tokenizing. In-process predict (batch-predict) is not limited.
+    # Served requests only: MLflow's server has no body limit and computes on after its timeout's 504.
     "max_request_prompts": 256,
     "max_request_chars": 1_000_000,
     "device": None,  # None: CUDA when available, else CPU
-    # The dtype the base computes in. None: the device's (`loraflow.flavor.dtypes`: fp32 on a CPU,
-    # bf16 on a GPU that has it, else fp16), whatever dtype the base was saved in.
+    # The dtype the base computes in. None: the device's (`dtypes`).
     "dtype": None,
 }
 
@@ -44,9 +33,8 @@ PYFUNC_DEFAULTS: dict[str, Any] = {
 # OpenAI's completions body, `{"prompt": ..., "max_tokens": N}`: its generation keys, by their OpenAI names.
 OPENAI_COMPLETION_KEYS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p",
                           "seed": "seed"}
-# OpenAI completions parameters loraflow does not implement, with the value that means "unused". They
-# are in the params schema because MLflow's server drops a param it does not know (with only a warning
-# in its log): declared, they reach `predict`, which refuses any other value by name.
+# OpenAI completions parameters loraflow does not implement, with the value that means "unused":
+# declared in the params schema (MLflow's server drops unknown ones) so `predict` can refuse them.
 OPENAI_UNSUPPORTED = {"n": ("long", 1), "best_of": ("long", 1), "echo": ("boolean", False),
                       "stream": ("boolean", False), "logprobs": ("long", None), "suffix": ("string", None),
                       "stop": ("string", None), "presence_penalty": ("double", 0), "frequency_penalty": ("double", 0),
@@ -83,11 +71,8 @@ def _prompts_and_params(data: Any, params: dict[str, Any] | None) -> tuple[list[
 
 
 def _prompts_from_input(data: Any) -> list[str]:
-    """Accept a DataFrame with a `prompt` column, a list of strings, or a single string: one prompt per row.
-
-    Rows in equal rows out: a row holding several prompts (a list in a cell, a nested list) is refused
-    rather than answered with more rows, or fewer.
-    """
+    """One prompt per row of a DataFrame with a `prompt` column, a list of strings, or a string (a
+    row holding several prompts is refused: rows in equal rows out)."""
     import numpy as np
     import pandas as pd
 
@@ -211,14 +196,8 @@ MAX_ERROR_BYTES = 3000  # an error message's size in a served response, as JSON
 
 
 def cap_served_errors() -> None:
-    """Keep the error bodies of MLflow's scoring server short, when it is the process loading the model.
-
-    The server words a failed request `Failed to predict data '<the whole request>'. Error: ...`, and
-    a body that is not JSON `... Input: <the whole body>`: a 2 MB prompt got a 2 MB 400. Its
-    `/invocations` route calls the module's `invocations` on every request; wrapped, an error keeps
-    its start and its end (where MLflow puts the reason) within `MAX_ERROR_BYTES`, naming what was
-    left out. Installed once; a process without MLflow's server is left alone.
-    """
+    """Keep the error bodies of MLflow's scoring server short (it quotes the whole request): its
+    `invocations` is wrapped once so an error keeps its start and end within `MAX_ERROR_BYTES`."""
     import functools
     import sys
 
@@ -293,89 +272,3 @@ def load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> Lorafl
     loaded = load_local(Path(path), device=device, dtype=config["dtype"], conf=conf)
     cap_served_errors()
     return LoraflowPyfunc(loaded, config, conf)
-
-
-# ---------------------------------------------------------------------------------------------
-# What a request looks like: the signatures and input examples saved with a model.
-
-
-def validated_generation_defaults(
-    overrides: dict[str, Any] | None, max_new_tokens_cap: int = PYFUNC_DEFAULTS["max_new_tokens_cap"]
-) -> dict[str, Any]:
-    from loraflow.flavor.generation import GENERATION_DEFAULTS, generation_settings
-
-    overrides = dict(overrides or {})
-    unknown = [k for k in overrides if k not in GENERATION_DEFAULTS]
-    if unknown:
-        raise invalid(
-            f"`generation_defaults` has unknown keys {unknown}; known: {sorted(GENERATION_DEFAULTS)}"
-        )
-    defaults = {**GENERATION_DEFAULTS, **overrides}
-    generation_settings(defaults, max_new_tokens_cap=max_new_tokens_cap)
-    return defaults
-
-
-def default_signature(
-    generation_defaults: dict[str, Any] | None = None, max_new_tokens_cap: int = PYFUNC_DEFAULTS["max_new_tokens_cap"]
-) -> "ModelSignature":
-    """No input schema; output `text` (string); and a params schema for generation.
-
-    Without a params schema MLflow silently drops the params of a request. The input schema is left
-    out on purpose: MLflow's enforcement of one would keep only a frame's first column (a nested
-    prompt list `[["a", "b"]]` would lose "b", a completions body its unknown keys) and quote the
-    whole request in its errors. `predict` checks every input itself: a `prompt` column, a list of
-    strings, a string, or OpenAI's completions body, which then arrives as the dict it is.
-    """
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-
-    d = validated_generation_defaults(generation_defaults, max_new_tokens_cap)
-    return ModelSignature(
-        inputs=None,
-        outputs=Schema([ColSpec("string", "text")]),
-        params=ParamSchema([
-            ParamSpec("max_new_tokens", "long", int(d["max_new_tokens"])),
-            ParamSpec("temperature", "double", float(d["temperature"])),
-            ParamSpec("top_p", "double", float(d["top_p"])),
-            ParamSpec("do_sample", "boolean", bool(d["do_sample"])),
-            ParamSpec("repetition_penalty", "double", float(d["repetition_penalty"])),
-            ParamSpec("seed", "long", int(d["seed"])),
-            # OpenAI's name for max_new_tokens: without a spec MLflow's server drops it unseen
-            ParamSpec("max_tokens", "long", None),
-            *(ParamSpec(name, dtype, None) for name, (dtype, _) in OPENAI_UNSUPPORTED.items()),
-        ]),
-    )
-
-
-def chat_signature() -> "ModelSignature":
-    """A chat model's signature: MLflow's chat schema (`mlflow.types.llm`), plus `seed`.
-
-    `messages` in and an OpenAI `chat.completion` object out; the generation settings travel in
-    the request itself (`max_tokens`, `temperature`, `top_p`, `stop`, `seed`), as OpenAI sends them.
-    OpenAI's other keys are params (`chat.OPENAI_PARAMS`), so that a request using one is refused.
-    """
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-    from mlflow.types.llm import CHAT_MODEL_INPUT_SCHEMA, CHAT_MODEL_OUTPUT_SCHEMA
-
-    from loraflow.flavor.chat import OPENAI_PARAMS
-
-    inputs = Schema([*CHAT_MODEL_INPUT_SCHEMA.inputs, ColSpec("long", "seed", required=False)])
-    params = ParamSchema([ParamSpec(name, dtype, None) for name, dtype in OPENAI_PARAMS.items()]
-                         # loraflow's own: answer a list of reply texts, one per row (batch-predict, Spark)
-                         + [ParamSpec("content_only", "boolean", False)])
-    return ModelSignature(inputs=inputs, outputs=CHAT_MODEL_OUTPUT_SCHEMA, params=params)
-
-
-def chat_input_example() -> dict[str, Any]:
-    """A small chat request; short `max_tokens` keeps MLflow's log-time validation quick."""
-    return {"messages": [{"role": "user", "content": "What is LoRA?"}], "max_tokens": 8}
-
-
-def default_input_example() -> tuple[list[str], dict[str, Any]]:
-    """A small example request; short `max_new_tokens` keeps MLflow's log-time validation quick.
-
-    A list of prompts rather than a DataFrame: `mlflow.pyfunc.load_model` reads the example on
-    every load, and pandas' JSON reader makes a DataFrame example the slower one to read.
-    """
-    return ["Question: What is LoRA?\nAnswer:"], {"max_new_tokens": 8}

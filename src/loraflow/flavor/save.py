@@ -49,17 +49,16 @@ from loraflow.flavor.mlflow_private import (
     _validate_and_copy_code_paths,
     _validate_env_arguments,
 )
-from loraflow.flavor.pyfunc import (
-    PYFUNC_DEFAULTS,
-    validated_generation_defaults,
+from loraflow.flavor.pyfunc import PYFUNC_DEFAULTS, pyfunc_config
+from loraflow.flavor.signatures import (
     chat_input_example,
     chat_signature,
     default_input_example,
     default_signature,
-    pyfunc_config,
+    validated_generation_defaults,
 )
-from loraflow.flavor.quantization import record_of
 from loraflow.flavor.stored_base import check_base_files, log_base, write_base
+from loraflow.flavor.trainable import record_of
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -68,6 +67,28 @@ if TYPE_CHECKING:
 BaseMode = Literal["auto", "embedded", "logged", "reference"]
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # src/loraflow
+
+# What every saved model ships under `code/loraflow/`: the modules `mlflow.pyfunc.load_model`,
+# `predict` and `mlflow models serve` import, and nothing else (tests/test_structure.py keeps the list
+# closed). No `loraflow/__init__.py`: where loraflow is installed, its regular package wins over this
+# namespace portion and the installed flavor loads the model; elsewhere these files are the package.
+SHIPPED = (
+    "flavor/__init__.py",
+    "flavor/bases.py",
+    "flavor/chat.py",
+    "flavor/dtypes.py",
+    "flavor/files.py",
+    "flavor/fingerprint.py",
+    "flavor/generation.py",
+    "flavor/layout.py",
+    "flavor/load.py",
+    "flavor/mlflow_private.py",
+    "flavor/pyfunc.py",
+    "flavor/quantization.py",
+    "flavor/switches.py",
+)
+# ...and, for a referenced built-in base, the recipe that rebuilds it and what the recipe reads.
+SHIPPED_FOR_BUILTIN = ("builtin.py", "resources/corpus.txt")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,20 +193,12 @@ def _base_section(peft_model: "PeftModel", base_model: str, base_mode: str, trus
 
 
 def _stage_code(staging: Path, builtin_reference: bool) -> str:
-    """Copy the code a loaded model runs into `staging/loraflow`; return that folder (for `code_paths`).
-
-    That code is the package root (which imports nothing eagerly) and the whole `loraflow.flavor`
-    package; for a referenced built-in base also the recipe that rebuilds it (`loraflow.builtin`
-    and its resources). Nothing else of loraflow (training, tracking, caches) is shipped.
-    """
+    """Copy the code a loaded model runs (`SHIPPED`, and `SHIPPED_FOR_BUILTIN` for a referenced
+    built-in base) into `staging/loraflow`; return that folder (for `code_paths`)."""
     package = staging / "loraflow"
-    package.mkdir(parents=True)
-    shutil.copy2(PACKAGE_ROOT / "__init__.py", package / "__init__.py")
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    shutil.copytree(PACKAGE_ROOT / "flavor", package / "flavor", ignore=ignore)
-    if builtin_reference:
-        shutil.copy2(PACKAGE_ROOT / "builtin.py", package / "builtin.py")
-        shutil.copytree(PACKAGE_ROOT / "resources", package / "resources", ignore=ignore)
+    for name in (*SHIPPED, *(SHIPPED_FOR_BUILTIN if builtin_reference else ())):
+        (package / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(PACKAGE_ROOT / name, package / name)
     return str(package)
 
 

@@ -1,5 +1,5 @@
-"""A base model's files, embedded in one model or logged once to the tracking store for every model
-trained on it.
+"""Storing a base model's files: embedded in one model, or logged once to the tracking store for
+every model trained on it (loading a logged base is `load.localized`'s).
 
 Embedded (`base_mode="embedded"`): the base's files are copied into the model, under `base/`.
 
@@ -21,9 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from mlflow.exceptions import MlflowException
 
-from loraflow.flavor.files import atomic_dir
 from loraflow.flavor.fingerprint import base_state_dict
-from loraflow.flavor.layout import cache_root, invalid
+from loraflow.flavor.layout import BASE_ARTIFACT, invalid
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -35,7 +34,6 @@ if TYPE_CHECKING:
 BASE_FILE_PATTERNS = ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json", "*.py")
 BASES_EXPERIMENT = "loraflow-bases"
 FINGERPRINT_TAG = "loraflow.base_fingerprint"
-BASE_ARTIFACT = "base"
 
 
 def base_files(source: Path) -> list[Path]:
@@ -132,46 +130,3 @@ def _log_new(client: "MlflowClient", experiment_id: str, peft_model: "PeftModel"
         raise
     client.set_terminated(run.info.run_id)
     return run.info
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading a logged base.
-
-
-def localized(base: dict[str, Any]) -> dict[str, Any]:
-    """The `base` record of a model with a logged base, pointing at a local copy of it (downloaded
-    once per machine); other records unchanged.
-
-    Raises:
-        MlflowException: the base cannot be downloaded from either recorded location.
-    """
-    if base.get("mode") != "logged":
-        return base
-    target = cache_root() / "bases" / str(base["fingerprint"]).split(":")[-1]
-    if not (target / BASE_ARTIFACT).is_dir():
-        _download(base, target)
-    return {**base, "kind": "local", "name": str(target / BASE_ARTIFACT), "revision": None}
-
-
-def _download(base: dict[str, Any], target: Path) -> None:
-    from mlflow.artifacts import download_artifacts
-    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
-
-    errors = []
-    for uri in dict.fromkeys((base["uri"], base.get("artifact_uri"))):
-        if not uri:
-            continue
-        try:
-            with atomic_dir(target) as tmp:  # both URIs end in BASE_ARTIFACT: it lands in tmp/BASE_ARTIFACT
-                download_artifacts(artifact_uri=uri, dst_path=str(tmp))
-            return
-        except FileExistsError:  # another process downloaded it meanwhile
-            return
-        except Exception as e:
-            errors.append(f"{uri}: {' '.join(str(e).split())}")  # one line, whatever MLflow wrote
-    raise MlflowException(
-        f"the model's base is logged at {base['uri']} and could not be downloaded: point MLFLOW_TRACKING_URI at "
-        "the tracking server the model was logged to, or re-log the model with base_mode='embedded' "
-        f"(fingerprint {base['fingerprint']}; {'; '.join(errors)})",  # the fix first: a command cuts long messages
-        RESOURCE_DOES_NOT_EXIST,  # the user's to fix: a command reports it as such, not as a bug
-    )

@@ -26,6 +26,7 @@ from typing import Any
 
 from loraflow import config
 from loraflow.errors import ConfigError
+from loraflow.settings_file import load_yaml
 
 ALPHA_MULTIPLE = "lora_alpha_per_r"
 """The Optuna parameter behind `lora_alpha: {multiple_of_r: [...]}` (lora_alpha itself is logged by the run)."""
@@ -102,7 +103,7 @@ def _as_yaml(d: Dimension) -> Any:
 def _field_type(name: str) -> Any:
     for cls in (config.LoraSettings, config.TrainSettings):
         if name in config.field_names(cls):
-            hint = typing.get_type_hints(cls)[name]
+            hint = config.field_type(cls, name)
             args = [a for a in typing.get_args(hint) if a is not type(None)]
             return args[0] if len(args) == 1 else hint
     return None
@@ -213,7 +214,7 @@ def load_space(path: str | Path | None) -> SearchSpace:
     Raises:
         ConfigError: an unreadable or malformed file (one message for all its problems).
     """
-    return parse_space(config.load_yaml(path) if path else DEFAULT_SPACE)
+    return parse_space(load_yaml(path) if path else DEFAULT_SPACE)
 
 
 # ---------------------------------------------------------------------------------------------
