@@ -128,8 +128,8 @@ def _token_stream(tok) -> list[int]:
 def load_hub_base():
     """The base loaded by its Hub id (from the offline cache), with its commit recorded.
 
-    transformers 5 no longer keeps `config._commit_hash` after `from_pretrained`, which loraflow's
-    `models.resolved_revision` reads; until loraflow records the revision itself, set it here
+    transformers 5 no longer keeps `config._commit_hash` after `from_pretrained`, which
+    `loraflow.flavor.save` records as a Hub base's revision; set it here
     (as tests/flavor/test_fingerprint.py does) so the reference mode can be measured.
     """
     from loraflow.flavor.bases import load_base_model

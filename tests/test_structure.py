@@ -73,9 +73,6 @@ def test_the_flavor_package_imports_nothing_else_of_loraflow_but_the_builtin_rec
 # Imports in shipped modules on paths that `mlflow.pyfunc.load_model`, `predict` and `mlflow models
 # serve` never take: (module, function, imported module).
 NOT_ON_THE_SERVING_PATH = {
-    ("loraflow.flavor", "get_default_pip_requirements", "loraflow.flavor.save"),
-    ("loraflow.flavor", "save_model", "loraflow.flavor.save"),
-    ("loraflow.flavor", "log_model", "loraflow.flavor.save"),
     ("loraflow.flavor.load", "_for_use", "loraflow.flavor.trainable"),  # `load_model(is_trainable=True)` only
 }
 

@@ -10,7 +10,8 @@ import torch
 
 from loraflow.flavor import dtypes, trainable
 from loraflow.flavor.dtypes import DeviceFacts, PrecisionRefused, plan_dtypes
-from loraflow.flavor.fingerprint import base_fingerprint, convert_base, stored_dtype
+from loraflow.flavor.fingerprint import base_fingerprint, convert_base
+from loraflow.flavor.save import stored_dtype
 
 CPU = DeviceFacts("cpu", cpu_name="AVX2")
 CPU_AMX = DeviceFacts("cpu", cpu_native_bf16=True, cpu_name="AVX512")

@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from loraflow.flavor.files import atomic_dir, atomic_file, file_sha256, temporary_env
+from loraflow.flavor.files import atomic_dir, atomic_file, file_sha256
+from loraflow.flavor.save import temporary_env
 
 
 def test_a_folder_appears_only_once_complete(tmp_path):

@@ -7,7 +7,8 @@ This module is the flavor's fixed surface, shaped like MLflow's own flavor modul
 
 A saved model ships the modules that load and serve it (`save.SHIPPED`: `load`, `pyfunc`,
 `generation`, `chat`, `bases`, `fingerprint` and the small ones they use), which import nothing
-else of loraflow but the built-in recipe. Writing a model (`save`, `signatures`, `stored_base`) and
+else of loraflow but the built-in recipe; its `loader_module` is `loraflow.flavor.pyfunc`. This
+module (the surface with its docstrings), writing a model (`save`, `signatures`, `stored_base`) and
 training's side (`trainable`) are not shipped. The code travels with the model instead of a
 `loraflow==X` pin, which would not resolve for an editable install: where loraflow is installed its
 flavor loads the model, elsewhere the shipped code does.
@@ -198,14 +199,45 @@ def load_model(
             no model, a newer flavor version, a missing or corrupt adapter, remote code not allowed,
             or a base that cannot be loaded or does not match the recorded fingerprint.
     """
-    from loraflow.flavor import load
+    from pathlib import Path
 
-    return load.load_model(model_uri, is_trainable=is_trainable, device=device, dtype=dtype, dst_path=dst_path,
-                           trust_remote_code=trust_remote_code, quantization=quantization)
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+    from loraflow.flavor.load import load_local
+    from loraflow.flavor.mlflow_private import _download_artifact_from_uri
+
+    _check_load_arguments(is_trainable=is_trainable, trust_remote_code=trust_remote_code, device=device)
+    try:
+        local_path = _download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise MlflowException(f"no loraflow model at {model_uri!r}: {e.message}", RESOURCE_DOES_NOT_EXIST) from e
+    return load_local(Path(local_path), is_trainable=is_trainable, device=device, dtype=dtype,
+                      trust_remote_code=trust_remote_code, quantization=quantization)
+
+
+def _check_load_arguments(*, is_trainable: Any, trust_remote_code: Any, device: Any) -> None:
+    """Refuse arguments that would silently mean something else (`is_trainable="no"` is truthy)."""
+    from loraflow.flavor.layout import invalid
+    from loraflow.flavor.load import device_problem
+
+    problems = []
+    if not isinstance(is_trainable, bool):
+        problems.append(f"`is_trainable` must be True or False, got {is_trainable!r}")
+    if trust_remote_code is not None and not isinstance(trust_remote_code, bool):
+        problems.append(f"`trust_remote_code` must be True, False or None, got {trust_remote_code!r}")
+    if device is not None and (problem := device_problem(device)):
+        problems.append(problem)
+    if problems:
+        raise invalid("; ".join(problems))
 
 
 def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> "LoraflowPyfunc":
-    """Called by `mlflow.pyfunc.load_model` and `mlflow models serve` with the model's local directory."""
+    """What `mlflow.pyfunc.load_model` calls for a model whose `loader_module` is `loraflow.flavor`
+    (loraflow 0.1.0's earlier models); `pyfunc._load_pyfunc` does the work, and is the loader of the
+    models saved by this code."""
     from loraflow.flavor import pyfunc
 
-    return pyfunc.load_pyfunc(path, model_config)
+    return pyfunc._load_pyfunc(path, model_config)

@@ -306,11 +306,6 @@ def load_tokenizer(
     return tokenizer
 
 
-def resolved_revision(model: "PreTrainedModel") -> str | None:
-    """The exact Hub commit hash a model was loaded from, when transformers recorded one."""
-    return getattr(model.config, "_commit_hash", None)
-
-
 def _cached_commit(repo_id: str, revision: str | None) -> str | None:
     """The commit a Hub download resolved to, from the HF cache path of its config.json
     (transformers 5 does not always set `config._commit_hash`)."""

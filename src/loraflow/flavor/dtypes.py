@@ -1,21 +1,11 @@
 """The dtype policy: which dtype the frozen base is held in and computes in, on each device.
 
-One table for training (`precision`, `trainable.training_plan`) and serving (`load_model(dtype=...)`,
-the pyfunc's `model_config` `dtype`), whatever dtype the checkpoint was saved in:
-
-| device                        | `precision`   | frozen base | computes in | accelerate mixed precision |
-|-------------------------------|---------------|-------------|-------------|----------------------------|
-| CPU                           | auto, fp32    | fp32        | fp32        | no                         |
-| CPU                           | bf16          | bf16        | bf16        | bf16 (warns once without native bf16) |
-| CPU                           | fp16          | refused     |             |                            |
-| CUDA with bf16                | auto, bf16    | bf16        | bf16        | bf16                       |
-| CUDA without bf16, sm >= 7.0  | auto, fp16    | fp16        | fp16        | fp16 (gradient scaling)    |
-| older CUDA                    | auto          | fp32        | fp32        | no                         |
-| CUDA                          | fp32          | fp32        | fp32        | no                         |
-
-The LoRA weights stay in fp32. fp32 on a CPU even for a bf16 checkpoint: a CPU without AVX512-BF16
-or AMX emulates bf16 matmuls, tens of times slower. The base is loaded as stored, fingerprinted, and
-only then cast (`fingerprint.convert_base`).
+One table (`PRECISION_DTYPES`, `plan_dtypes`) for training (`precision`, `trainable.training_plan`)
+and serving (`load_model(dtype=...)`, the pyfunc's `model_config` `dtype`), whatever dtype the
+checkpoint was saved in; docs/devices.md shows it. The LoRA weights stay in fp32, and a CPU holds
+the base in fp32 even for a bf16 checkpoint (without AVX512-BF16 or AMX, bf16 matmuls are emulated,
+tens of times slower). The base is loaded as stored, fingerprinted, and only then cast
+(`fingerprint.convert_base`).
 """
 
 from __future__ import annotations

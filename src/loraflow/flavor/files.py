@@ -84,23 +84,6 @@ def file_sha256(path: str | os.PathLike) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-@contextmanager
-def temporary_env(name: str, value: str | None) -> Iterator[None]:
-    """Set an environment variable for the duration of a block (None: leave it as it is)."""
-    if value is None:
-        yield
-        return
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-
 def _make_parents(folder: Path) -> list[Path]:
     """Create `folder` and its missing parents; return the ones this call created, outermost first."""
     missing = []

@@ -125,16 +125,6 @@ def convert_base(model: "torch.nn.Module", dtype: str) -> "torch.nn.Module":
     return model
 
 
-def stored_dtype(model: "torch.nn.Module") -> str:
-    """The dtype the base's weights were loaded in (before `convert_base`), by torch name."""
-    remembered = getattr(model, STORED_DTYPES_ATTR, None)
-    if remembered:
-        floating = [d for d in remembered.values() if d.is_floating_point]
-        if floating:
-            return str(max(set(floating), key=floating.count)).removeprefix("torch.")
-    return str(model.dtype).removeprefix("torch.")
-
-
 def _exact_cast(stored: str, target: "torch.dtype") -> bool:
     """Whether every value of dtype `stored` (its torch name) survives a cast to `target`."""
     import torch

@@ -1,12 +1,7 @@
 """Where things are: a saved model's files and flavor configuration, and loraflow's cache on this machine.
 
-A saved model (no pickle anywhere: safetensors, JSON and YAML only)::
-
-    MLmodel            flavors: loraflow (the flavor configuration) and python_function
-    adapter/           peft `save_pretrained`: adapter_config.json + adapter_model.safetensors
-    tokenizer/         the tokenizer's `save_pretrained`
-    base/              embedded mode only: the base model's config, weights and any code
-    code/loraflow/     the code that loads and serves it (`save.SHIPPED`)
+A saved model is `MLmodel`, `adapter/`, `tokenizer/`, `base/` (embedded mode only) and
+`code/loraflow/` (`save.SHIPPED`): safetensors, JSON and YAML, no pickle (docs/flavor.md, Format).
 
 Also the small rules every module shares (how a bad argument is raised, `short`, `parse_bool`),
 written once for the rest of loraflow too; light on purpose (MLflow is imported inside functions).

@@ -5,11 +5,8 @@ adapter's files and the base's stored tensors are hashed while the base loads (`
 nothing is returned before both match what was recorded: a mismatch raises an `MlflowException`
 naming both fingerprints instead of silently changing outputs.
 
-Remote code: a base whose config has an `auto_map` runs Python code shipped with it. A model records
-`base.trust_remote_code`, but a model artifact is data and cannot grant itself code execution: the
-loader must allow it again (`load_model(..., trust_remote_code=True)`, or `LORAFLOW_TRUST_REMOTE_CODE=1`
-for `mlflow.pyfunc.load_model` and `mlflow models serve`). A model recorded without it always loads
-with `trust_remote_code=False`, so a tampered artifact is refused too.
+Remote code (a base config's `auto_map`) runs only where the model recorded it and the loader
+allows it again: an artifact is data and cannot grant itself code execution (docs/flavor.md).
 """
 
 from __future__ import annotations
@@ -34,7 +31,7 @@ from loraflow.flavor.layout import (
     invalid,
     read_flavor_conf,
 )
-from loraflow.flavor.mlflow_private import _add_code_from_conf_to_system_path, _download_artifact_from_uri
+from loraflow.flavor.mlflow_private import _add_code_from_conf_to_system_path
 from loraflow.flavor.quantization import dequantizing, keep_trainable_layout
 from loraflow.flavor.quantization import load_kwargs as quantization_load_kwargs
 
@@ -290,43 +287,6 @@ def _download(base: dict[str, Any], target: Path) -> None:
         f"(fingerprint {base['fingerprint']}; {'; '.join(errors)})",  # the fix first: a command cuts long messages
         RESOURCE_DOES_NOT_EXIST,  # the user's to fix: a command reports it as such, not as a bug
     )
-
-
-def load_model(
-    model_uri: str,
-    is_trainable: bool = False,
-    device: "str | torch.device | None" = None,
-    dtype: "torch.dtype | str | None" = None,
-    dst_path: str | None = None,
-    trust_remote_code: bool | None = None,
-    quantization: str | None = None,
-) -> LoadedModel:
-    """`loraflow.flavor.load_model`, documented there (its signature is this one: a test keeps them equal)."""
-    _check_arguments(is_trainable=is_trainable, trust_remote_code=trust_remote_code, device=device)
-    try:
-        local_path = _download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path)
-    except MlflowException as e:
-        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        raise MlflowException(f"no loraflow model at {model_uri!r}: {e.message}", RESOURCE_DOES_NOT_EXIST) from e
-    return load_local(
-        Path(local_path), is_trainable=is_trainable, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-        quantization=quantization,
-    )
-
-
-
-def _check_arguments(*, is_trainable: Any, trust_remote_code: Any, device: Any) -> None:
-    """Refuse arguments that would silently mean something else (`is_trainable="no"` is truthy)."""
-    problems = []
-    if not isinstance(is_trainable, bool):
-        problems.append(f"`is_trainable` must be True or False, got {is_trainable!r}")
-    if trust_remote_code is not None and not isinstance(trust_remote_code, bool):
-        problems.append(f"`trust_remote_code` must be True, False or None, got {trust_remote_code!r}")
-    if device is not None and (problem := device_problem(device)):
-        problems.append(problem)
-    if problems:
-        raise invalid("; ".join(problems))
 
 
 def device_problem(device: Any) -> str | None:

@@ -259,11 +259,15 @@ def pyfunc_config(model_config: dict[str, Any] | None) -> dict[str, Any]:
     return config
 
 
-def load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> LoraflowPyfunc:
-    """The pyfunc model of the model saved at `path` (what `loraflow.flavor._load_pyfunc` returns)."""
+def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> LoraflowPyfunc:
+    """The pyfunc model of the model saved at `path`: called by `mlflow.pyfunc.load_model` and
+    `mlflow models serve` (this module is the model's `loader_module`) with its local directory."""
     import torch
 
     from loraflow.flavor.layout import read_flavor_conf
+    from loraflow.flavor.quantization import quiet_bitsandbytes
+
+    quiet_bitsandbytes()  # before peft imports bitsandbytes
 
     config = pyfunc_config(model_config)
     device = config["device"] or ("cuda" if torch.cuda.is_available() else "cpu")

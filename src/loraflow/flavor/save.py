@@ -9,8 +9,10 @@ when complete (`files.atomic_dir`), so a failed save never leaves half a model a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -22,9 +24,9 @@ from mlflow.models import Model, ModelSignature
 from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.utils.file_utils import get_total_file_size, write_to
 
-from loraflow.flavor.bases import base_kind, resolve_base, resolved_revision
-from loraflow.flavor.files import atomic_dir, file_sha256, temporary_env
-from loraflow.flavor.fingerprint import base_fingerprint, quantized_base_fingerprint, stored_dtype
+from loraflow.flavor.bases import base_kind, resolve_base
+from loraflow.flavor.files import atomic_dir, file_sha256
+from loraflow.flavor.fingerprint import STORED_DTYPES_ATTR, base_fingerprint, quantized_base_fingerprint
 from loraflow.flavor.layout import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_SUBPATH,
@@ -61,6 +63,7 @@ from loraflow.flavor.stored_base import check_base_files, log_base, write_base
 from loraflow.flavor.trainable import record_of
 
 if TYPE_CHECKING:
+    import torch
     from peft import PeftModel
     from transformers import PreTrainedTokenizerBase
 
@@ -73,7 +76,6 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # src/loraflow
 # closed). No `loraflow/__init__.py`: where loraflow is installed, its regular package wins over this
 # namespace portion and the installed flavor loads the model; elsewhere these files are the package.
 SHIPPED = (
-    "flavor/__init__.py",
     "flavor/bases.py",
     "flavor/chat.py",
     "flavor/dtypes.py",
@@ -167,7 +169,7 @@ def _base_section(peft_model: "PeftModel", base_model: str, base_mode: str, trus
     kind = base_kind(base_model)
     mode = _resolve_base_mode(kind, base_mode, logging)
     base = peft_model.get_base_model()
-    revision = resolved_revision(base) if kind == "hub" else None
+    revision = getattr(base.config, "_commit_hash", None) if kind == "hub" else None  # the exact commit loaded
     if kind == "hub" and revision is None:
         raise invalid(
             f"cannot record base model {base_model!r}: the loaded model has no resolved Hub commit "
@@ -200,6 +202,33 @@ def _stage_code(staging: Path, builtin_reference: bool) -> str:
         (package / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(PACKAGE_ROOT / name, package / name)
     return str(package)
+
+
+def stored_dtype(model: "torch.nn.Module") -> str:
+    """The dtype the base's weights were loaded in (before `fingerprint.convert_base`), by torch name."""
+    remembered = getattr(model, STORED_DTYPES_ATTR, None)
+    if remembered:
+        floating = [d for d in remembered.values() if d.is_floating_point]
+        if floating:
+            return str(max(set(floating), key=floating.count)).removeprefix("torch.")
+    return str(model.dtype).removeprefix("torch.")
+
+
+@contextlib.contextmanager
+def temporary_env(name: str, value: str | None) -> Iterator[None]:
+    """Set an environment variable for the duration of a block (None: leave it as it is)."""
+    if value is None:
+        yield
+        return
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +285,7 @@ def save_model(
         mlflow_model.signature = signature
         if metadata is not None:
             mlflow_model.metadata = metadata
-        mlflow_pyfunc.add_to_model(mlflow_model, loader_module="loraflow.flavor", code=code,
+        mlflow_pyfunc.add_to_model(mlflow_model, loader_module="loraflow.flavor.pyfunc", code=code,
                                    conda_env=_CONDA_ENV_FILE_NAME, python_env=_PYTHON_ENV_FILE_NAME,
                                    model_config=model_config)
         conf = _flavor_conf(tmp, peft_model, base_section, generation_defaults, code)
