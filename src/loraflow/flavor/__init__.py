@@ -22,9 +22,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from loraflow.flavor.layout import FLAVOR_NAME, FLAVOR_VERSION
-from loraflow.flavor.quantization import quiet_bitsandbytes
-
-quiet_bitsandbytes()  # before peft imports bitsandbytes (loraflow's root, not shipped, does it too)
 
 if TYPE_CHECKING:
     import os

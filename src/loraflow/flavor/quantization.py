@@ -37,8 +37,9 @@ class _DropMessage(logging.Filter):
 
 
 def quiet_bitsandbytes() -> None:
-    """Attach the two filters to bitsandbytes' loggers (once). Importing loraflow or its flavor calls
-    it: peft imports bitsandbytes whenever it is installed, quantized model or not."""
+    """Attach the two filters to bitsandbytes' loggers (once). Importing loraflow calls it, and so does
+    the pyfunc loader where only the shipped code is importable: peft imports bitsandbytes whenever it
+    is installed, quantized model or not."""
     for name, prefix in _QUIET:
         log = logging.getLogger(name)
         if not any(isinstance(f, _DropMessage) and f.prefix == prefix for f in log.filters):
@@ -47,7 +48,6 @@ def quiet_bitsandbytes() -> None:
 
 def bitsandbytes_problem() -> str | None:
     """Why quantization cannot run here (bitsandbytes missing or broken, with the fix), or None."""
-    quiet_bitsandbytes()  # before the import, which may log the kernel line
     try:
         import bitsandbytes  # noqa: F401
     except Exception as err:  # ImportError, or a broken native library
