@@ -178,20 +178,24 @@ def test_the_int8_matmuls_note_on_every_forward_is_not_shown(saved, caplog):
         assert any("MatMul8bitLt" in r.getMessage() for r in caplog.records)
 
 
-def test_importing_loraflow_quiets_the_bitsandbytes_kernel_line_that_peft_imports_bring():
-    """peft imports bitsandbytes whenever it is installed, so its "Failed to load CPU gemm_4bit_forward"
-    line would reach every run's terminal, quantized or not: a plain `import loraflow` filters it."""
+def test_importing_loraflow_quiets_the_bitsandbytes_kernel_lines_that_peft_imports_bring():
+    """peft imports bitsandbytes whenever it is installed, and on a CPU with AVX512-BF16 bitsandbytes
+    tries an optional Hub kernel on import: its "Failed to load CPU gemm_4bit_forward" line, and
+    `kernels`' "Skipping publisher trust check" when the Hub is offline, would reach every run's
+    terminal, quantized or not. A plain `import loraflow` filters those two, and nothing else."""
     import subprocess
     import sys
 
     code = ("import logging, loraflow\n"
-            "record = logging.LogRecord('bitsandbytes.backends.cpu.ops', logging.WARNING, 'x', 1,\n"
-            "    'Failed to load CPU gemm_4bit_forward from kernels-community: ...', None, None)\n"
-            "other = logging.LogRecord('bitsandbytes.backends.cpu.ops', logging.WARNING, 'x', 1, 'other', None, None)\n"
-            "log = logging.getLogger('bitsandbytes.backends.cpu.ops')\n"
-            "print(log.filter(record), log.filter(other))\n")
+            "def kept(name, msg):\n"
+            "    record = logging.LogRecord(name, logging.WARNING, 'x', 1, msg, None, None)\n"
+            "    return logging.getLogger(name).filter(record)\n"
+            "ops, hub = 'bitsandbytes.backends.cpu.ops', 'kernels._internals.hf_hub'\n"
+            "print(kept(ops, 'Failed to load CPU gemm_4bit_forward from kernels-community: ...'), kept(ops, 'other'),\n"
+            "      kept(hub, \"Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because\"),\n"
+            "      kept(hub, \"Skipping publisher trust check for 'someone/else' because\"))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    assert out.stdout.split() == ["False", "True"]
+    assert out.stdout.split() == ["False", "True", "False", "True"]
 
 
 def test_a_quantized_load_reads_the_checkpoint_with_pread_into_the_model_transformers_loads(monkeypatch):

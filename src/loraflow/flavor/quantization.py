@@ -21,9 +21,12 @@ if TYPE_CHECKING:
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
 INSTALL_HINT = "pip install 'loraflow[quantization]'"
 
-# Two bitsandbytes lines nobody can act on: an optional Hub kernel it tries on import on a CPU with
-# AVX512-BF16, and the int8 matmul announcing its fp16 cast on every forward (how LLM.int8() works).
+# Lines nobody can act on: the optional Hub kernel bitsandbytes tries on import on a CPU with
+# AVX512-BF16 (its failure, and `kernels` skipping its publisher check when the Hub is offline), and
+# the int8 matmul announcing its fp16 cast on every forward (how LLM.int8() works).
+_BNB_KERNEL = "kernels-community/quantization-bitsandbytes"
 _QUIET = (("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
+          ("kernels._internals.hf_hub", f"Skipping publisher trust check for '{_BNB_KERNEL}'"),
           ("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast"))
 
 
@@ -37,7 +40,7 @@ class _DropMessage(logging.Filter):
 
 
 def quiet_bitsandbytes() -> None:
-    """Attach the two filters to bitsandbytes' loggers (once). Importing loraflow calls it, and so does
+    """Attach the filters to bitsandbytes' loggers (once). Importing loraflow calls it, and so does
     the pyfunc loader where only the shipped code is importable: peft imports bitsandbytes whenever it
     is installed, quantized model or not."""
     for name, prefix in _QUIET:
