@@ -62,3 +62,41 @@ def test_peak_rss_counts_this_process_not_the_parent_that_started_it():
     if sys.platform == "linux":
         assert ru_maxrss >= 1024  # the kernel keeps the parent's size there: what the check guards against
         assert 0 < own < 512
+
+
+def test_a_dataset_another_run_inserted_at_the_same_moment_is_linked_not_lost(tracking_uri, tmp_path, monkeypatch):
+    """Two runs logging the same new dataset at once (a sweep's trials on Spark executors) race in the
+    store's look-up-then-insert: the loser's insert breaks the unique key. Its run still gets the dataset."""
+    import threading
+
+    import pandas as pd
+
+    from loraflow.data.tables import Table
+
+    (tmp_path / "rows.jsonl").write_text("")
+    table = Table(pd.DataFrame({"prompt": ["a"], "completion": ["b"]}), "train_data", str(tmp_path / "rows.jsonl"))
+    client = MlflowClient()
+    other = client.create_run(client.get_experiment_by_name("Default").experiment_id).info.run_id
+    real, lost = mlflow.log_input, []
+
+    def lose_the_race(dataset, context=None, **kwargs):
+        if not lost:  # the other run's insert lands between this run's look-up and its insert
+            def other_run_logs_it() -> None:  # a run of its own: MLflow's active run is per thread
+                with mlflow.start_run(run_id=other):
+                    real(dataset, context=context)
+
+            winner = threading.Thread(target=other_run_logs_it)
+            winner.start()
+            winner.join()
+            lost.append(dataset.name)
+            raise mlflow.MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
+                                         "datasets.name, datasets.digest")
+        return real(dataset, context=context, **kwargs)
+
+    monkeypatch.setattr(mlflow, "log_input", lose_the_race)
+    with tracking.RunLogger.start() as run:
+        run.log_datasets(table, table)
+    assert lost == ["train"] and run.failures == 0
+    mine = {d.dataset.name: d.dataset.digest for d in mlflow.get_run(run.run_id).inputs.dataset_inputs}
+    theirs = {d.dataset.name: d.dataset.digest for d in mlflow.get_run(other).inputs.dataset_inputs}
+    assert mine == {"train": run.digests["train"], "eval": run.digests["eval"]} and theirs == {"train": mine["train"]}

@@ -267,7 +267,15 @@ class RunLogger:
 
         def log(table: Any, name: str, context: str) -> None:
             dataset = mlflow.data.from_pandas(table.frame, source=_dataset_source(table.source), name=name)
-            mlflow.log_input(dataset, context=context)
+            try:
+                mlflow.log_input(dataset, context=context)
+            except mlflow.MlflowException as err:
+                # Runs that log the same new dataset at once (a sweep's parallel trials) race in the store's
+                # look-up-then-insert, and the loser's insert breaks the unique key; the row exists now, so
+                # a second call links it.
+                if is_connection_failure(err):
+                    raise
+                mlflow.log_input(dataset, context=context)
             self.digests[name] = dataset.digest
 
         self._guard("log the train dataset", log, train, "train", "training")
