@@ -162,7 +162,8 @@ class OptimSettings:
     weight_decay: float = _help("AdamW weight decay.", 0.0)
     warmup_ratio: float = _help("Share of steps spent in linear warmup, 0 <= x < 1; then cosine decay.", 0.1)
     max_grad_norm: float = _help("Clip the gradient norm to this; 0 disables clipping.", 1.0)
-    seed: int = _help("Random seed for init, data order and dropout.", 42)
+    seed: int = _help("Random seed for init, data order and dropout (in a multi-process run, each process's "
+                      "dropout draws from seed + its index).", 42)
     checkpoint_steps: int = _help("Write a resumable checkpoint every N optimizer steps; 0 disables.", 0)
 
     @staticmethod

@@ -47,7 +47,9 @@ def with_init_quantization(settings: ModelSettings, explicit: set[str]) -> Model
 
 
 def make_accelerator(precision: str, grad_accum_steps: int, seed: int) -> "Accelerator":
-    """The accelerator for `precision` (`loraflow.flavor.dtypes`), with the RNG of every library seeded."""
+    """The accelerator for `precision` (`loraflow.flavor.dtypes`), with the RNG of every library seeded:
+    `seed` plus the process index, so each process draws its own dropout masks (the adapter's first
+    weights are process 0's: DDP broadcasts them; data order comes from seeded generators of its own)."""
     import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -61,7 +63,7 @@ def make_accelerator(precision: str, grad_accum_steps: int, seed: int) -> "Accel
     accelerator = Accelerator(  # without a GPU, accelerate goes multi-process (gloo) only when told it runs on the CPU
         cpu=torch.accelerator.current_accelerator() is None, mixed_precision=mixed,
         gradient_accumulation_steps=grad_accum_steps)
-    set_seed(seed)
+    set_seed(seed, device_specific=True)
     if unknown := speed.unknown_names():  # a typo there would silently leave a trick on
         logger.warning("%s names no speed trick: %s (known: %s)", speed.ENV, ", ".join(unknown), ", ".join(speed.TRICKS))
     return accelerator
