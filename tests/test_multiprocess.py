@@ -2,7 +2,8 @@
 
 The 2-process run (batch 4 per process) is compared with a single-process run of the same global
 batch (8) and seed, both for one pass over the training data (18 optimizer steps). It writes a
-checkpoint at step 9, and a 2-process run resumed from it ends exactly like it.
+checkpoint at step 9, and a 2-process run resumed from it ends exactly like it. A signal to one
+process stops both at the same step.
 """
 
 from __future__ import annotations
@@ -169,3 +170,46 @@ def test_mlflow_run_distributed_entry_point(tmp_path):
     assert run.info.status == "FINISHED"
     assert sorted(eval_losses(client, run.info.run_id)) == [0, 1, 2]
     assert len(client.search_logged_models(experiment_ids=[run.info.experiment_id])) == 1
+
+
+def test_a_signal_that_reaches_one_process_stops_every_process_at_the_same_step(tmp_path):
+    """A scheduler may signal one process, and Ctrl-C reaches each at its own point of a step: the
+    processes agree on the step to stop at, so all of them write the one checkpoint (each its RNG state)."""
+    import os
+    import re
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    uri = fresh_store(tmp_path / "stop.db")
+    proc = subprocess.Popen(
+        [*torchrun(), "loraflow", "train", *SETTINGS, "--max-steps", "5000", "--batch-size", "4",
+         "--output-dir", str(tmp_path / "outputs")],
+        env=env_with_venv(MLFLOW_TRACKING_URI=uri), cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = bytearray()
+    reader = threading.Thread(target=lambda: [output.extend(chunk) for chunk in iter(lambda: os.read(proc.stdout.fileno(), 4096), b"")])
+    reader.start()
+    try:
+        deadline = time.monotonic() + 240
+        while not re.search(rb"training:.*\| *[1-9]\d*/5000", output):  # a step is done: the loop is running
+            assert proc.poll() is None and time.monotonic() < deadline, output.decode(errors="replace")[-3000:]
+            time.sleep(0.2)
+        workers = {int(p.environ()["LOCAL_RANK"]): p for p in psutil.Process(proc.pid).children()}
+        workers[1].send_signal(signal.SIGTERM)  # not the main process, which logs and saves the adapter
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+        reader.join()
+    text = output.decode(errors="replace")
+    (checkpoint,) = (tmp_path / "outputs" / "checkpoints").glob("*/step-*")
+    assert sorted(p.name for p in checkpoint.glob("random_states_*.pkl")) == ["random_states_0.pkl",
+                                                                              "random_states_1.pkl"], text[-3000:]
+    assert (checkpoint / "adapter_model.safetensors").is_file()
+    assert text.count(f"stopped by SIGTERM; resume with --resume-from {checkpoint}") == 2, text[-3000:]
+    client = MlflowClient(uri)  # the main process recorded the run up to the checkpoint before it exited
+    run = only_run(client)
+    logged = max(m.step for m in client.get_metric_history(run.info.run_id, "train_loss"))
+    assert run.info.status == "KILLED" and checkpoint.name == f"step-{logged:06d}", (run.info.status, logged)

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -273,12 +274,23 @@ class FineTune:
         bar.update()
         if self.step % self.eval_settings.eval_steps == 0 and self.step < self.steps:
             self.evaluate()
-        if stop["signal"]:
+        if signal_name := self._agreed_stop(stop["signal"]):
             bar.close()
-            raise TrainingInterrupted(self.save_checkpoint(), stop["signal"])
+            raise TrainingInterrupted(self.save_checkpoint(), signal_name)
         every = self.optim.checkpoint_steps
         if every and self.step % every == 0 and self.step < self.steps:
             self.save_checkpoint()
+
+    def _agreed_stop(self, caught: str | None) -> str | None:
+        """The stop signal any process caught, the same on every process: one that stopped alone would
+        checkpoint while the others wait in the next step's gradient exchange."""
+        if self.accelerator.num_processes == 1:
+            return caught
+        import torch
+
+        number = signal.Signals[caught].value if caught else 0
+        agreed = int(self.accelerator.gather(torch.tensor([number], device=self.accelerator.device)).max())
+        return signal.Signals(agreed).name if agreed else None
 
     def evaluate(self) -> float:
         """Eval loss at the current step (and the generation metrics), recorded in the history and logged."""
