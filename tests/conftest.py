@@ -17,7 +17,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import fresh_store
+from helpers import fresh_store, independent_tiny_dir
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -57,10 +57,23 @@ def _store_uris_do_not_leak():
 
 
 @pytest.fixture(scope="session")
-def tiny_path() -> str:
-    """Local directory of `builtin:tiny` (built once, then cached)."""
-    from loraflow.flavor.bases import builtin_dir as builtin_path
+def tiny_path(request, tmp_path_factory) -> str:
+    """Local directory of `builtin:tiny` (built once, then cached).
 
+    On an empty cache the first worker builds it and the others would wait: the second one builds an
+    independent copy meanwhile, which `test_builtin` compares with the cached build instead of
+    building one more (when the e2e tier runs)."""
+    from loraflow import builtin
+    from loraflow.flavor.bases import builtin_dir as builtin_path
+    from loraflow.flavor.files import atomic_dir
+    from loraflow.flavor.layout import cache_root
+
+    independent = independent_tiny_dir(tmp_path_factory)
+    cold = not (cache_root() / f"tiny-v{builtin.BUILD_VERSION}" / "config.json").exists()
+    rebuild_runs = any(item.get_closest_marker("e2e") for item in request.session.items)
+    if cold and rebuild_runs and independent and os.environ.get("PYTEST_XDIST_WORKER") == "gw1":
+        with atomic_dir(independent) as tmp:
+            builtin.build_tiny(tmp)
     return str(builtin_path("builtin:tiny"))
 
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import independent_tiny_dir
 
 from loraflow.builtin import VOCAB_SIZE, build_tiny
 from loraflow.flavor.bases import builtin_dir as builtin_path
@@ -19,11 +20,17 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_a_fresh_build_is_byte_identical_to_the_cached_one(tiny_path, tmp_path):
-    fresh = tmp_path / "tiny"
-    fresh.mkdir()
-    build_tiny(fresh)
+def test_a_fresh_build_is_byte_identical_to_the_cached_one(tiny_path, tmp_path, tmp_path_factory):
+    """Two builds of the recipe give the same bytes, so a base's fingerprint holds across rebuilds. The
+    fresh one is built here, or was built by another pytest-xdist worker while the cached one was
+    (`conftest.tiny_path`, on an empty cache)."""
+    fresh = independent_tiny_dir(tmp_path_factory)
+    if fresh is None or not (fresh / "config.json").is_file():
+        fresh = tmp_path / "tiny"
+        fresh.mkdir()
+        build_tiny(fresh)
     cached = Path(tiny_path)
+    assert fresh != cached
     weights = sorted(p.name for p in cached.glob("*.safetensors"))
     assert weights == sorted(p.name for p in fresh.glob("*.safetensors")) == ["model.safetensors"]
     for name in weights + ["tokenizer.json"]:
