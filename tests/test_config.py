@@ -413,6 +413,7 @@ def test_train_non_negative(name):
         ("warmup_ratio", [1, -0.1], [0, 0.5]),
         ("eval_fraction", [0, 1], [0.01, 0.5]),
         ("epochs", [0, -1], [0.5, 3]),
+        ("seed", [-1, 2**31, 2**32], [0, 2**31 - 1]),  # numpy's seeds are 32-bit, and each process adds its index
     ],
 )
 def test_train_ranges(name, bad, good):

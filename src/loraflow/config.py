@@ -43,6 +43,7 @@ OVERFLOWS = ("truncate", "drop")
 TRAIN_ON = ("assistant", "last", "all")
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 LARGE_RANK = 256
+MAX_TRAIN_SEED = 2**31 - 1  # numpy takes 32-bit seeds (accelerate's set_seed), and each process adds its index
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
@@ -162,8 +163,7 @@ class OptimSettings:
     weight_decay: float = _help("AdamW weight decay.", 0.0)
     warmup_ratio: float = _help("Share of steps spent in linear warmup, 0 <= x < 1; then cosine decay.", 0.1)
     max_grad_norm: float = _help("Clip the gradient norm to this; 0 disables clipping.", 1.0)
-    seed: int = _help("Random seed for init, data order and dropout (in a multi-process run, each process's "
-                      "dropout draws from seed + its index).", 42)
+    seed: int = _help("Random seed for init, data order and dropout (each process's dropout: seed + its index).", 42)
     checkpoint_steps: int = _help("Write a resumable checkpoint every N optimizer steps; 0 disables.", 0)
 
     @staticmethod
@@ -180,6 +180,8 @@ class OptimSettings:
             problems.append(f"`warmup_ratio` must be >= 0 and < 1, got {s['warmup_ratio']}")
         if "epochs" in s and s["epochs"] <= 0:
             problems.append(f"`epochs` must be a positive number, got {s['epochs']}")
+        if "seed" in s and not 0 <= s["seed"] <= MAX_TRAIN_SEED:
+            problems.append(f"`seed` must be in 0..{MAX_TRAIN_SEED}, got {s['seed']}")
         return problems
 
 
