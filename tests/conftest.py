@@ -57,14 +57,19 @@ def _store_uris_do_not_leak():
 
 
 @pytest.fixture(scope="session")
-def tiny_path(request, tmp_path_factory) -> str:
-    """Local directory of `builtin:tiny` (built once, then cached).
-
-    On an empty cache the first worker builds it and the others would wait: the second one builds an
-    independent copy meanwhile, which `test_builtin` compares with the cached build instead of
-    building one more (when the e2e tier runs)."""
-    from loraflow import builtin
+def tiny_path() -> str:
+    """Local directory of `builtin:tiny` (built once, then cached)."""
     from loraflow.flavor.bases import builtin_dir as builtin_path
+
+    return str(builtin_path("builtin:tiny"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _independent_tiny_build(request, tmp_path_factory) -> None:
+    """On an empty cache, the first pytest-xdist worker builds `builtin:tiny` for its first test and the
+    second would wait for it: the second builds an independent copy meanwhile, which `test_builtin`
+    compares with the cached build instead of building one more (when the e2e tier runs)."""
+    from loraflow import builtin
     from loraflow.flavor.files import atomic_dir
     from loraflow.flavor.layout import cache_root
 
@@ -74,7 +79,6 @@ def tiny_path(request, tmp_path_factory) -> str:
     if cold and rebuild_runs and independent and os.environ.get("PYTEST_XDIST_WORKER") == "gw1":
         with atomic_dir(independent) as tmp:
             builtin.build_tiny(tmp)
-    return str(builtin_path("builtin:tiny"))
 
 
 @pytest.fixture

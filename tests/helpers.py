@@ -136,8 +136,9 @@ def project_copy(tmp_path: Path) -> Path:
 
 
 def independent_tiny_dir(tmp_path_factory) -> Path | None:
-    """Where a pytest-xdist worker puts its independent build of `builtin:tiny` (`conftest.tiny_path`):
-    a folder of this run that every worker sees. None without pytest-xdist."""
+    """Where a pytest-xdist worker puts its independent build of `builtin:tiny`
+    (`conftest._independent_tiny_build`): a folder of this run that every worker sees. None without
+    pytest-xdist."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return None
     return tmp_path_factory.getbasetemp().parent / "tiny-independent"

@@ -23,7 +23,7 @@ def sha256(path: Path) -> str:
 def test_a_fresh_build_is_byte_identical_to_the_cached_one(tiny_path, tmp_path, tmp_path_factory):
     """Two builds of the recipe give the same bytes, so a base's fingerprint holds across rebuilds. The
     fresh one is built here, or was built by another pytest-xdist worker while the cached one was
-    (`conftest.tiny_path`, on an empty cache)."""
+    (`conftest._independent_tiny_build`, on an empty cache)."""
     fresh = independent_tiny_dir(tmp_path_factory)
     if fresh is None or not (fresh / "config.json").is_file():
         fresh = tmp_path / "tiny"
