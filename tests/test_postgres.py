@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
+import pwd
 import shutil
 import subprocess
 import tempfile
@@ -56,8 +57,9 @@ def throwaway_postgres() -> Iterator[str]:
             pytest.fail(reason + ", but LORAFLOW_TEST_REQUIRE_POSTGRES is set")
         pytest.skip(reason)
     root = Path(tempfile.mkdtemp(prefix="loraflow-pg-"))  # not tmp_path: the postgres user must reach it
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres", "postgres")
+    if os.geteuid() == 0:  # its uid and primary group from one passwd lookup, none by group name
+        account = pwd.getpwnam("postgres")
+        os.chown(root, account.pw_uid, account.pw_gid)
     data, port = root / "data", free_port()
 
     def run(*command: str) -> None:
