@@ -190,7 +190,12 @@ def test_a_signal_that_reaches_one_process_stops_every_process_at_the_same_step(
         env=env_with_venv(MLFLOW_TRACKING_URI=uri), cwd=tmp_path,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     output = bytearray()
-    reader = threading.Thread(target=lambda: [output.extend(chunk) for chunk in iter(lambda: os.read(proc.stdout.fileno(), 4096), b"")])
+
+    def read_all() -> None:  # both processes' output, as it comes
+        while chunk := os.read(proc.stdout.fileno(), 4096):
+            output.extend(chunk)
+
+    reader = threading.Thread(target=read_all)
     reader.start()
     try:
         deadline = time.monotonic() + 240
@@ -200,7 +205,9 @@ def test_a_signal_that_reaches_one_process_stops_every_process_at_the_same_step(
         workers = {int(p.environ()["LOCAL_RANK"]): p for p in psutil.Process(proc.pid).children()}
         workers[1].send_signal(signal.SIGTERM)  # not the main process, which logs and saves the adapter
         proc.wait(timeout=120)
-    finally:
+    finally:  # on a failure, the workers too: they hold the output pipe, and would train on
+        for leftover in psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []:
+            leftover.kill()
         proc.kill()
         reader.join()
     text = output.decode(errors="replace")
